@@ -1,0 +1,98 @@
+"""Dispatch: move tokens to their experts and back. It never decides anything.
+
+Token-choice and expert-choice routing arrive as flat assignments (token, expert, weight).
+`plan_dispatch` orders them by expert (dropping the overflow when a capacity is set) with one
+stable sort; `permute` gathers the rows; `combine` folds the weights into one scatter-add.
+Soft MoE has its own pair, `soft_dispatch` / `soft_combine`, since slots are weighted averages.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+
+@dataclass
+class DispatchPlan:
+    """Which assignments run, grouped by expert.
+
+    Attributes:
+        order: [M] assignment indices, expert-major (expert 0's first); dropped ones left out.
+        group_sizes: tokens per expert in `order`, length E (Python ints, for splitting).
+        num_dropped: assignments removed by the capacity limit.
+    """
+
+    order: Tensor
+    group_sizes: list[int]
+    num_dropped: int
+
+
+def expert_capacity(num_assignments: int, num_experts: int, capacity_factor: float) -> int:
+    """Slots per expert: ceil(capacity_factor * assignments / E); assignments = tokens * k."""
+    return math.ceil(capacity_factor * num_assignments / num_experts)
+
+
+def plan_dispatch(
+    expert_index: Tensor,
+    num_experts: int,
+    weights: Tensor | None = None,
+    num_experts_per_tok: int = 1,
+    capacity: int | None = None,
+) -> DispatchPlan:
+    """Group assignments by expert; with `capacity`, keep at most that many per expert.
+
+    Overflow is dropped deterministically by router priority: an assignment made as a token's
+    first choice beats any second choice (GShard), then the larger router weight wins, then the
+    earlier token. `expert_index`/`weights` are token-major with `num_experts_per_tok` per token.
+    """
+    counts = torch.bincount(expert_index, minlength=num_experts)
+    if capacity is None:
+        order = torch.argsort(expert_index, stable=True)
+        return DispatchPlan(order, counts.tolist(), 0)
+    if weights is None:
+        raise ValueError("plan_dispatch: a capacity needs the router weights to rank assignments")
+    n = expert_index.numel()
+    rank = torch.arange(n, device=expert_index.device) % num_experts_per_tok
+    # least significant key first; every sort is stable, and the start order is token order
+    order = torch.argsort(-weights, stable=True)
+    order = order[torch.argsort(rank[order], stable=True)]
+    order = order[torch.argsort(expert_index[order], stable=True)]
+    starts = torch.cumsum(counts, 0) - counts
+    position = torch.arange(n, device=expert_index.device) - starts[expert_index[order]]
+    kept = order[position < capacity]
+    group_sizes = counts.clamp(max=capacity).tolist()
+    return DispatchPlan(kept, group_sizes, n - kept.numel())
+
+
+def permute(x: Tensor, token_index: Tensor, plan: DispatchPlan) -> Tensor:
+    """Rows of `x: [T, H]` in dispatch order: [M, H]."""
+    return x[token_index[plan.order]]
+
+
+def combine(expert_out: Tensor, token_index: Tensor, weights: Tensor, plan: DispatchPlan, num_tokens: int) -> Tensor:
+    """Weighted scatter-add of expert outputs back to tokens: [T, H]; dropped assignments add 0."""
+    out = expert_out.new_zeros(num_tokens, expert_out.shape[-1])
+    if plan.order.numel() == 0:
+        return out
+    scaled = expert_out * weights[plan.order].unsqueeze(-1).to(expert_out.dtype)
+    return out.index_add_(0, token_index[plan.order], scaled)
+
+
+def soft_dispatch(x: Tensor, dispatch: Tensor, num_experts: int, slots_per_expert: int) -> tuple[Tensor, list[int]]:
+    """Soft MoE slot inputs D^T X, regrouped expert-major: ([E * B * slots, H], group sizes)."""
+    hidden = x.shape[-1]
+    num_sequences = dispatch.shape[1] // (num_experts * slots_per_expert)
+    slots = dispatch.t().to(x.dtype) @ x  # [B * E * p, H]
+    slots = slots.view(num_sequences, num_experts, slots_per_expert, hidden).transpose(0, 1)
+    return slots.reshape(-1, hidden), [num_sequences * slots_per_expert] * num_experts
+
+
+def soft_combine(slot_out: Tensor, combine_weights: Tensor, num_experts: int, slots_per_expert: int) -> Tensor:
+    """Soft MoE token outputs C Y~: [T, H]."""
+    hidden = slot_out.shape[-1]
+    num_sequences = combine_weights.shape[1] // (num_experts * slots_per_expert)
+    slot_out = slot_out.view(num_experts, num_sequences, slots_per_expert, hidden).transpose(0, 1)
+    return combine_weights.to(slot_out.dtype) @ slot_out.reshape(-1, hidden)

@@ -1,0 +1,162 @@
+"""Expert FFNs with stacked weights `[E, ...]`, and the always-on shared experts.
+
+Weight layout follows transformers' fused MoE experts so checkpoints map one to one:
+SwiGLU (`hidden_act="silu"`): `gate_up_proj [E, 2*I, H]` (gate rows first, then up) and
+`down_proj [E, H, I]`; GELU: `up_proj [E, I, H]` and `down_proj [E, H, I]`.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..config import MoEConfig
+
+
+def _activation(name: str):
+    return F.silu if name == "silu" else F.gelu
+
+
+class GroupedExperts(nn.Module):
+    """E expert FFNs stored as stacked tensors; run on tokens already grouped by expert.
+
+    `forward(x, group_sizes)` takes `x: [N, H]` sorted so that expert e's rows are the e-th
+    contiguous slice of length `group_sizes[e]`, and returns `[N, H]` in the same order.
+    Experts never see the router.
+    """
+
+    def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int, hidden_act: str = "silu",
+                 backend: str = "auto") -> None:
+        super().__init__()
+        self.num_experts, self.hidden_size, self.intermediate_size = num_experts, hidden_size, intermediate_size
+        self.hidden_act = hidden_act
+        self.gated = hidden_act == "silu"
+        self.backend = backend
+        in_rows = 2 * intermediate_size if self.gated else intermediate_size
+        in_proj = torch.empty(num_experts, in_rows, hidden_size)
+        self.down_proj = nn.Parameter(torch.empty(num_experts, hidden_size, intermediate_size))
+        if self.gated:
+            self.gate_up_proj = nn.Parameter(in_proj)
+        else:
+            self.up_proj = nn.Parameter(in_proj)
+        self.reset_parameters()
+
+    @classmethod
+    def from_config(cls, config: MoEConfig) -> GroupedExperts:
+        return cls(config.num_local_experts, config.hidden_size, config.moe_intermediate_size,
+                   config.hidden_act, config.expert_backend)
+
+    def reset_parameters(self) -> None:
+        """Each expert initialised like a pair of `nn.Linear` layers."""
+        for weight in (self.in_proj, self.down_proj):
+            bound = 1.0 / math.sqrt(weight.shape[-1])
+            nn.init.uniform_(weight, -bound, bound)
+
+    @property
+    def in_proj(self) -> Tensor:
+        """The first projection: `gate_up_proj` (SwiGLU) or `up_proj` (GELU)."""
+        return self.gate_up_proj if self.gated else self.up_proj
+
+    def _ffn(self, x: Tensor, w_in: Tensor, w_out: Tensor) -> Tensor:
+        h = F.linear(x, w_in)
+        if self.gated:
+            gate, up = h.chunk(2, dim=-1)
+            h = F.silu(gate) * up
+        else:
+            h = F.gelu(h)
+        return F.linear(h, w_out)
+
+    def _use_grouped_mm(self, x: Tensor) -> bool:
+        if self.backend == "grouped_mm":
+            return True
+        return (self.backend == "auto" and x.is_cuda and hasattr(F, "grouped_mm")
+                and x.dtype in (torch.bfloat16, torch.float16))
+
+    def forward(self, x: Tensor, group_sizes: list[int]) -> Tensor:
+        if x.shape[0] == 0:
+            return x.new_zeros(0, self.hidden_size)
+        if self._use_grouped_mm(x):
+            return self._forward_grouped_mm(x, group_sizes)
+        # Unbind once: indexing W[e] per expert would allocate a full-size gradient per expert.
+        w_in, w_out = self.in_proj.unbind(0), self.down_proj.unbind(0)
+        outputs = [self._ffn(chunk, w_in[e], w_out[e])
+                   for e, chunk in enumerate(x.split(group_sizes)) if group_sizes[e] > 0]
+        return torch.cat(outputs) if len(outputs) > 1 else outputs[0]
+
+    def _forward_grouped_mm(self, x: Tensor, group_sizes: list[int]) -> Tensor:
+        offsets = torch.tensor(group_sizes, device=x.device).cumsum(0).to(torch.int32)
+        h = F.grouped_mm(x, self.in_proj.transpose(-2, -1), offs=offsets)
+        if self.gated:
+            gate, up = h.chunk(2, dim=-1)
+            h = F.silu(gate) * up
+        else:
+            h = F.gelu(h)
+        return F.grouped_mm(h, self.down_proj.transpose(-2, -1), offs=offsets)
+
+    def expert_forward(self, x: Tensor, expert: int) -> Tensor:
+        """Run one expert on `x: [n, H]` (for references and analysis, not the hot path)."""
+        return self._ffn(x, self.in_proj[expert], self.down_proj[expert])
+
+    @torch.no_grad()
+    def segment(self, m: int) -> GroupedExperts:
+        """Fine-grained segmentation: split every expert's FFN into m experts of width I/m.
+
+        Expert e becomes experts e*m .. e*m+m-1; summing their outputs gives expert e's output
+        exactly (FFN hidden units are independent), so active parameters are unchanged.
+        """
+        if self.intermediate_size % m != 0:
+            raise ValueError(f"segment: intermediate_size={self.intermediate_size} is not divisible by m={m}")
+        piece = self.intermediate_size // m
+        new = GroupedExperts(self.num_experts * m, self.hidden_size, piece, self.hidden_act, self.backend)
+        new.to(self.down_proj.device, self.down_proj.dtype)
+        if self.gated:
+            gate, up = self.gate_up_proj.split(self.intermediate_size, dim=1)
+            gate = gate.reshape(self.num_experts * m, piece, self.hidden_size)
+            up = up.reshape(self.num_experts * m, piece, self.hidden_size)
+            new.gate_up_proj.copy_(torch.cat([gate, up], dim=1))
+        else:
+            new.up_proj.copy_(self.up_proj.reshape(self.num_experts * m, piece, self.hidden_size))
+        down = self.down_proj.view(self.num_experts, self.hidden_size, m, piece).permute(0, 2, 1, 3)
+        new.down_proj.copy_(down.reshape(self.num_experts * m, self.hidden_size, piece))
+        return new
+
+    def extra_repr(self) -> str:
+        return (f"num_experts={self.num_experts}, hidden_size={self.hidden_size}, "
+                f"intermediate_size={self.intermediate_size}, hidden_act={self.hidden_act!r}")
+
+
+class SharedExperts(nn.Module):
+    """Always-active expert(s) fused into one FFN, optionally scaled by a sigmoid gate (Qwen2-MoE).
+
+    Names match transformers' MLPs: `gate_proj`, `up_proj`, `down_proj` (and `gate` for the
+    Qwen2-MoE `shared_expert_gate`).
+    """
+
+    def __init__(self, hidden_size: int, intermediate_size: int, hidden_act: str = "silu",
+                 use_gate: bool = False) -> None:
+        super().__init__()
+        self.gated = hidden_act == "silu"
+        self.act = _activation(hidden_act)
+        if self.gated:
+            self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
+        self.gate = nn.Linear(hidden_size, 1, bias=False) if use_gate else None
+
+    @classmethod
+    def from_config(cls, config: MoEConfig) -> SharedExperts:
+        return cls(config.hidden_size, config.resolved_shared_intermediate_size, config.hidden_act,
+                   config.shared_expert_gate)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.gated:
+            h = self.act(self.gate_proj(x)) * self.up_proj(x)
+        else:
+            h = self.act(self.up_proj(x))
+        out = self.down_proj(h)
+        if self.gate is not None:
+            out = torch.sigmoid(self.gate(x)) * out
+        return out

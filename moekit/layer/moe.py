@@ -1,0 +1,206 @@
+"""`MoELayer`: router -> dispatch -> experts -> combine (+ shared experts), with balancing and stats."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from ..config import MoEConfig
+from . import balance
+from .dispatch import combine, expert_capacity, permute, plan_dispatch, soft_combine, soft_dispatch
+from .experts import GroupedExperts, SharedExperts
+from .routers import Router, Routing, build_router
+
+
+@dataclass
+class MoEOutput:
+    """What `MoELayer.forward` returns.
+
+    Attributes:
+        hidden_states: same shape as the input; padded positions are 0.
+        aux_loss: scalar, sum of coefficient * term over the balancing terms with a coefficient > 0
+            (0 when none is on). Add it to the training loss.
+        router_logits: [tokens, E] (Soft MoE: [tokens, E * slots]) for every input position,
+            zero rows at padded positions.
+        stats: detached tensors: `tokens_per_expert` [E] (the router's choices, before any
+            capacity dropping), `dropped_fraction`, `max_violation` (MaxVio), and each balancing
+            term that applies to the router, by name (`router_aux_loss`, `router_z_loss`,
+            `importance_loss`, `load_loss`, `seq_aux_loss`), whatever its coefficient.
+    """
+
+    hidden_states: Tensor
+    aux_loss: Tensor
+    router_logits: Tensor
+    stats: dict[str, Tensor]
+
+
+class MoELayer(nn.Module):
+    """A sparse Mixture-of-Experts FFN built from one `MoEConfig`.
+
+    Example:
+        >>> layer = MoELayer(MoEConfig(hidden_size=64, moe_intermediate_size=128))
+        >>> out = layer(torch.randn(2, 5, 64))
+        >>> out.hidden_states.shape
+        torch.Size([2, 5, 64])
+    """
+
+    def __init__(self, config: MoEConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.router: Router = build_router(config)
+        self.experts = GroupedExperts.from_config(config)
+        self.shared_experts = SharedExperts.from_config(config) if config.n_shared_experts else None
+        # router choices accumulated over micro-batches since the last aux-free bias update
+        self.register_buffer("load_since_update", torch.zeros(config.num_local_experts), persistent=False)
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, x: Tensor, attention_mask: Tensor | None = None) -> MoEOutput:
+        """Route `x: [batch, seq, hidden]` or `[tokens, hidden]`.
+
+        `attention_mask` (same leading shape as `x`, 1/True = real token) keeps padded tokens
+        out of routing, of every balancing term and of every statistic; their output is 0.
+        A 3-D input is treated as `batch` sequences (for the sequence-wise loss and Soft MoE);
+        a 2-D input as one sequence.
+        """
+        cfg = self.config
+        if x.dim() not in (2, 3) or x.shape[-1] != cfg.hidden_size:
+            raise ValueError(f"MoELayer expects x of shape [batch, seq, {cfg.hidden_size}] or "
+                             f"[tokens, {cfg.hidden_size}], got {tuple(x.shape)}")
+        num_sequences = x.shape[0] if x.dim() == 3 else 1
+        seq_len = x.shape[1] if x.dim() == 3 else x.shape[0]
+        flat = x.reshape(-1, cfg.hidden_size)
+        seq_ids = torch.arange(num_sequences, device=x.device).repeat_interleave(seq_len)
+        kept_rows = None
+        if attention_mask is not None:
+            if tuple(attention_mask.shape) != tuple(x.shape[:-1]):
+                raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)} but x has leading "
+                                 f"shape {tuple(x.shape[:-1])}; pass one mask value per token")
+            kept_rows = attention_mask.reshape(-1).bool().nonzero().squeeze(1)
+            flat, seq_ids = flat[kept_rows], seq_ids[kept_rows]
+
+        router_input = flat
+        if self.training and cfg.router_jitter_noise > 0:
+            noise = torch.empty_like(flat).uniform_(1.0 - cfg.router_jitter_noise, 1.0 + cfg.router_jitter_noise)
+            router_input = flat * noise
+        routing = self.router(router_input, seq_ids, num_sequences)
+
+        if routing.is_soft:
+            slots, sizes = soft_dispatch(flat, routing.soft_dispatch, cfg.num_local_experts, cfg.slots_per_expert)
+            out = soft_combine(self.experts(slots, sizes), routing.soft_combine, cfg.num_local_experts,
+                               cfg.slots_per_expert)
+            num_dropped = 0
+        else:
+            capacity = None
+            if cfg.capacity_factor is not None and routing.num_experts_per_tok is not None:
+                capacity = expert_capacity(routing.expert_index.numel(), cfg.num_local_experts, cfg.capacity_factor)
+            plan = plan_dispatch(routing.expert_index, cfg.num_local_experts, routing.weights,
+                                 routing.num_experts_per_tok or 1, capacity)
+            expert_out = self.experts(permute(flat, routing.token_index, plan), plan.group_sizes)
+            out = combine(expert_out, routing.token_index, routing.weights, plan, flat.shape[0])
+            num_dropped = plan.num_dropped
+        if self.shared_experts is not None:
+            out = out + self.shared_experts(flat)
+
+        aux_loss, stats = self._balance(routing, seq_ids, num_sequences, num_dropped, flat.shape[0])
+        if self.training and cfg.aux_free_bias_update_rate > 0:
+            self.load_since_update += stats["tokens_per_expert"]
+
+        router_logits = routing.logits
+        if kept_rows is not None:
+            full = out.new_zeros(x.shape[:-1].numel(), cfg.hidden_size)
+            out = full.index_copy(0, kept_rows, out)
+            logits_full = router_logits.new_zeros(full.shape[0], router_logits.shape[-1])
+            router_logits = logits_full.index_copy(0, kept_rows, router_logits)
+        return MoEOutput(out.view(x.shape), aux_loss, router_logits, stats)
+
+    # ------------------------------------------------------------------ balancing
+    def _balance(self, routing: Routing, seq_ids: Tensor, num_sequences: int, num_dropped: int,
+                 num_tokens: int) -> tuple[Tensor, dict[str, Tensor]]:
+        cfg, num_experts = self.config, self.config.num_local_experts
+        aux_loss = routing.logits.new_zeros((), dtype=torch.float32)
+        stats: dict[str, Tensor] = {}
+
+        def term(name: str, coef: float, fn: Callable[[], Tensor]) -> None:
+            nonlocal aux_loss
+            if coef > 0:
+                value = fn()
+                aux_loss = aux_loss + coef * value
+            else:
+                with torch.no_grad():
+                    value = fn()
+            stats[name] = value.detach()
+
+        term("router_z_loss", cfg.router_z_loss_coef, lambda: balance.router_z_loss(routing.logits))
+        k = routing.num_experts_per_tok
+        if k is not None:  # token choice: the balancing losses apply
+            probs, experts = routing.probs, routing.expert_index
+            term("router_aux_loss", cfg.router_aux_loss_coef,
+                 lambda: balance.switch_aux_loss(probs, experts, num_experts))
+            term("importance_loss", cfg.importance_loss_coef,
+                 lambda: balance.importance_loss(experts, routing.weights, num_experts))
+            term("seq_aux_loss", cfg.seq_aux_loss_coef,
+                 lambda: balance.seq_aux_loss(probs, routing.token_index, experts, seq_ids, num_sequences, k))
+            if routing.load_probs is not None:
+                term("load_loss", cfg.load_loss_coef, lambda: balance.load_loss(routing.load_probs))
+
+        with torch.no_grad():
+            if routing.is_soft:  # dispatch mass per expert: the same for every expert
+                mass = routing.soft_dispatch.sum(dim=0).view(-1, num_experts, cfg.slots_per_expert)
+                load = mass.sum(dim=(0, 2))
+                dropped = load.new_zeros(())
+            else:
+                load = balance.tokens_per_expert(routing.expert_index, num_experts)
+                if k is not None:
+                    dropped = load.new_tensor(num_dropped / max(routing.expert_index.numel(), 1))
+                else:  # expert choice: the fraction of tokens no expert took
+                    covered = torch.zeros(num_tokens, dtype=torch.bool, device=load.device)
+                    covered[routing.token_index] = True
+                    dropped = 1.0 - covered.float().mean() if num_tokens else load.new_zeros(())
+            stats["tokens_per_expert"] = load
+            stats["dropped_fraction"] = dropped
+            stats["max_violation"] = balance.max_violation(load)
+        return aux_loss, stats
+
+    @torch.no_grad()
+    def update_router_bias(self) -> None:
+        """Aux-loss-free balancing step: call after each optimiser step (outside autograd).
+
+        Moves `router.e_score_correction_bias` by `aux_free_bias_update_rate * sign(mean - load)`
+        using the router choices counted over every training forward since the last call, then
+        resets the count. Does nothing when the rate is 0 or nothing was counted.
+        """
+        rate = self.config.aux_free_bias_update_rate
+        if rate <= 0 or self.load_since_update.sum() <= 0:
+            return
+        balance.aux_free_bias_update(self.router.e_score_correction_bias, self.load_since_update, rate)
+        self.load_since_update.zero_()
+
+    # ------------------------------------------------------------------ interop
+    @classmethod
+    def from_hf(cls, module: nn.Module) -> MoELayer:
+        """A moekit layer computing the same function as a transformers MoE block.
+
+        Supports `MixtralSparseMoeBlock`, `Qwen2MoeSparseMoeBlock` and `DeepseekV3MoE` (weights are
+        copied; transformers itself is not imported). Mixtral's `router_jitter_noise` is applied
+        to the router input only (Switch's definition), so outputs match in eval mode.
+        """
+        from .hf_blocks import config_and_state_from_hf
+
+        config, state = config_and_state_from_hf(module)
+        layer = cls(config)
+        reference = next(module.parameters())
+        layer.to(device=reference.device, dtype=reference.dtype)
+        layer.load_state_dict(state, strict=False)
+        if layer.router.e_score_correction_bias is not None and "router.e_score_correction_bias" in state:
+            layer.router.e_score_correction_bias.copy_(state["router.e_score_correction_bias"].float())
+        return layer
+
+
+def update_aux_free_biases(model: nn.Module) -> None:
+    """Call `update_router_bias` on every `MoELayer` inside `model` (after the optimiser step)."""
+    for module in model.modules():
+        if isinstance(module, MoELayer):
+            module.update_router_bias()
