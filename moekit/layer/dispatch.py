@@ -75,8 +75,6 @@ def permute(x: Tensor, token_index: Tensor, plan: DispatchPlan) -> Tensor:
 def combine(expert_out: Tensor, token_index: Tensor, weights: Tensor, plan: DispatchPlan, num_tokens: int) -> Tensor:
     """Weighted scatter-add of expert outputs back to tokens: [T, H]; dropped assignments add 0."""
     out = expert_out.new_zeros(num_tokens, expert_out.shape[-1])
-    if plan.order.numel() == 0:
-        return out
     scaled = expert_out * weights[plan.order].unsqueeze(-1).to(expert_out.dtype)
     return out.index_add_(0, token_index[plan.order], scaled)
 

@@ -76,14 +76,14 @@ class GroupedExperts(nn.Module):
                 and x.dtype in (torch.bfloat16, torch.float16))
 
     def forward(self, x: Tensor, group_sizes: list[int]) -> Tensor:
-        if x.shape[0] == 0:
-            return x.new_zeros(0, self.hidden_size)
-        if self._use_grouped_mm(x):
+        if self._use_grouped_mm(x) and x.shape[0] > 0:
             return self._forward_grouped_mm(x, group_sizes)
         # Unbind once: indexing W[e] per expert would allocate a full-size gradient per expert.
         w_in, w_out = self.in_proj.unbind(0), self.down_proj.unbind(0)
         outputs = [self._ffn(chunk, w_in[e], w_out[e])
                    for e, chunk in enumerate(x.split(group_sizes)) if group_sizes[e] > 0]
+        if not outputs:  # no tokens: still return a tensor in the autograd graph
+            return self._ffn(x, w_in[0], w_out[0])
         return torch.cat(outputs) if len(outputs) > 1 else outputs[0]
 
     def _forward_grouped_mm(self, x: Tensor, group_sizes: list[int]) -> Tensor:
