@@ -1,0 +1,26 @@
+"""The README's quick start runs as written (the front door must stay true)."""
+
+import re
+from pathlib import Path
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+def test_readme_quick_start_runs_and_reports_stats(capsys):
+    block = re.findall(r"```python\n(.*?)```", README.read_text(), re.S)[0]
+    namespace: dict = {}
+    exec(compile(block, "README.md", "exec"), namespace)
+    out = namespace["out"]
+    assert out.hidden_states.shape == (4, 32, 64)
+    assert out.stats["tokens_per_expert"].sum().item() == 4 * 32 * 2
+    assert "tensor(" in capsys.readouterr().out
+
+
+def test_readme_install_and_test_commands_are_what_ci_runs():
+    ci = (README.parent / ".ci" / "run").read_text()
+    text = README.read_text()
+    install = re.search(r"## Install\n\n```bash\n(.*?)```", text, re.S).group(1).strip().splitlines()
+    test = re.search(r"## Test\n\n```bash\n(.*?)```", text, re.S).group(1).strip().splitlines()
+    ci_lines = [line.strip() for line in ci.splitlines() if line.strip() and not line.startswith("#")]
+    for line in install + test:
+        assert line.strip() in ci_lines, line
