@@ -118,8 +118,14 @@ class TopKRouter(Router):
         choice = scores if self.e_score_correction_bias is None else scores + self.e_score_correction_bias
         return choice.topk(self.top_k, dim=-1).indices
 
+    #: compute the logits in float32 whatever the input dtype (DeepSeek-V3 does; Mixtral does not)
+    fp32_logits: bool = False
+
     def forward(self, x: Tensor, seq_ids: Tensor, num_sequences: int) -> Routing:
-        logits = F.linear(x, self.weight)  # [T, E]
+        if self.fp32_logits:
+            logits = F.linear(x.float(), self.weight.float())  # [T, E]
+        else:
+            logits = F.linear(x, self.weight)
         scores, probs = self._scores(logits)
         topk_index = self._select(scores)
         topk_weights = scores.gather(1, topk_index)
@@ -142,7 +148,10 @@ class DeepSeekV3Router(TopKRouter):
 
     A group's score is the sum of its two best (score + bias) values; the bias only selects, the
     weights are the raw scores, renormalised (`norm_topk_prob`) and times `routed_scaling_factor`.
+    Logits are computed in float32, as DeepSeek-V3 does, so bf16 routing matches its reference.
     """
+
+    fp32_logits = True
 
     def _select(self, scores: Tensor) -> Tensor:
         choice = scores if self.e_score_correction_bias is None else scores + self.e_score_correction_bias
