@@ -280,15 +280,25 @@ def median_ms(fn: Callable[[], object], repeats: int, before: Callable[[], None]
     return statistics.median(times) * 1e3
 
 
-def time_forward(module: nn.Module, x: Tensor, repeats: int) -> float:
+@dataclass
+class Timer:
+    """One thing to time: `run` (after `before`), whose median lands in `row.<attribute>`."""
+
+    row: Row
+    attribute: str
+    run: Callable[[], object]
+    before: Callable[[], None] | None = None
+
+
+def forward_timer(row: Row, module: nn.Module, x: Tensor) -> Timer:
     def run() -> None:
         with torch.no_grad():
             module(x)
 
-    return median_ms(run, repeats)
+    return Timer(row, "fwd_ms", run)
 
 
-def time_forward_backward(module: nn.Module, x: Tensor, grad: Tensor, repeats: int) -> float:
+def forward_backward_timer(row: Row, module: nn.Module, x: Tensor, grad: Tensor) -> Timer:
     xg = x.detach().clone().requires_grad_(True)
 
     def zero() -> None:
@@ -298,9 +308,43 @@ def time_forward_backward(module: nn.Module, x: Tensor, grad: Tensor, repeats: i
     def run() -> None:
         module(xg).backward(grad)
 
-    ms = median_ms(run, repeats, before=zero)
-    zero()
-    return ms
+    return Timer(row, "fwd_bwd_ms", run, zero)
+
+
+def run_interleaved(timers: list[Timer], repeats: int) -> None:
+    """Time every timer once per round, round after round, and keep each one's median.
+
+    Interleaving spreads the machine's slow and fast moments over all rows alike, so the ratios
+    measured in one run stay meaningful on a noisy shared machine.
+    """
+    samples: list[list[float]] = [[] for _ in timers]
+    for round_index in range(WARMUP + repeats):
+        for timer, times in zip(timers, samples, strict=True):
+            if timer.before is not None:
+                timer.before()
+            start = time.perf_counter()
+            timer.run()
+            elapsed = time.perf_counter() - start
+            if round_index >= WARMUP:
+                times.append(elapsed)
+    for timer, times in zip(timers, samples, strict=True):
+        setattr(timer.row, timer.attribute, statistics.median(times) * 1e3)
+        if timer.before is not None:
+            timer.before()
+
+
+def calibrate_gflops() -> float:
+    """fp32 matmul throughput right now (a noise indicator: compare the value at the start and the end)."""
+    a, b = torch.randn(2048, 512), torch.randn(512, 2048)
+    ms = median_ms(lambda: a @ b, 5)
+    return 2 * 2048 * 512 * 2048 / (ms / 1e3) / 1e9
+
+
+def load_average() -> str:
+    try:
+        return ", ".join(f"{v:.2f}" for v in os.getloadavg())
+    except OSError:
+        return "n/a"
 
 
 def available_bytes() -> int | None:
@@ -344,6 +388,7 @@ def run_config(bc: BenchConfig, repeats: int, small: bool) -> tuple[list[Row], l
 
     rows: list[Row] = []
     small_rows: list[Row] = []
+    timers: list[Timer] = []
     avail = available_bytes()
     for label, kind, impl, make in candidates:
         try:
@@ -359,7 +404,8 @@ def run_config(bc: BenchConfig, repeats: int, small: bool) -> tuple[list[Row], l
             need = estimated_bytes(impl, bc, tokens, backward)
             if avail is not None and need > MEMORY_FRACTION * avail:
                 notes.append(f"{label} @ {tokens} tokens: skipped, it gathers one weight copy per (token, expert) "
-                             f"pair: ~{need / 2**30:.0f} GiB estimated vs {avail / 2**30:.0f} GiB available")
+                             f"pair: ~{estimated_bytes(impl, bc, tokens, False) / 2**30:.0f} GiB for the forward "
+                             f"alone (~{need / 2**30:.0f} GiB with backward) vs {avail / 2**30:.0f} GiB available")
                 continue
             try:
                 if kind == "hf":
@@ -367,16 +413,18 @@ def run_config(bc: BenchConfig, repeats: int, small: bool) -> tuple[list[Row], l
                 if kind != "floor" and module is not reference:
                     assert_equal_work(reference, module, kind, inputs, grad if backward else None)
                 row = Row(label, tokens)
-                row.fwd_ms = time_forward(module, inputs, repeats)
+                timers.append(forward_timer(row, module, inputs))
                 if backward:
-                    row.fwd_bwd_ms = time_forward_backward(module, inputs, grad, repeats)
+                    timers.append(forward_backward_timer(row, module, inputs, grad))
                 out_rows.append(row)
             except AssertionError:
                 raise
             except Exception as error:
                 first_line = str(error).strip().splitlines()[0] if str(error).strip() else ""
                 notes.append(f"{label} @ {tokens} tokens: skipped, raised {type(error).__name__}: {first_line[:160]}")
-        del module
+    print(f"  [{bc.name}] timing {len(timers)} measurements in {WARMUP + repeats} interleaved rounds ...",
+          file=sys.stderr, flush=True)
+    run_interleaved(timers, repeats)
     return rows + small_rows, notes
 
 
@@ -469,11 +517,15 @@ def main() -> None:
     print("MoE layer benchmark (fp32, CPU)")
     for key, value in info.items():
         print(f"  {key}: {value}")
-    print(f"  warmup {WARMUP}, median of {repeats} repeats; equality checked at atol=rtol={ATOL:g}")
+    print(f"  warmup {WARMUP}, median of {repeats} interleaved rounds; equality checked at atol=rtol={ATOL:g}")
     print("  fwd = forward under torch.no_grad(); fwd+bwd = forward + out.backward(grad), fixed random grad,")
     print("  input requires grad; ratios = row time / baseline time (>1 is slower); floor = dense SwiGLU FFN")
     print("  of width k*ffn (+ shared width): same active expert FLOPs, no router/dispatch/combine.")
     print(f"  Rows with {SMALL_TOKENS} tokens are forward only; their ratios and tokens/s use forward times.")
+    info["calibration_start_gflops"] = calibrate_gflops()
+    info["load_average_start"] = load_average()
+    print(f"  calibration at start: 2048x512x2048 fp32 matmul {info['calibration_start_gflops']:.0f} GFLOP/s, "
+          f"load average {info['load_average_start']}")
 
     results = []
     for key in args.configs.split(","):
@@ -488,6 +540,11 @@ def main() -> None:
         results.append({"config": bc.__dict__, "notes": notes,
                         "rows": [{"impl": r.impl, "tokens": r.tokens, "fwd_ms": r.fwd_ms, "fwd_bwd_ms": r.fwd_bwd_ms,
                                   **r.extra} for r in rows]})
+    info["calibration_end_gflops"] = calibrate_gflops()
+    info["load_average_end"] = load_average()
+    print(f"\ncalibration at end: {info['calibration_end_gflops']:.0f} GFLOP/s (start "
+          f"{info['calibration_start_gflops']:.0f}), load average {info['load_average_end']}; "
+          "a large drop means the timings above were disturbed")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"machine": info, "repeats": repeats, "warmup": WARMUP, "results": results}, f, indent=2)

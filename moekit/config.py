@@ -35,7 +35,8 @@ class MoEConfig:
 
     Sizes follow the HF names: `hidden_size` (model width), `moe_intermediate_size` (one routed
     expert's FFN width), `num_local_experts` (E), `num_experts_per_tok` (k). Balancing
-    coefficients default to 0 (off); a term whose coefficient is 0 is not computed.
+    coefficients default to 0 (off); a term whose coefficient is 0 is still reported in
+    `MoEOutput.stats` (computed without gradient) but not added to `aux_loss`.
 
     `norm_topk_prob=None` means the router's own convention: renormalise the kept weights for
     `topk` (Mixtral) and `deepseek_v3`, never for `switch` (Switch scales by the raw probability).
@@ -242,3 +243,216 @@ def fine_grained(config: MoEConfig, m: int) -> MoEConfig:
         moe_intermediate_size=config.moe_intermediate_size // m,
         shared_expert_intermediate_size=shared if config.n_shared_experts else config.shared_expert_intermediate_size,
     )
+
+
+@dataclass
+class ModelConfig:
+    """A decoder-only language model whose FFNs are MoE layers (or dense when `moe` is None).
+
+    Names follow HF configs: `num_hidden_layers`, `num_attention_heads`, `num_key_value_heads`
+    (grouped-query attention; None = as many as query heads), `intermediate_size` (the dense FFN
+    width, used by dense layers), `first_k_dense_replace` (DeepSeek: the first k layers stay
+    dense) and `moe_layer_freq` (MoE in every n-th layer after those; 1 = every layer).
+    """
+
+    vocab_size: int = 257
+    hidden_size: int = 256
+    num_hidden_layers: int = 4
+    num_attention_heads: int = 4
+    num_key_value_heads: int | None = None
+    intermediate_size: int = 1024
+    max_position_embeddings: int = 1024
+    rope_theta: float = 10000.0
+    rms_norm_eps: float = 1e-5
+    tie_word_embeddings: bool = False
+    initializer_range: float = 0.02
+    first_k_dense_replace: int = 0
+    moe_layer_freq: int = 1
+    moe: MoEConfig | None = None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.moe, dict):
+            self.moe = MoEConfig.from_dict(self.moe)
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise `ValueError` for any impossible combination of fields."""
+
+        def fail(name: str, value: Any, allowed: str) -> None:
+            raise ValueError(f"ModelConfig.{name}={value!r} is not allowed: {allowed}")
+
+        for name in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
+                     "max_position_embeddings", "moe_layer_freq"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                fail(name, value, "a positive integer")
+        if self.hidden_size % self.num_attention_heads:
+            fail("num_attention_heads", self.num_attention_heads, f"a divisor of hidden_size={self.hidden_size}")
+        if (self.hidden_size // self.num_attention_heads) % 2:
+            fail("num_attention_heads", self.num_attention_heads,
+                 "a value giving an even head dimension (hidden_size / heads), which RoPE needs")
+        kv = self.num_key_value_heads
+        if kv is not None and (not isinstance(kv, int) or kv < 1 or self.num_attention_heads % kv):
+            fail("num_key_value_heads", kv, f"None or a divisor of num_attention_heads={self.num_attention_heads}")
+        if not 0 <= self.first_k_dense_replace <= self.num_hidden_layers:
+            fail("first_k_dense_replace", self.first_k_dense_replace,
+                 f"an integer in [0, num_hidden_layers={self.num_hidden_layers}]")
+        if self.moe is not None and self.moe.hidden_size != self.hidden_size:
+            fail("moe.hidden_size", self.moe.hidden_size, f"equal to hidden_size={self.hidden_size}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    @property
+    def kv_heads(self) -> int:
+        return self.num_key_value_heads or self.num_attention_heads
+
+    def is_moe_layer(self, index: int) -> bool:
+        """True when layer `index` (0-based) uses an MoE FFN."""
+        if self.moe is None or index < self.first_k_dense_replace:
+            return False
+        return (index - self.first_k_dense_replace) % self.moe_layer_freq == 0
+
+    def to_dict(self) -> dict[str, Any]:
+        """A plain nested dict (JSON/YAML friendly)."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> ModelConfig:
+        """Build from a (nested) dict, refusing unknown keys with the closest known name."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        for key in values:
+            if key not in known:
+                close = difflib.get_close_matches(key, sorted(known), n=1)
+                hint = f"; did you mean {close[0]!r}?" if close else ""
+                raise ValueError(f"ModelConfig has no field {key!r}{hint}")
+        return cls(**values)
+
+
+@dataclass
+class TrainConfig:
+    """How `moekit train` trains: data, optimiser, schedule, evaluation and checkpointing."""
+
+    seed: int = 0
+    data: str | None = None  # None = the embedded Shakespeare corpus; else a text file or folder
+    tokenizer: str = "byte"  # "byte" or "bpe" (trained locally with the `tokenizers` package)
+    bpe_vocab_size: int = 2048
+    val_fraction: float = 0.05
+    block_size: int = 128
+    batch_size: int = 16
+    grad_accum: int = 1
+    max_steps: int = 300
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 30
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0
+    eval_interval: int = 50
+    eval_batches: int = 8
+    log_interval: int = 10
+    checkpoint_interval: int = 100
+    dtype: str = "auto"  # "auto" (bf16 autocast where the device supports it well), "float32", "bfloat16"
+    device: str = "auto"  # "auto", "cpu", "cuda"
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise `ValueError` for an impossible setting."""
+
+        def fail(name: str, value: Any, allowed: str) -> None:
+            raise ValueError(f"TrainConfig.{name}={value!r} is not allowed: {allowed}")
+
+        for name in ("block_size", "batch_size", "grad_accum", "max_steps", "eval_interval", "eval_batches",
+                     "log_interval", "checkpoint_interval", "bpe_vocab_size"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                fail(name, value, "a positive integer")
+        if self.warmup_steps < 0:
+            fail("warmup_steps", self.warmup_steps, "an integer >= 0")
+        if self.tokenizer not in ("byte", "bpe"):
+            fail("tokenizer", self.tokenizer, "'byte' or 'bpe'")
+        if self.dtype not in ("auto", "float32", "bfloat16"):
+            fail("dtype", self.dtype, "'auto', 'float32' or 'bfloat16'")
+        if self.device not in ("auto", "cpu", "cuda"):
+            fail("device", self.device, "'auto', 'cpu' or 'cuda'")
+        if not 0.0 < self.val_fraction < 0.5:
+            fail("val_fraction", self.val_fraction, "a number in (0, 0.5)")
+        if not self.lr > 0 or not 0.0 <= self.min_lr_ratio <= 1.0:
+            fail("lr", self.lr, "lr > 0 and min_lr_ratio in [0, 1]")
+
+
+@dataclass
+class RunConfig:
+    """Everything a training run needs: a name, the model and the training settings."""
+
+    name: str = "run"
+    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+    train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+    allow_token_mixing: bool = False  # opt in to Soft MoE in a causal LM (it leaks future tokens)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> RunConfig:
+        known = {"name", "model", "train", "allow_token_mixing"}
+        for key in values:
+            if key not in known:
+                raise ValueError(f"run config has no section {key!r}; expected {sorted(known)}")
+        train = dict(values.get("train") or {})
+        bad = set(train) - {f.name for f in dataclasses.fields(TrainConfig)}
+        if bad:
+            key = sorted(bad)[0]
+            close = difflib.get_close_matches(key, [f.name for f in dataclasses.fields(TrainConfig)], n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise ValueError(f"TrainConfig has no field {key!r}{hint}")
+        return cls(name=str(values.get("name", "run")), model=ModelConfig.from_dict(dict(values.get("model") or {})),
+                   train=TrainConfig(**train), allow_token_mixing=bool(values.get("allow_token_mixing", False)))
+
+
+def _parse_value(text: str) -> Any:
+    """'16' -> 16, '1e-3' -> 0.001, 'true' -> True, 'null' -> None, anything else stays a string."""
+    lowered = text.strip().lower()
+    if lowered in ("none", "null"):
+        return None
+    if lowered in ("true", "false"):
+        return lowered == "true"
+    for cast in (int, float):
+        try:
+            return cast(text)
+        except ValueError:
+            pass
+    return text
+
+
+def apply_overrides(values: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply `KEY=VALUE` overrides (dotted keys, e.g. `model.moe.num_local_experts=16`) to a config dict.
+
+    `model.X` where X is an MoE field is read as `model.moe.X`, so `--set model.num_local_experts=16`
+    works as users expect. Unknown keys are refused later by the dataclasses with a suggestion.
+    """
+    moe_fields = {f.name for f in dataclasses.fields(MoEConfig)}
+    model_fields = {f.name for f in dataclasses.fields(ModelConfig)}
+    for item in overrides:
+        if "=" not in item:
+            raise ValueError(f"override {item!r} is not KEY=VALUE; e.g. --set model.moe.num_local_experts=16")
+        key, raw = item.split("=", 1)
+        parts = key.strip().split(".")
+        if len(parts) == 2 and parts[0] == "model" and parts[1] in moe_fields and parts[1] not in model_fields:
+            parts = ["model", "moe", parts[1]]
+        node = values
+        for part in parts[:-1]:
+            if node.get(part) is None:
+                if parts[:2] == ["model", "moe"] and part == "moe":
+                    raise ValueError(f"override {item!r}: this preset is dense (model.moe is null); "
+                                     "choose an MoE preset to set MoE fields")
+                node[part] = {}
+            node = node[part]
+            if not isinstance(node, dict):
+                raise ValueError(f"override {item!r}: {part!r} is a value, not a section")
+        node[parts[-1]] = _parse_value(raw)
+    return values

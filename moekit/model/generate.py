@@ -1,0 +1,52 @@
+"""KV-cache decoding with temperature, top-k and top-p (nucleus) sampling."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .transformer import MoETransformer
+
+
+def sample_next(logits: Tensor, temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
+                generator: torch.Generator | None = None) -> Tensor:
+    """Pick the next token id for each row of `logits` [B, V]; temperature 0 is greedy."""
+    if temperature <= 0:
+        return logits.argmax(dim=-1)
+    logits = logits.float() / temperature
+    if top_k is not None and 0 < top_k < logits.shape[-1]:
+        kth = logits.topk(top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and 0 < top_p < 1:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+        drop = cumulative - sorted_logits.softmax(dim=-1) > top_p  # keep the smallest set reaching top_p
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+        logits = torch.full_like(logits, float("-inf")).scatter(1, order, sorted_logits)
+    probs = logits.softmax(dim=-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+@torch.no_grad()
+def generate(model: MoETransformer, input_ids: Tensor, max_new_tokens: int, temperature: float = 1.0,
+             top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
+             eos_token_id: int | None = None) -> Tensor:
+    """Extend `input_ids` [B, T] by up to `max_new_tokens`, reusing the KV cache at every step."""
+    model.eval()
+    generator = None
+    if seed is not None:
+        generator = torch.Generator(device=input_ids.device).manual_seed(seed)
+    limit = model.config.max_position_embeddings
+    if input_ids.shape[1] >= limit:
+        input_ids = input_ids[:, -(limit - 1):]  # keep the most recent context that fits
+    out = model(input_ids, use_cache=True)
+    tokens = input_ids
+    for _ in range(max_new_tokens):
+        if tokens.shape[1] >= limit:
+            break
+        next_id = sample_next(out.logits[:, -1], temperature, top_k, top_p, generator)
+        tokens = torch.cat([tokens, next_id.unsqueeze(-1)], dim=1)
+        if eos_token_id is not None and bool((next_id == eos_token_id).all()):
+            break
+        out = model(next_id.unsqueeze(-1), past_key_values=out.past_key_values, use_cache=True)
+    return tokens

@@ -1,0 +1,441 @@
+"""Analytic size, FLOP and memory estimates for moekit models and Hugging Face MoE checkpoints.
+
+Everything here is computed from a configuration alone (no model is built), so it works for
+DeepSeek-V3-sized models on a laptop. `info_from_model_config` agrees exactly with
+`sum(p.numel() for p in MoETransformer(config).parameters())`.
+
+Conventions (shared by every entry point):
+
+* **total_params**: every trainable parameter once (tied embeddings once). Buffers such as the
+  aux-loss-free `e_score_correction_bias` are not parameters and are not counted.
+* **active_params**: the parameters one token uses: of each MoE layer's E routed experts only the
+  k it is sent to (token-choice routers); shared experts, routers, attention, norms, biases and the
+  embeddings are all counted (embeddings once when tied). Expert-choice and Soft MoE routers have
+  no fixed per-token k, so all E experts are counted there (an upper bound, as
+  `MoETransformer.num_parameters(active=True)` does).
+* **flops_per_token_forward**: 2 FLOPs (multiply + add) per *active matmul weight* — every weight
+  matrix a token is multiplied by, including the routers and `lm_head` but excluding the embedding
+  lookup, norms and biases — plus the attention scores and weighted values of one token attending
+  to `context` positions: ``2 * 2 * num_layers * context * num_heads * head_dim`` (for MLA:
+  ``2 * num_layers * context * num_heads * (qk_head_dim + v_head_dim)``). No causal halving: it is
+  the cost of the token at position `context`. Elementwise work (activations, softmax, RoPE) and
+  Soft MoE's dispatch/combine mixing are ignored.
+* **train_flops_per_token**: 3 x forward (backward = 2 x forward), no activation recomputation.
+* **memory_inference_bytes**: all parameters at `dtype_bytes` each (2 = bf16/fp16) plus the KV
+  cache for `batch` sequences of `context` tokens: ``2 * layers * kv_heads * head_dim * context *
+  batch * dtype_bytes``. Framework workspace and activations are not included.
+* **memory_training_bytes**: 16 bytes per parameter (fp32 master weights 4 + fp32 gradients 4 +
+  AdamW first and second moments 4 + 4). Activations, which depend on batch, sequence length and
+  checkpointing, are **not** included.
+
+Byte and FLOP counts are printed in decimal units (1 GB = 1e9 bytes).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..config import ModelConfig, MoEConfig
+
+#: Bytes per parameter for mixed-precision AdamW training: fp32 weights, gradients and two moments.
+TRAINING_BYTES_PER_PARAM = 16
+
+HF_MOE_TYPES = ("mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v3")
+HF_DENSE_TYPES = ("llama", "mistral", "qwen2")
+HF_MODEL_TYPES = HF_MOE_TYPES + HF_DENSE_TYPES
+
+
+# ---------------------------------------------------------------------------------------------- result
+@dataclass
+class ModelInfo:
+    """Size, compute and memory of one model (see the module docstring for every convention).
+
+    Attributes:
+        total_params: all parameters, tied embeddings once.
+        active_params: parameters one token uses (k of E routed experts per MoE layer).
+        flops_per_token_forward: 2 * active matmul weights (lm_head included, embedding lookup not)
+            + attention score/value FLOPs at `context`.
+        train_flops_per_token: 3 * flops_per_token_forward.
+        memory_inference_bytes: weights at `dtype_bytes` + KV cache for `batch` x `context`.
+        memory_training_bytes: 16 bytes/param (fp32 weights, grads, AdamW m and v); activations excluded.
+        name: what was described (e.g. "mixtral" or "moekit ModelConfig").
+        num_layers, num_moe_layers: decoder layers, and how many of them are MoE.
+        active_matmul_params: the active weights that enter a matmul (the FLOP count's basis).
+        attention_flops_per_token: the attention score/value part of the forward FLOPs.
+        weights_bytes, kv_cache_bytes: the two parts of `memory_inference_bytes`.
+        context, batch, dtype_bytes: the settings the FLOP and memory numbers were computed for.
+        notes: approximations and caveats specific to this model.
+    """
+
+    total_params: int
+    active_params: int
+    flops_per_token_forward: int
+    train_flops_per_token: int
+    memory_inference_bytes: int
+    memory_training_bytes: int
+    name: str = "model"
+    num_layers: int = 0
+    num_moe_layers: int = 0
+    active_matmul_params: int = 0
+    attention_flops_per_token: int = 0
+    weights_bytes: int = 0
+    kv_cache_bytes: int = 0
+    context: int = 4096
+    batch: int = 1
+    dtype_bytes: float = 2
+    notes: list[str] = field(default_factory=list)
+
+    def format(self) -> str:
+        """A readable multi-line summary with human units (e.g. "46.70 B" parameters, "93.4 GB")."""
+        share = 100.0 * self.active_params / self.total_params if self.total_params else 0.0
+        dtype = f"{self.dtype_bytes:g} bytes/param"
+        lines = [
+            f"{self.name}: {self.num_layers} layers ({self.num_moe_layers} MoE)",
+            f"  total parameters      {human_count(self.total_params)}",
+            f"  active parameters     {human_count(self.active_params)} per token ({share:.1f}% of total)",
+            f"  forward FLOPs/token   {human_flops(self.flops_per_token_forward)} "
+            f"(2 x {human_count(self.active_matmul_params)} active matmul weights + "
+            f"{human_flops(self.attention_flops_per_token)} attention at context {self.context})",
+            f"  training FLOPs/token  {human_flops(self.train_flops_per_token)} (3 x forward)",
+            f"  inference memory      {human_bytes(self.memory_inference_bytes)} = weights "
+            f"{human_bytes(self.weights_bytes)} ({dtype}) + KV cache {human_bytes(self.kv_cache_bytes)} "
+            f"(batch {self.batch}, context {self.context})",
+            f"  training memory       {human_bytes(self.memory_training_bytes)} "
+            f"({TRAINING_BYTES_PER_PARAM} bytes/param: fp32 weights + grads + AdamW m, v; activations not included)",
+        ]
+        lines += [f"  note: {note}" for note in self.notes]
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        return self.format()
+
+
+def human_count(n: float) -> str:
+    """12_879_925_248 -> '12.88 B' (decimal: K, M, B, T)."""
+    for scale, unit in ((1e12, "T"), (1e9, "B"), (1e6, "M"), (1e3, "K")):
+        if abs(n) >= scale:
+            return f"{n / scale:.2f} {unit}"
+    return f"{n:g}"
+
+
+def _three_digits(value: float) -> str:
+    """Three significant digits: 93.41 -> '93.4', 1.342 -> '1.34', 747.2 -> '747'."""
+    if abs(value) >= 100:
+        return f"{value:.0f}"
+    return f"{value:.1f}" if abs(value) >= 10 else f"{value:.2f}"
+
+
+def human_bytes(n: float) -> str:
+    """93_405_585_408 -> '93.4 GB' (decimal units, 1 GB = 1e9 bytes; three significant digits)."""
+    for scale, unit in ((1e15, "PB"), (1e12, "TB"), (1e9, "GB"), (1e6, "MB"), (1e3, "kB")):
+        if abs(n) >= scale:
+            return f"{_three_digits(n / scale)} {unit}"
+    return f"{n:g} bytes"
+
+
+def human_flops(n: float) -> str:
+    """2.76e10 -> '27.6 GFLOP' (decimal units, three significant digits)."""
+    for scale, unit in ((1e15, "PFLOP"), (1e12, "TFLOP"), (1e9, "GFLOP"), (1e6, "MFLOP"), (1e3, "kFLOP")):
+        if abs(n) >= scale:
+            return f"{_three_digits(n / scale)} {unit}"
+    return f"{n:g} FLOP"
+
+
+# ---------------------------------------------------------------------------------------------- building blocks
+@dataclass(frozen=True)
+class _Block:
+    """Parameter tallies of one block: all of them, those one token uses, and the used matmul weights."""
+
+    total: int
+    active: int
+    matmul: int
+
+    def __add__(self, other: _Block) -> _Block:
+        return _Block(self.total + other.total, self.active + other.active, self.matmul + other.matmul)
+
+
+_ZERO = _Block(0, 0, 0)
+
+
+def _linear(d_in: int, d_out: int, bias: bool = False) -> _Block:
+    """An always-used `nn.Linear(d_in, d_out)`: the weight is a matmul, the bias is not."""
+    params = d_in * d_out + (d_out if bias else 0)
+    return _Block(params, params, d_in * d_out)
+
+
+def _norm(width: int) -> _Block:
+    """An RMSNorm weight: used by every token, no matmul."""
+    return _Block(width, width, 0)
+
+
+def _ffn(hidden: int, intermediate: int, gated: bool = True, bias: bool = False) -> _Block:
+    """A dense FFN: SwiGLU (gate, up, down) when `gated`, else up and down."""
+    block = _linear(hidden, intermediate, bias) + _linear(intermediate, hidden, bias)
+    return block + _linear(hidden, intermediate, bias) if gated else block
+
+
+def _moe(router: _Block, expert: _Block, num_experts: int, used: int, shared: _Block = _ZERO) -> _Block:
+    """An MoE FFN: router + E experts (`used` of them per token) + always-on shared experts."""
+    experts = _Block(num_experts * expert.total, used * expert.active, used * expert.matmul)
+    return router + experts + shared
+
+
+@dataclass(frozen=True)
+class _Attention:
+    """One attention block's parameters and its per-token, per-context-position costs."""
+
+    params: _Block
+    score_dims: int  # heads * (qk_dim + v_dim): FLOPs per context position = 2 * score_dims
+    kv_elements: int  # cache elements per token and layer
+
+
+def _gqa(hidden: int, heads: int, kv_heads: int, head_dim: int, qkv_bias: bool = False, o_bias: bool = False,
+         qk_norm: bool = False) -> _Attention:
+    """Multi-head / grouped-query attention (Llama, Mixtral, Qwen); `qk_norm`: Qwen3's per-head q/k RMSNorm."""
+    q, kv = heads * head_dim, kv_heads * head_dim
+    params = _linear(hidden, q, qkv_bias) + _linear(hidden, kv, qkv_bias) + _linear(hidden, kv, qkv_bias)
+    params = params + _linear(q, hidden, o_bias)
+    if qk_norm:
+        params = params + _norm(head_dim) + _norm(head_dim)
+    return _Attention(params, heads * 2 * head_dim, 2 * kv)
+
+
+def _assemble(name: str, vocab: int, hidden: int, tie: bool, attention: list[_Attention], ffns: list[_Block],
+              moe_layers: int, context: int, batch: int, dtype_bytes: float, notes: list[str]) -> ModelInfo:
+    """Add embeddings, per-layer norms, final norm and lm_head, then derive FLOPs and memory."""
+    if not isinstance(context, int) or context < 0:
+        raise ValueError(f"context={context!r} is not allowed: an integer >= 0 (tokens attended to)")
+    if not isinstance(batch, int) or batch < 1:
+        raise ValueError(f"batch={batch!r} is not allowed: a positive integer")
+    if not dtype_bytes > 0:
+        raise ValueError(f"dtype_bytes={dtype_bytes!r} is not allowed: a number > 0 (2 for bf16, 4 for fp32)")
+    embed = _Block(vocab * hidden, vocab * hidden, 0)  # a lookup, not a matmul
+    lm_head = _Block(0, 0, vocab * hidden) if tie else _linear(hidden, vocab)  # tied: same weight, still a matmul
+    body = embed + _norm(hidden) + lm_head
+    for attn, ffn in zip(attention, ffns, strict=True):
+        body = body + _norm(hidden) + attn.params + _norm(hidden) + ffn
+    attn_flops = sum(2 * context * attn.score_dims for attn in attention)
+    forward = 2 * body.matmul + attn_flops
+    weights_bytes = round(body.total * dtype_bytes)
+    kv_bytes = round(sum(attn.kv_elements for attn in attention) * context * batch * dtype_bytes)
+    return ModelInfo(
+        total_params=body.total,
+        active_params=body.active,
+        flops_per_token_forward=forward,
+        train_flops_per_token=3 * forward,
+        memory_inference_bytes=weights_bytes + kv_bytes,
+        memory_training_bytes=TRAINING_BYTES_PER_PARAM * body.total,
+        name=name,
+        num_layers=len(attention),
+        num_moe_layers=moe_layers,
+        active_matmul_params=body.matmul,
+        attention_flops_per_token=attn_flops,
+        weights_bytes=weights_bytes,
+        kv_cache_bytes=kv_bytes,
+        context=context,
+        batch=batch,
+        dtype_bytes=dtype_bytes,
+        notes=notes,
+    )
+
+
+# ---------------------------------------------------------------------------------------------- moekit configs
+def _router_params(moe: MoEConfig) -> int:
+    """Parameters of a moekit router (all used by every token: each computes logits against all rows)."""
+    E, H = moe.num_local_experts, moe.hidden_size
+    if moe.router == "noisy_topk":
+        return 2 * E * H  # weight + noise_weight
+    if moe.router == "hierarchical":
+        return (moe.n_group + E) * H  # primary (group) gate + secondary gates
+    if moe.router == "soft":
+        return E * moe.slots_per_expert * H  # one vector per slot
+    return E * H
+
+
+def _moekit_moe(moe: MoEConfig) -> _Block:
+    gated = moe.hidden_act == "silu"
+    router = _Block(_router_params(moe), _router_params(moe), _router_params(moe))
+    expert = _ffn(moe.hidden_size, moe.moe_intermediate_size, gated)
+    shared = _ZERO
+    if moe.n_shared_experts:
+        shared = _ffn(moe.hidden_size, moe.resolved_shared_intermediate_size, gated)
+        if moe.shared_expert_gate:
+            shared = shared + _linear(moe.hidden_size, 1)
+    used = moe.num_experts_per_tok if moe.is_token_choice else moe.num_local_experts
+    return _moe(router, expert, moe.num_local_experts, used, shared)
+
+
+def info_from_model_config(config: ModelConfig, context: int = 4096, batch: int = 1,
+                           dtype_bytes: float = 2) -> ModelInfo:
+    """Size, FLOPs and memory of `MoETransformer(config)`, computed from the config alone.
+
+    `total_params` equals `sum(p.numel() for p in MoETransformer(config).parameters())` exactly.
+    `context` is the number of positions each token attends to (and the KV cache length), `batch`
+    the number of cached sequences, `dtype_bytes` the bytes per parameter and cache element for
+    inference (2 = bf16). See the module docstring for the conventions.
+    """
+    H = config.hidden_size
+    attention = _gqa(H, config.num_attention_heads, config.kv_heads, config.head_dim)
+    ffns: list[_Block] = []
+    moe_layers = 0
+    notes: list[str] = []
+    for index in range(config.num_hidden_layers):
+        if config.is_moe_layer(index):
+            assert config.moe is not None
+            ffns.append(_moekit_moe(config.moe))
+            moe_layers += 1
+        else:
+            ffns.append(_ffn(H, config.intermediate_size))
+    if config.moe is not None and not config.moe.is_token_choice:
+        notes.append(f"router {config.moe.router!r} has no fixed per-token k: all experts counted as active")
+    return _assemble("moekit ModelConfig", config.vocab_size, H, config.tie_word_embeddings,
+                     [attention] * config.num_hidden_layers, ffns, moe_layers, context, batch, dtype_bytes, notes)
+
+
+# ---------------------------------------------------------------------------------------------- HF configs
+_REQUIRED = object()
+
+
+def _getter(config: dict[str, Any], model_type: str):
+    def get(key: str, default: Any = _REQUIRED) -> Any:
+        value = config.get(key)
+        if value is None:
+            if default is _REQUIRED:
+                raise ValueError(f"HF config of model_type {model_type!r} lacks {key!r}, which the estimate needs")
+            return default
+        return value
+
+    return get
+
+
+def info_from_hf_config(config: dict[str, Any], context: int = 4096, batch: int = 1,
+                        dtype_bytes: float = 2) -> ModelInfo:
+    """Size, FLOPs and memory of a Hugging Face model from its `config.json` dict.
+
+    Supported `model_type`s: mixtral, qwen2_moe, qwen3_moe, deepseek_v3 (MoE) and llama, mistral,
+    qwen2 (dense). Parameter counts follow the transformers implementations (biases and extra norms
+    included); multi-token-prediction modules that transformers does not build (DeepSeek-V3's
+    `num_nextn_predict_layers`) are not counted. Conventions as in the module docstring.
+    """
+    model_type = config.get("model_type")
+    if model_type not in HF_MODEL_TYPES:
+        raise ValueError(f"model_type={model_type!r} is not supported; supported model types: "
+                         f"{', '.join(HF_MODEL_TYPES)}")
+    get = _getter(config, model_type)
+    H, L, V = get("hidden_size"), get("num_hidden_layers"), get("vocab_size")
+    heads = get("num_attention_heads")
+    kv_heads = get("num_key_value_heads", heads)
+    head_dim = get("head_dim", H // heads)
+    tie = bool(config.get("tie_word_embeddings", False))
+    notes: list[str] = []
+    attention: list[_Attention] = []
+    ffns: list[_Block] = []
+    moe_layers = 0
+
+    if model_type == "deepseek_v3":
+        mla = _deepseek_mla(config, get, H, heads)
+        attention = [mla] * L
+        notes.append("KV cache counted as transformers' DeepseekV3Attention stores it (decompressed per-head "
+                     "keys and values); an MLA latent cache would hold kv_lora_rank + qk_rope_head_dim "
+                     "values per token and layer")
+        if config.get("num_nextn_predict_layers"):
+            notes.append(f"the {config['num_nextn_predict_layers']} multi-token-prediction layer(s) are not counted")
+    else:
+        qkv_bias = model_type == "qwen2" or (model_type == "qwen2_moe" and bool(config.get("qkv_bias", True)))
+        all_bias = model_type in ("llama", "qwen3_moe") and bool(config.get("attention_bias", False))
+        attention = [_gqa(H, heads, kv_heads, head_dim, qkv_bias=qkv_bias or all_bias, o_bias=all_bias,
+                          qk_norm=model_type == "qwen3_moe")] * L
+
+    if model_type in HF_DENSE_TYPES:
+        mlp_bias = model_type == "llama" and bool(config.get("mlp_bias", False))
+        ffns = [_ffn(H, get("intermediate_size"), bias=mlp_bias)] * L
+    elif model_type == "mixtral":
+        E, k = get("num_local_experts"), get("num_experts_per_tok")
+        ffns = [_moe(_linear(H, E), _ffn(H, get("intermediate_size")), E, k)] * L
+        moe_layers = L
+    elif model_type in ("qwen2_moe", "qwen3_moe"):
+        E, k = get("num_experts"), get("num_experts_per_tok")
+        step = get("decoder_sparse_step", 1)
+        mlp_only = set(get("mlp_only_layers", []))
+        shared = _ZERO
+        if model_type == "qwen2_moe":
+            shared = _ffn(H, get("shared_expert_intermediate_size")) + _linear(H, 1)  # + sigmoid gate [1, H]
+        moe = _moe(_linear(H, E), _ffn(H, get("moe_intermediate_size")), E, k, shared)
+        for index in range(L):
+            is_moe = index not in mlp_only and E > 0 and (index + 1) % step == 0
+            ffns.append(moe if is_moe else _ffn(H, get("intermediate_size")))
+            moe_layers += is_moe
+    else:  # deepseek_v3
+        E, k = get("n_routed_experts"), get("num_experts_per_tok")
+        first_dense, freq = get("first_k_dense_replace", 0), get("moe_layer_freq", 1)
+        shared = _ffn(H, get("moe_intermediate_size") * get("n_shared_experts", 0))
+        moe = _moe(_linear(H, E), _ffn(H, get("moe_intermediate_size")), E, k, shared)
+        for index in range(L):
+            is_moe = index >= first_dense and index % freq == 0
+            ffns.append(moe if is_moe else _ffn(H, get("intermediate_size")))
+            moe_layers += is_moe
+    return _assemble(model_type, V, H, tie, attention, ffns, moe_layers, context, batch, dtype_bytes, notes)
+
+
+def _deepseek_mla(config: dict[str, Any], get, hidden: int, heads: int) -> _Attention:
+    """Multi-head latent attention as transformers' DeepseekV3Attention builds it."""
+    q_rank = config.get("q_lora_rank")
+    kv_rank, rope, nope, v_dim = get("kv_lora_rank"), get("qk_rope_head_dim"), get("qk_nope_head_dim"), \
+        get("v_head_dim")
+    bias = bool(config.get("attention_bias", False))
+    qk_dim = nope + rope
+    if q_rank:
+        q = _linear(hidden, q_rank, bias) + _norm(q_rank) + _linear(q_rank, heads * qk_dim)
+    else:
+        q = _linear(hidden, heads * qk_dim)
+    kv = _linear(hidden, kv_rank + rope, bias) + _norm(kv_rank) + _linear(kv_rank, heads * (nope + v_dim))
+    o = _linear(heads * v_dim, hidden, bias)
+    return _Attention(q + kv + o, heads * (qk_dim + v_dim), heads * (qk_dim + v_dim))
+
+
+# ---------------------------------------------------------------------------------------------- files
+def _read_config_file(path: Path) -> dict[str, Any]:
+    if path.suffix in (".yaml", ".yml"):
+        try:
+            import yaml
+        except ImportError as error:  # pragma: no cover - depends on the environment
+            raise ImportError(f"reading {path} needs PyYAML: pip install pyyaml (or use a JSON config)") from error
+        values = yaml.safe_load(path.read_text())
+    else:
+        values = json.loads(path.read_text())
+    if not isinstance(values, dict):
+        raise ValueError(f"{path} does not hold a mapping (got {type(values).__name__})")
+    return values
+
+
+def load_info_source(path: str | Path, context: int = 4096, batch: int = 1, dtype_bytes: float = 2) -> ModelInfo:
+    """`ModelInfo` for a moekit run directory or config file, or an HF model directory / config.json.
+
+    A directory is read through its `config.json` (else `config.yaml` / `config.yml`). A file
+    holding `"model_type"` is an HF config; otherwise its `"model"` section holds `ModelConfig`
+    fields (a moekit run config; YAML needs PyYAML).
+    """
+    path = Path(path)
+    if path.is_dir():
+        candidates = [path / name for name in ("config.json", "config.yaml", "config.yml")]
+        found = next((c for c in candidates if c.is_file()), None)
+        if found is None:
+            raise FileNotFoundError(f"{path} has no config.json, config.yaml or config.yml; pass a moekit run "
+                                    "directory, an HF model directory or a config file")
+        path = found
+    elif not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist")
+    values = _read_config_file(path)
+    if "model_type" in values:
+        info = info_from_hf_config(values, context=context, batch=batch, dtype_bytes=dtype_bytes)
+    elif isinstance(values.get("model"), dict):
+        info = info_from_model_config(ModelConfig.from_dict(dict(values["model"])), context=context, batch=batch,
+                                      dtype_bytes=dtype_bytes)
+        info.name = f"moekit {values.get('name', 'model')}"
+    else:
+        raise ValueError(f"{path} is neither an HF config (no 'model_type') nor a moekit config (no 'model' "
+                         "section with ModelConfig fields)")
+    return info
