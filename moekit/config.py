@@ -25,6 +25,22 @@ _BIAS_ROUTERS = ("topk", "switch", "deepseek_v3")
 _TOKEN_MIXING_ROUTERS = ("expert_choice", "soft")
 
 
+# Names users bring from other libraries, mapped to ours (difflib alone misses the short ones).
+_ALIASES = {"learning_rate": "lr", "num_experts": "num_local_experts", "n_routed_experts": "num_local_experts",
+            "top_k": "num_experts_per_tok", "experts_per_token": "num_experts_per_tok", "steps": "max_steps",
+            "n_layer": "num_hidden_layers", "n_head": "num_attention_heads", "n_embd": "hidden_size"}
+
+
+def _refuse_unknown(owner: str, values: dict[str, Any], known: list[str]) -> None:
+    """Raise for the first key of `values` not in `known`, suggesting the likely intended field."""
+    for key in values:
+        if key not in known:
+            guess = _ALIASES.get(key) if _ALIASES.get(key) in known else None
+            close = [guess] if guess else difflib.get_close_matches(key, sorted(known), n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise ValueError(f"{owner} has no field {key!r}{hint}")
+
+
 def _fail(name: str, value: Any, allowed: str) -> None:
     raise ValueError(f"MoEConfig.{name}={value!r} is not allowed: {allowed}")
 
@@ -210,12 +226,7 @@ class MoEConfig:
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> MoEConfig:
         """Build from a dict, refusing unknown keys with the closest known name."""
-        known = {f.name for f in dataclasses.fields(cls)}
-        for key in values:
-            if key not in known:
-                close = difflib.get_close_matches(key, sorted(known), n=1)
-                hint = f"; did you mean {close[0]!r}?" if close else ""
-                raise ValueError(f"MoEConfig has no field {key!r}{hint}")
+        _refuse_unknown("MoEConfig", values, [f.name for f in dataclasses.fields(cls)])
         return cls(**values)
 
     def replace(self, **changes: Any) -> MoEConfig:
@@ -321,12 +332,7 @@ class ModelConfig:
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> ModelConfig:
         """Build from a (nested) dict, refusing unknown keys with the closest known name."""
-        known = {f.name for f in dataclasses.fields(cls)}
-        for key in values:
-            if key not in known:
-                close = difflib.get_close_matches(key, sorted(known), n=1)
-                hint = f"; did you mean {close[0]!r}?" if close else ""
-                raise ValueError(f"ModelConfig has no field {key!r}{hint}")
+        _refuse_unknown("ModelConfig", values, [f.name for f in dataclasses.fields(cls)])
         return cls(**values)
 
 
@@ -342,7 +348,7 @@ class TrainConfig:
     block_size: int = 128
     batch_size: int = 16
     grad_accum: int = 1
-    max_steps: int = 300
+    max_steps: int = 1000
     lr: float = 3e-3
     min_lr_ratio: float = 0.1
     warmup_steps: int = 30
@@ -404,12 +410,7 @@ class RunConfig:
             if key not in known:
                 raise ValueError(f"run config has no section {key!r}; expected {sorted(known)}")
         train = dict(values.get("train") or {})
-        bad = set(train) - {f.name for f in dataclasses.fields(TrainConfig)}
-        if bad:
-            key = sorted(bad)[0]
-            close = difflib.get_close_matches(key, [f.name for f in dataclasses.fields(TrainConfig)], n=1)
-            hint = f"; did you mean {close[0]!r}?" if close else ""
-            raise ValueError(f"TrainConfig has no field {key!r}{hint}")
+        _refuse_unknown("TrainConfig", train, [f.name for f in dataclasses.fields(TrainConfig)])
         return cls(name=str(values.get("name", "run")), model=ModelConfig.from_dict(dict(values.get("model") or {})),
                    train=TrainConfig(**train), allow_token_mixing=bool(values.get("allow_token_mixing", False)))
 

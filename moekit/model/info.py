@@ -34,6 +34,7 @@ Byte and FLOP counts are printed in decimal units (1 GB = 1e9 bytes).
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -299,7 +300,12 @@ def info_from_model_config(config: ModelConfig, context: int = 4096, batch: int 
 _REQUIRED = object()
 
 
-def _getter(config: dict[str, Any], model_type: str):
+_Get = Callable[..., Any]
+
+
+def _getter(config: dict[str, Any], model_type: str) -> _Get:
+    """`get(key, default)` on an HF config; a missing required key is a `ValueError` naming it."""
+
     def get(key: str, default: Any = _REQUIRED) -> Any:
         value = config.get(key)
         if value is None:
@@ -380,11 +386,16 @@ def info_from_hf_config(config: dict[str, Any], context: int = 4096, batch: int 
     return _assemble(model_type, V, H, tie, attention, ffns, moe_layers, context, batch, dtype_bytes, notes)
 
 
-def _deepseek_mla(config: dict[str, Any], get, hidden: int, heads: int) -> _Attention:
-    """Multi-head latent attention as transformers' DeepseekV3Attention builds it."""
+def _deepseek_mla(config: dict[str, Any], get: _Get, hidden: int, heads: int) -> _Attention:
+    """Multi-head latent attention as transformers' DeepseekV3Attention builds it.
+
+    q: `q_a_proj` [q_lora_rank, H] + `q_a_layernorm` + `q_b_proj` [heads*(nope+rope), q_lora_rank]
+    (or one `q_proj` without `q_lora_rank`); kv: `kv_a_proj_with_mqa` [kv_lora_rank+rope, H] +
+    `kv_a_layernorm` + `kv_b_proj` [heads*(nope+v), kv_lora_rank]; `o_proj` [H, heads*v].
+    """
     q_rank = config.get("q_lora_rank")
-    kv_rank, rope, nope, v_dim = get("kv_lora_rank"), get("qk_rope_head_dim"), get("qk_nope_head_dim"), \
-        get("v_head_dim")
+    kv_rank, rope = get("kv_lora_rank"), get("qk_rope_head_dim")
+    nope, v_dim = get("qk_nope_head_dim"), get("v_head_dim")
     bias = bool(config.get("attention_bias", False))
     qk_dim = nope + rope
     if q_rank:

@@ -1,0 +1,219 @@
+"""The `moekit` command: thin subcommands over the packages (nothing imports this module)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+DEFAULT_PRESET = "tiny-mixtral"
+
+
+def preset_names() -> list[str]:
+    """Names of the presets shipped in `moekit/configs/`."""
+    return sorted(p.name[: -len(".yaml")] for p in resources.files("moekit.configs").iterdir()
+                  if p.name.endswith(".yaml"))
+
+
+def _read_yaml(text: str, source: str) -> dict[str, Any]:
+    try:
+        import yaml
+    except ImportError as error:  # pragma: no cover - yaml is in the train extra
+        raise SystemExit("moekit train needs PyYAML for presets: pip install pyyaml") from error
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        raise ValueError(f"{source} is not valid YAML: {error}") from error
+    if not isinstance(data, dict):
+        raise ValueError(f"{source} must hold a mapping with 'model' and 'train' sections")
+    return data
+
+
+def load_run_dict(preset: str | None, config: str | None) -> dict[str, Any]:
+    """The raw run config from `--preset NAME` or `--config FILE` (default: the default preset)."""
+    if preset and config:
+        raise ValueError("pass either --preset or --config, not both")
+    if config:
+        path = Path(config)
+        if not path.is_file():
+            raise FileNotFoundError(f"config file {path} not found; pass a YAML or JSON run config")
+        text = path.read_text()
+        return json.loads(text) if path.suffix == ".json" else _read_yaml(text, str(path))
+    name = preset or DEFAULT_PRESET
+    if name not in preset_names():
+        raise ValueError(f"unknown preset {name!r}; available: {', '.join(preset_names())}")
+    return _read_yaml(resources.files("moekit.configs").joinpath(f"{name}.yaml").read_text(), f"preset {name}")
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from .config import RunConfig, apply_overrides
+    from .train.loop import Trainer
+    from .train.report import write_report
+
+    if args.resume:
+        run_dir = Path(args.resume)
+        config_path = run_dir / "config.json"
+        if not config_path.is_file():
+            raise FileNotFoundError(f"cannot resume: {config_path} not found; pass a run directory written by "
+                                    "`moekit train`")
+        values = json.loads(config_path.read_text())
+    else:
+        values = load_run_dict(args.preset, args.config)
+    overrides = list(args.set or [])
+    if args.max_steps is not None:
+        overrides.append(f"train.max_steps={args.max_steps}")
+    run = RunConfig.from_dict(apply_overrides(values, overrides))
+    if args.resume:
+        run_dir = Path(args.resume)
+    else:
+        run_dir = Path(args.out) if args.out else Path("runs") / run.name
+    trainer = Trainer(run, run_dir, resume=bool(args.resume), overwrite=args.overwrite,
+                      progress=not args.no_progress)
+    if args.resume:  # training fields may change on resume (e.g. more steps): keep the config current
+        (run_dir / "config.json").write_text(json.dumps(run.to_dict(), indent=2) + "\n")
+    total, active = trainer.model.num_parameters(), trainer.model.num_parameters(active=True)
+    print(f"moekit train: {run.name} -> {run_dir} ({total:,} parameters, {active:,} active per token, "
+          f"device {trainer.device})")
+    result = trainer.train()
+    report = write_report(run_dir, {"parameters (total / active)": f"{total:,} / {active:,}"})
+    state = "interrupted at" if result.interrupted else "finished"
+    val = f", val loss {result.val_loss:.4f}" if result.val_loss is not None else ""
+    print(f"{state} step {result.step}{val}; checkpoint in {run_dir / 'checkpoint'}, report {report}")
+    return 130 if result.interrupted else 0
+
+
+def _load_run(run_dir: str):
+    from .config import RunConfig
+    from .model import MoETransformer
+    from .train.checkpoint import find_checkpoint, load_weights
+    from .train.data import load_tokenizer
+
+    path = Path(run_dir)
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"{path / 'config.json'} not found; pass a run directory written by `moekit train`")
+    run = RunConfig.from_dict(json.loads((path / "config.json").read_text()))
+    model = MoETransformer(run.model)
+    load_weights(find_checkpoint(path), model)
+    return run, model.eval(), load_tokenizer(path / "tokenizer")
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    import torch
+
+    from .model.generate import generate
+
+    _, model, tokenizer = _load_run(args.run_dir)
+    ids = tokenizer.encode(args.prompt)
+    if not ids:
+        raise ValueError("the prompt is empty after tokenisation; pass --prompt with some text")
+    out = generate(model, torch.tensor([ids]), args.max_new_tokens, temperature=args.temperature,
+                   top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+    print(tokenizer.decode(out[0].tolist()))
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from .config import apply_overrides
+    from .train.loop import Trainer
+
+    path = Path(args.run_dir)
+    values = json.loads((path / "config.json").read_text()) if (path / "config.json").is_file() else None
+    if values is None:
+        raise FileNotFoundError(f"{path / 'config.json'} not found; pass a run directory written by `moekit train`")
+    from .config import RunConfig
+
+    run = RunConfig.from_dict(apply_overrides(values, [f"train.eval_batches={args.batches}"]))
+    trainer = Trainer(run, path, resume=True, progress=False)
+    record = trainer.evaluate()
+    print(f"val loss {record['val_loss']:.4f}, perplexity {record['val_ppl']:.2f}")
+    if "val_load" in record:
+        print(f"MaxVio on val (mean over MoE layers): {record['val_max_violation']:.3f}")
+        for layer, load in record["val_load"].items():
+            total = sum(load) or 1.0
+            shares = " ".join(f"{v / total:.2f}" for v in load)
+            print(f"  layer {layer} expert shares: {shares}")
+    return 0
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    from .model.info import info_from_model_config, load_info_source
+
+    if args.source in preset_names() and not Path(args.source).exists():
+        from .config import RunConfig
+
+        info = info_from_model_config(RunConfig.from_dict(load_run_dict(args.source, None)).model,
+                                      context=args.context, batch=args.batch)
+    else:
+        info = load_info_source(args.source, context=args.context, batch=args.batch)
+    print(info.format())
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from .train.report import write_report
+
+    print(write_report(Path(args.run_dir)))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="moekit", description="Mixture-of-Experts toolkit for PyTorch")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    train = sub.add_parser("train", help="train a small MoE language model (default: tiny-mixtral on Shakespeare)")
+    train.add_argument("--preset", help=f"preset name (default {DEFAULT_PRESET}); see `moekit presets`")
+    train.add_argument("--config", help="a YAML or JSON run config file instead of a preset")
+    train.add_argument("--out", help="run directory (default runs/<name>)")
+    train.add_argument("--max-steps", type=int, help="override train.max_steps")
+    train.add_argument("--resume", metavar="RUN_DIR", help="continue a run exactly from its checkpoint")
+    train.add_argument("--set", action="append", metavar="KEY=VALUE",
+                       help="override any field, e.g. --set model.moe.num_local_experts=16 (repeatable)")
+    train.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
+    train.add_argument("--no-progress", action="store_true", help="no progress bar")
+    train.set_defaults(func=cmd_train)
+
+    gen = sub.add_parser("generate", help="sample text from a trained run")
+    gen.add_argument("run_dir")
+    gen.add_argument("--prompt", required=True)
+    gen.add_argument("--max-new-tokens", type=int, default=200)
+    gen.add_argument("--temperature", type=float, default=0.8)
+    gen.add_argument("--top-k", type=int, default=None)
+    gen.add_argument("--top-p", type=float, default=None)
+    gen.add_argument("--seed", type=int, default=None)
+    gen.set_defaults(func=cmd_generate)
+
+    ev = sub.add_parser("eval", help="validation loss, perplexity and expert load of a run")
+    ev.add_argument("run_dir")
+    ev.add_argument("--batches", type=int, default=16)
+    ev.set_defaults(func=cmd_eval)
+
+    info = sub.add_parser("info", help="total/active parameters, FLOPs per token and memory of a model")
+    info.add_argument("source", help="a run directory, a run config file, a preset name or an HF model directory")
+    info.add_argument("--context", type=int, default=4096, help="context length for attention FLOPs and KV cache")
+    info.add_argument("--batch", type=int, default=1, help="batch size for the KV cache")
+    info.set_defaults(func=cmd_info)
+
+    rep = sub.add_parser("report", help="(re)write a run's report.md and plots")
+    rep.add_argument("run_dir")
+    rep.set_defaults(func=cmd_report)
+
+    presets = sub.add_parser("presets", help="list the shipped presets")
+    presets.set_defaults(func=lambda args: print("\n".join(preset_names())) or 0)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except (ValueError, FileNotFoundError, FileExistsError, ImportError) as error:
+        print(f"moekit {args.command}: error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

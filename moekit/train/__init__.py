@@ -1,0 +1,1 @@
+"""Training MoE language models: data, checkpoints, the loop and its report."""

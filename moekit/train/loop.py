@@ -1,0 +1,268 @@
+"""The trainer: AdamW, warmup + cosine, clipping, accumulation, autocast, eval, balancer hooks,
+JSONL metrics, progress, atomic checkpoints and exact resume."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import shutil
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..config import RunConfig
+from ..layer import update_aux_free_biases
+from ..model import MoETransformer
+from . import checkpoint as ckpt
+from .data import BatchSampler, TokenDataset, build_tokenizer, iter_eval_batches, load_tokenizer
+
+
+@dataclass
+class TrainResult:
+    """What a finished (or interrupted) run leaves behind."""
+
+    run_dir: Path
+    step: int
+    tokens: int
+    val_loss: float | None
+    interrupted: bool = False
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("train.device='cuda' but no CUDA device is visible; use --set train.device=cpu")
+    return torch.device(name)
+
+
+def autocast_dtype(name: str, device: torch.device) -> torch.dtype | None:
+    """bf16 autocast where the device runs it fast (CUDA with bf16 support); None = plain fp32."""
+    if name == "float32":
+        return None
+    if name == "bfloat16":
+        return torch.bfloat16
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return None  # CPUs without bf16 matrix units run bf16 slower than fp32
+
+
+def lr_factor(step: int, warmup: int, total: int, min_ratio: float) -> float:
+    """Linear warmup to 1, then cosine down to `min_ratio` at `total` steps."""
+    if warmup and step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def build_optimizer(model: torch.nn.Module, run: RunConfig) -> torch.optim.AdamW:
+    t = run.train
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=t.lr, betas=(t.beta1, t.beta2))
+
+
+def _moe_summary(stats: dict[int, dict[str, torch.Tensor]]) -> dict[str, Any]:
+    if not stats:
+        return {}
+    return {
+        "max_violation": float(sum(s["max_violation"] for s in stats.values()) / len(stats)),
+        "dropped_fraction": float(sum(s["dropped_fraction"] for s in stats.values()) / len(stats)),
+        "load": {str(i): s["tokens_per_expert"].tolist() for i, s in stats.items()},
+    }
+
+
+class Trainer:
+    """Trains a `MoETransformer` described by a `RunConfig` into `run_dir`."""
+
+    def __init__(self, run: RunConfig, run_dir: Path, resume: bool = False, overwrite: bool = False,
+                 progress: bool = True) -> None:
+        self.run, self.run_dir, self.progress = run, Path(run_dir), progress
+        t = run.train
+        moe = run.model.moe
+        if moe is not None and moe.router == "soft" and not run.allow_token_mixing:
+            raise ValueError("router='soft' mixes every token of a sequence, future ones included, so a causal LM "
+                             "trained with it sees the future and its loss is not comparable; set "
+                             "allow_token_mixing: true (or --set allow_token_mixing=true) to train it anyway")
+        if moe is not None and moe.router == "expert_choice":
+            warnings.warn("router='expert_choice' lets each expert pick tokens across the whole batch, future "
+                          "tokens included: in a causal LM this leaks the future and lowers the loss for the wrong "
+                          "reason; do not compare its loss with token-choice runs", stacklevel=2)
+        if resume:
+            if not (self.run_dir / "config.json").is_file():
+                raise FileNotFoundError(f"cannot resume: {self.run_dir} has no config.json; pass a run directory "
+                                        "written by `moekit train`")
+        elif self.run_dir.exists() and any(self.run_dir.iterdir()):
+            if not overwrite:
+                raise FileExistsError(f"{self.run_dir} already exists and is not empty; pass --overwrite to replace "
+                                      "it, --resume to continue it, or --out to choose another directory")
+            shutil.rmtree(self.run_dir)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+
+        torch.manual_seed(t.seed)
+        self.device = resolve_device(t.device)
+        self.amp_dtype = autocast_dtype(t.dtype, self.device)
+        self.tokenizer = self._tokenizer(resume)
+        self.dataset = TokenDataset.build(t.data, self.tokenizer, self.run_dir / "data", val_fraction=t.val_fraction,
+                                           block_size=t.block_size)
+        if run.model.vocab_size < self.tokenizer.vocab_size:
+            raise ValueError(f"model.vocab_size={run.model.vocab_size} is smaller than the tokenizer's "
+                             f"{self.tokenizer.vocab_size}; set --set model.vocab_size={self.tokenizer.vocab_size}")
+        self.model = MoETransformer(run.model).to(self.device)
+        self.optimizer = build_optimizer(self.model, run)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda s: lr_factor(s, t.warmup_steps, t.max_steps, t.min_lr_ratio))
+        self.sampler = BatchSampler(self.dataset.train, t.batch_size, t.block_size, seed=t.seed)
+        self.step, self.tokens = 0, 0
+        if resume:
+            self._restore()
+        else:
+            (self.run_dir / "config.json").write_text(json.dumps(run.to_dict(), indent=2) + "\n")
+
+    # ------------------------------------------------------------------ setup helpers
+    def _tokenizer(self, resume: bool):
+        tok_dir = self.run_dir / "tokenizer"
+        if resume and tok_dir.exists():
+            return load_tokenizer(tok_dir)
+        tokenizer = build_tokenizer(self.run.train)
+        tokenizer.save(tok_dir)
+        return tokenizer
+
+    def _state(self) -> dict[str, Any]:
+        return {
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "sampler": self.sampler.state_dict(),
+            "torch_rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+            "step": self.step,
+            "tokens": self.tokens,
+        }
+
+    def _restore(self) -> None:
+        state, _ = ckpt.load_checkpoint(self.run_dir, self.model, self.run.model.to_dict())
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.sampler.load_state_dict(state["sampler"])
+        torch.set_rng_state(state["torch_rng"])
+        if state.get("cuda_rng") is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["cuda_rng"])
+        self.step, self.tokens = state["step"], state["tokens"]
+
+    def save(self) -> Path:
+        """Write an atomic checkpoint of everything needed to continue exactly."""
+        return ckpt.save_checkpoint(self.run_dir, self.model, self.run.model.to_dict(), self._state(),
+                                    {"step": self.step, "tokens": self.tokens, "name": self.run.name})
+
+    def _log(self, record: dict[str, Any]) -> None:
+        with open(self.run_dir / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def _autocast(self):
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+
+    # ------------------------------------------------------------------ evaluation
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, Any]:
+        """Mean val loss over `eval_batches` fixed batches, perplexity and expert load on val."""
+        t = self.run.train
+        self.model.eval()
+        losses, loads = [], {}
+        for inputs, targets in iter_eval_batches(self.dataset.val, t.batch_size, t.block_size, t.eval_batches):
+            with self._autocast():
+                out = self.model(inputs.to(self.device), targets=targets.to(self.device))
+            losses.append(float(out.loss))
+            for i, s in out.moe_stats.items():
+                loads[i] = loads.get(i, 0) + s["tokens_per_expert"].float().cpu()
+        self.model.train()
+        val_loss = sum(losses) / len(losses)
+        record: dict[str, Any] = {"val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50.0))}
+        if loads:
+            vios = [float((v.max() - v.mean()) / v.mean()) if v.mean() > 0 else 0.0 for v in loads.values()]
+            record["val_max_violation"] = sum(vios) / len(vios)
+            record["val_load"] = {str(i): v.tolist() for i, v in loads.items()}
+        return record
+
+    # ------------------------------------------------------------------ the loop
+    def train(self, stop_at: int | None = None) -> TrainResult:
+        """Train until `max_steps` (or stop early at step `stop_at`, schedule unchanged, with a checkpoint).
+
+        Ctrl-C writes a checkpoint before returning; `--resume` continues either exactly.
+        """
+        t = self.run.train
+        last = min(t.max_steps, stop_at) if stop_at is not None else t.max_steps
+        bar = _progress(self.progress, t.max_steps, self.step)
+        val_loss = None
+        mid_step, step_start = False, None
+        self.model.train()
+        try:
+            while self.step < last:
+                started = time.perf_counter()
+                # where this step starts: an interrupt mid-step rewinds here so the resume is exact
+                step_start = (self.sampler.state_dict(), torch.get_rng_state())
+                mid_step = True
+                loss_sum, aux_sum, last_stats = 0.0, 0.0, {}
+                for _ in range(t.grad_accum):
+                    inputs, targets = self.sampler.next_batch()
+                    inputs, targets = inputs.to(self.device), targets.to(self.device)
+                    with self._autocast():
+                        out = self.model(inputs, targets=targets)
+                    ((out.loss + out.aux_loss) / t.grad_accum).backward()
+                    loss_sum += float(out.loss) / t.grad_accum
+                    aux_sum += float(out.aux_loss) / t.grad_accum
+                    last_stats = out.moe_stats
+                grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), t.grad_clip)
+                self.optimizer.step()
+                self.scheduler.step()
+                self.optimizer.zero_grad(set_to_none=True)
+                update_aux_free_biases(self.model)
+                self.step += 1
+                step_tokens = t.grad_accum * t.batch_size * t.block_size
+                self.tokens += step_tokens
+                mid_step = False
+                tokens_per_s = step_tokens / max(time.perf_counter() - started, 1e-9)
+                summary = _moe_summary(last_stats)
+                if self.step % t.log_interval == 0 or self.step == 1:
+                    self._log({"kind": "train", "step": self.step, "tokens": self.tokens, "loss": loss_sum,
+                               "aux_loss": aux_sum, "lr": self.scheduler.get_last_lr()[0],
+                               "grad_norm": float(grad_norm), "tokens_per_s": tokens_per_s, **summary})
+                if self.step % t.eval_interval == 0 or self.step == t.max_steps:
+                    record = self.evaluate()
+                    val_loss = record["val_loss"]
+                    self._log({"kind": "eval", "step": self.step, "tokens": self.tokens, **record})
+                if self.step % t.checkpoint_interval == 0 or self.step == last:
+                    self.save()
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{loss_sum:.3f}", tok_s=f"{tokens_per_s:,.0f}",
+                                    maxvio=f"{summary.get('max_violation', 0.0):.2f}")
+        except KeyboardInterrupt:
+            if mid_step:
+                self.sampler.load_state_dict(step_start[0])
+                torch.set_rng_state(step_start[1])
+            self.optimizer.zero_grad(set_to_none=True)
+            self.save()
+            if bar is not None:
+                bar.close()
+            return TrainResult(self.run_dir, self.step, self.tokens, val_loss, interrupted=True)
+        if bar is not None:
+            bar.close()
+        return TrainResult(self.run_dir, self.step, self.tokens, val_loss)
+
+
+def _progress(enabled: bool, total: int, initial: int):
+    if not enabled:
+        return None
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:
+        return None
+    return tqdm(total=total, initial=initial, desc="train", unit="step", dynamic_ncols=True)

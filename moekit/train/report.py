@@ -1,0 +1,114 @@
+"""The run report: `report.md` with PNG plots of loss, expert load, MaxVio, drops and speed."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+
+def read_metrics(run_dir: Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """(train records, eval records) from `metrics.jsonl`."""
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: is {run_dir} a run directory written by `moekit train`?")
+    train, evals = [], []
+    for line in path.read_text().splitlines():
+        if line.strip():
+            record = json.loads(line)
+            (evals if record.get("kind") == "eval" else train).append(record)
+    return train, evals
+
+
+def _plots(run_dir: Path, train: list[dict], evals: list[dict]) -> list[tuple[str, str]]:
+    """Draw the PNGs; returns (title, file name) pairs. Needs matplotlib (the `train` extra)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out: list[tuple[str, str]] = []
+    plot_dir = run_dir / "plots"
+    plot_dir.mkdir(exist_ok=True)
+
+    def save(fig, name: str, title: str) -> None:
+        fig.tight_layout()
+        fig.savefig(plot_dir / name, dpi=110)
+        plt.close(fig)
+        out.append((title, f"plots/{name}"))
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    for ax, key, label in ((axes[0], "step", "step"), (axes[1], "tokens", "tokens")):
+        ax.plot([r[key] for r in train], [r["loss"] for r in train], label="train")
+        if evals:
+            ax.plot([r[key] for r in evals], [r["val_loss"] for r in evals], "o-", label="val")
+        ax.set_xlabel(label)
+        ax.set_ylabel("cross-entropy")
+        ax.legend()
+    save(fig, "loss.png", "Loss against steps and tokens")
+
+    moe = [r for r in train if "load" in r]
+    if moe:
+        layers = sorted(moe[0]["load"], key=int)
+        fig, axes = plt.subplots(1, len(layers), figsize=(3.2 * len(layers), 3.2), squeeze=False)
+        for ax, layer in zip(axes[0], layers, strict=True):
+            grid = [[v / max(1e-9, sum(r["load"][layer])) for v in r["load"][layer]] for r in moe]
+            image = ax.imshow(list(map(list, zip(*grid, strict=True))), aspect="auto", cmap="viridis",
+                              extent=(moe[0]["step"], moe[-1]["step"], len(grid[0]) - 0.5, -0.5))
+            ax.set_title(f"layer {layer}")
+            ax.set_xlabel("step")
+            ax.set_ylabel("expert")
+            fig.colorbar(image, ax=ax, fraction=0.05)
+        save(fig, "expert_load.png", "Share of routed tokens per expert, per MoE layer, over training")
+        fig, axes = plt.subplots(1, 2, figsize=(10, 3.2))
+        axes[0].plot([r["step"] for r in moe], [r["max_violation"] for r in moe])
+        axes[0].set_ylabel("MaxVio (batch)")
+        axes[1].plot([r["step"] for r in moe], [r["dropped_fraction"] for r in moe])
+        axes[1].set_ylabel("dropped fraction")
+        for ax in axes:
+            ax.set_xlabel("step")
+        save(fig, "balance.png", "MaxVio and dropped fraction")
+    fig, ax = plt.subplots(figsize=(5, 3.2))
+    ax.plot([r["step"] for r in train], [r["tokens_per_s"] for r in train])
+    ax.set_xlabel("step")
+    ax.set_ylabel("tokens/s")
+    save(fig, "speed.png", "Training throughput")
+    return out
+
+
+def write_report(run_dir: Path, extra: dict[str, Any] | None = None) -> Path:
+    """Write `run_dir/report.md` (and `plots/*.png` when matplotlib is installed)."""
+    run_dir = Path(run_dir)
+    train, evals = read_metrics(run_dir)
+    config = json.loads((run_dir / "config.json").read_text())
+    lines = [f"# Run report: {config.get('name', run_dir.name)}", ""]
+    rows = [("steps", train[-1]["step"] if train else 0), ("tokens", f"{train[-1]['tokens']:,}" if train else 0)]
+    if train:
+        rows.append(("final train loss", f"{train[-1]['loss']:.4f}"))
+        speeds = [r["tokens_per_s"] for r in train[1:]] or [train[-1]["tokens_per_s"]]
+        rows.append(("tokens/s (mean)", f"{sum(speeds) / len(speeds):,.0f}"))
+    if evals:
+        rows += [("val loss", f"{evals[-1]['val_loss']:.4f}"), ("val perplexity", f"{evals[-1]['val_ppl']:.2f}")]
+        if "val_max_violation" in evals[-1]:
+            rows.append(("MaxVio on val (mean over layers)", f"{evals[-1]['val_max_violation']:.3f}"))
+    for key, value in (extra or {}).items():
+        rows.append((key, value))
+    lines += ["| metric | value |", "|---|---|", *[f"| {k} | {v} |" for k, v in rows], ""]
+    moe = (config.get("model") or {}).get("moe")
+    lines.append(f"Model: {'dense' if not moe else moe.get('router') + ' router, ' + str(moe.get('num_local_experts'))}"
+                 + ("" if not moe else f" experts, top-{moe.get('num_experts_per_tok')}") + ".")
+    if moe and moe.get("router") in ("expert_choice", "soft"):
+        lines.append("")
+        lines.append("**Warning:** this router mixes tokens of a sequence, future ones included; in a causal LM "
+                     "its loss is optimistic and must not be compared with token-choice runs.")
+    lines.append("")
+    try:
+        plots = _plots(run_dir, train, evals)
+    except ImportError:
+        lines.append("(Plots need matplotlib: `pip install matplotlib`, then `moekit report RUN_DIR`.)")
+    else:
+        for title, path in plots:
+            lines += [f"## {title}", "", f"![{title}]({path})", ""]
+    path = run_dir / "report.md"
+    path.write_text("\n".join(lines) + "\n")
+    return path

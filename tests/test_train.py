@@ -1,0 +1,185 @@
+"""`moekit train` end to end: presets, exact resume, Ctrl-C, generation, reports and bad input."""
+
+import json
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+
+from moekit.cli import load_run_dict, main, preset_names
+from moekit.config import RunConfig, apply_overrides
+from moekit.train import loop as loop_module
+from moekit.train.loop import Trainer
+
+TEXT = ("To be, or not to be, that is the question:\nWhether 'tis nobler in the mind to suffer\n"
+        "The slings and arrows of outrageous fortune,\nOr to take arms against a sea of troubles\n") * 40
+
+SMALL = ["model.hidden_size=32", "model.moe.hidden_size=32", "model.num_hidden_layers=2",
+         "model.num_attention_heads=2", "model.intermediate_size=64", "model.max_position_embeddings=64",
+         "train.block_size=32", "train.batch_size=4", "train.eval_batches=2", "train.eval_interval=5",
+         "train.log_interval=1", "train.checkpoint_interval=5", "train.warmup_steps=2", "train.lr=0.01"]
+
+
+@pytest.fixture
+def corpus(tmp_path: Path) -> Path:
+    path = tmp_path / "corpus.txt"
+    path.write_text(TEXT)
+    return path
+
+
+def small_run(preset: str, corpus: Path, *extra: str) -> RunConfig:
+    values = load_run_dict(preset, None)
+    overrides = [item for item in SMALL if values["model"].get("moe") or not item.startswith("model.moe.")]
+    if values["model"].get("moe") and values["model"]["moe"].get("n_shared_experts"):
+        overrides.append("model.moe.shared_expert_intermediate_size=32")
+    if values["model"].get("moe"):
+        overrides.append("model.moe.moe_intermediate_size=32")
+    return RunConfig.from_dict(apply_overrides(values, [*overrides, f"train.data={corpus}", *extra]))
+
+
+def weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+@pytest.mark.parametrize("preset", preset_names())
+def test_every_preset_trains_with_finite_falling_loss(preset, corpus, tmp_path):
+    run = small_run(preset, corpus, "train.max_steps=25")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # expert choice warns that it leaks the future; tested below
+        result = Trainer(run, tmp_path / preset, progress=False).train()
+    records = [json.loads(line) for line in (tmp_path / preset / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in records if r["kind"] == "train"]
+    assert result.step == 25 and all(torch.isfinite(torch.tensor(losses)))
+    assert sum(losses[-5:]) / 5 < 0.8 * losses[0]
+    assert result.val_loss is not None and result.val_loss < losses[0]
+
+
+def test_resume_continues_exactly(corpus, tmp_path):
+    straight = Trainer(small_run("tiny-deepseek", corpus, "train.max_steps=20"), tmp_path / "a", progress=False)
+    straight.train()
+    first = Trainer(small_run("tiny-deepseek", corpus, "train.max_steps=20"), tmp_path / "b", progress=False)
+    assert first.train(stop_at=10).step == 10
+    resumed = Trainer(small_run("tiny-deepseek", corpus, "train.max_steps=20"), tmp_path / "b", resume=True,
+                      progress=False)
+    assert resumed.step == 10
+    resumed.train()
+    a, b = weights(straight.model), weights(resumed.model)
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), name  # bit for bit, the aux-free router bias included
+
+
+def test_ctrl_c_writes_a_checkpoint_that_resumes_exactly(corpus, tmp_path, monkeypatch):
+    straight = Trainer(small_run("tiny-mixtral", corpus, "train.max_steps=8"), tmp_path / "a", progress=False)
+    straight.train()
+    run = small_run("tiny-mixtral", corpus, "train.max_steps=8")
+    trainer = Trainer(run, tmp_path / "b", progress=False)
+    calls = {"n": 0}
+    real_next = trainer.sampler.next_batch
+
+    def interrupting_next():
+        calls["n"] += 1
+        if calls["n"] == 6:  # the 6th batch: Ctrl-C in the middle of step 6
+            raise KeyboardInterrupt
+        return real_next()
+
+    monkeypatch.setattr(trainer.sampler, "next_batch", interrupting_next)
+    result = trainer.train()
+    assert result.interrupted and result.step == 5
+    resumed = Trainer(run, tmp_path / "b", resume=True, progress=False)
+    resumed.train()
+    for name, value in weights(straight.model).items():
+        assert torch.equal(value, weights(resumed.model)[name]), name
+
+
+def test_default_cli_path_trains_reports_generates_and_evaluates(tmp_path, capsys):
+    out = tmp_path / "run"
+    code = main(["train", "--out", str(out), "--max-steps", "3", "--no-progress", *[f"--set={s}" for s in SMALL]])
+    assert code == 0
+    for name in ("config.json", "metrics.jsonl", "report.md", "checkpoint/model.safetensors", "tokenizer"):
+        assert (out / name).exists(), name
+    assert json.loads((out / "config.json").read_text())["name"] == "tiny-mixtral"
+    assert main(["generate", str(out), "--prompt", "ROMEO:", "--max-new-tokens", "5", "--seed", "0"]) == 0
+    assert capsys.readouterr().out.strip().splitlines()[-1].startswith("ROMEO:")
+    assert main(["eval", str(out), "--batches", "2"]) == 0
+    assert "perplexity" in capsys.readouterr().out
+
+
+def test_python_dash_m_moekit_is_the_cli():
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-m", "moekit", "presets"], capture_output=True, text=True, check=True)
+    assert done.stdout.split() == preset_names()
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["train", "--preset", "tiny-mixtrall"], r"unknown preset 'tiny-mixtrall'; available: dense"),
+        (["train", "--set", "train.learning_rate=1"], r"TrainConfig has no field 'learning_rate'; did you mean 'lr'"),
+        (["train", "--set", "model.moe.num_experts_per_tok=99"], r"num_experts_per_tok=99 .*at most num_local_experts"),
+        (["train", "--set", "oops"], r"override 'oops' is not KEY=VALUE"),
+        (["train", "--set", "train.data=/nonexistent/corpus"], r"/nonexistent/corpus"),
+        (["train", "--resume", "/nonexistent/run"], r"cannot resume: .*config.json not found"),
+        (["generate", "/nonexistent/run", "--prompt", "x"], r"config.json not found"),
+    ],
+)
+def test_bad_input_names_the_problem(argv, message, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert main(argv) == 2
+    import re
+
+    assert re.search(message, capsys.readouterr().err), capsys.readouterr
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").rglob("model.safetensors"))
+
+
+def test_empty_data_folder_is_refused(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match=str(tmp_path / "empty")):
+        Trainer(small_run("dense", tmp_path / "empty"), tmp_path / "run", progress=False)
+
+
+def test_existing_run_dir_is_not_overwritten_without_the_flag(corpus, tmp_path):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "keep.txt").write_text("precious")
+    with pytest.raises(FileExistsError, match="--overwrite"):
+        Trainer(small_run("dense", corpus), run_dir, progress=False)
+    assert (run_dir / "keep.txt").read_text() == "precious"
+
+
+def test_resume_refuses_a_changed_model(corpus, tmp_path):
+    Trainer(small_run("dense", corpus, "train.max_steps=2"), tmp_path / "run", progress=False).train()
+    changed = small_run("dense", corpus, "train.max_steps=4", "model.intermediate_size=96")
+    with pytest.raises(ValueError, match="model config differs"):
+        Trainer(changed, tmp_path / "run", resume=True, progress=False)
+
+
+def test_corrupt_checkpoint_is_refused_clearly(corpus, tmp_path):
+    Trainer(small_run("dense", corpus, "train.max_steps=2"), tmp_path / "run", progress=False).train()
+    (tmp_path / "run" / "checkpoint" / "model.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(ValueError, match="corrupt"):
+        Trainer(small_run("dense", corpus, "train.max_steps=4"), tmp_path / "run", resume=True, progress=False)
+
+
+def test_soft_moe_needs_an_explicit_opt_in_and_expert_choice_warns(corpus, tmp_path):
+    with pytest.raises(ValueError, match="allow_token_mixing"):
+        Trainer(small_run("tiny-mixtral", corpus, "model.moe.router=soft", "model.moe.router_aux_loss_coef=0"),
+                tmp_path / "soft", progress=False)
+    with pytest.warns(UserWarning, match="leaks the future"):
+        Trainer(small_run("expert-choice", corpus), tmp_path / "ec", progress=False)
+
+
+def test_checkpoint_swap_leaves_no_temporary_directories(corpus, tmp_path):
+    Trainer(small_run("dense", corpus, "train.max_steps=10"), tmp_path / "run", progress=False).train()
+    names = sorted(p.name for p in (tmp_path / "run").iterdir())
+    assert "checkpoint" in names and not any(n.startswith("checkpoint.") for n in names)
+
+
+def test_lr_schedule_warms_up_then_decays_to_the_floor():
+    assert loop_module.lr_factor(0, 10, 100, 0.1) == pytest.approx(0.1)
+    assert loop_module.lr_factor(9, 10, 100, 0.1) == pytest.approx(1.0)
+    assert loop_module.lr_factor(100, 10, 100, 0.1) == pytest.approx(0.1)
+    assert loop_module.lr_factor(55, 10, 100, 0.1) == pytest.approx(0.55)
