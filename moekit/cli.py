@@ -152,6 +152,16 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_compare(args: argparse.Namespace) -> int:
+    from .train.report import compare_runs
+
+    table, _ = compare_runs([Path(d) for d in args.run_dirs], Path(args.out) if args.out else None)
+    print(table)
+    if args.out:
+        print(f"wrote {Path(args.out) / 'compare.md'}")
+    return 0
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     from .train.report import write_report
 
@@ -195,6 +205,11 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("--context", type=int, default=4096, help="context length for attention FLOPs and KV cache")
     info.add_argument("--batch", type=int, default=1, help="batch size for the KV cache")
     info.set_defaults(func=cmd_info)
+
+    cmp = sub.add_parser("compare", help="side-by-side table and overlaid plots of several runs")
+    cmp.add_argument("run_dirs", nargs="+")
+    cmp.add_argument("--out", help="write compare.md and compare.png into this directory")
+    cmp.set_defaults(func=cmd_compare)
 
     rep = sub.add_parser("report", help="(re)write a run's report.md and plots")
     rep.add_argument("run_dir")

@@ -183,3 +183,26 @@ def test_lr_schedule_warms_up_then_decays_to_the_floor():
     assert loop_module.lr_factor(9, 10, 100, 0.1) == pytest.approx(1.0)
     assert loop_module.lr_factor(100, 10, 100, 0.1) == pytest.approx(0.1)
     assert loop_module.lr_factor(55, 10, 100, 0.1) == pytest.approx(0.55)
+
+
+def test_compare_puts_runs_side_by_side_and_flags_leaking_routers(corpus, tmp_path, capsys):
+    Trainer(small_run("dense", corpus, "train.max_steps=5"), tmp_path / "dense", progress=False).train()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        Trainer(small_run("expert-choice", corpus, "train.max_steps=5"), tmp_path / "ec", progress=False).train()
+    assert main(["compare", str(tmp_path / "dense"), str(tmp_path / "ec"), "--out", str(tmp_path / "cmp")]) == 0
+    table = capsys.readouterr().out
+    rows = [line for line in table.splitlines() if line.startswith("| dense") or line.startswith("| expert-choice")]
+    assert len(rows) == 2
+    assert "leaks future: not comparable" in rows[1] and "leaks" not in rows[0]
+    assert (tmp_path / "cmp" / "compare.md").is_file() and (tmp_path / "cmp" / "compare.png").is_file()
+
+
+def test_info_of_a_preset_matches_the_instantiated_model(capsys):
+    from moekit.model import MoETransformer
+
+    assert main(["info", "tiny-mixtral"]) == 0
+    text = capsys.readouterr().out
+    model = MoETransformer(RunConfig.from_dict(load_run_dict("tiny-mixtral", None)).model)
+    total_m = model.num_parameters() / 1e6
+    assert f"{total_m:.2f} M" in text

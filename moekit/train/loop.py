@@ -120,6 +120,7 @@ class Trainer:
             self.optimizer, lambda s: lr_factor(s, t.warmup_steps, t.max_steps, t.min_lr_ratio))
         self.sampler = BatchSampler(self.dataset.train, t.batch_size, t.block_size, seed=t.seed)
         self.step, self.tokens = 0, 0
+        self._tensorboard = _tensorboard_writer(self.run_dir / "tensorboard")
         if resume:
             self._restore()
         else:
@@ -163,6 +164,10 @@ class Trainer:
     def _log(self, record: dict[str, Any]) -> None:
         with open(self.run_dir / "metrics.jsonl", "a") as f:
             f.write(json.dumps(record) + "\n")
+        if self._tensorboard is not None:
+            for key, value in record.items():
+                if isinstance(value, (int, float)) and key not in ("step", "kind"):
+                    self._tensorboard.add_scalar(f"{record['kind']}/{key}", value, record["step"])
 
     def _autocast(self):
         if self.amp_dtype is None:
@@ -266,3 +271,12 @@ def _progress(enabled: bool, total: int, initial: int):
     except ImportError:
         return None
     return tqdm(total=total, initial=initial, desc="train", unit="step", dynamic_ncols=True)
+
+
+def _tensorboard_writer(path: Path):
+    """A TensorBoard SummaryWriter when the `tensorboard` package is installed, else None."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        return None
+    return SummaryWriter(str(path))

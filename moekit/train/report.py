@@ -112,3 +112,73 @@ def write_report(run_dir: Path, extra: dict[str, Any] | None = None) -> Path:
     path = run_dir / "report.md"
     path.write_text("\n".join(lines) + "\n")
     return path
+
+
+def _summary(run_dir: Path) -> dict[str, Any]:
+    train, evals = read_metrics(run_dir)
+    config = json.loads((run_dir / "config.json").read_text())
+    moe = (config.get("model") or {}).get("moe")
+    speeds = [r["tokens_per_s"] for r in train[1:]] or [r["tokens_per_s"] for r in train] or [0.0]
+    return {
+        "run": config.get("name", run_dir.name),
+        "dir": str(run_dir),
+        "router": moe.get("router") if moe else "dense",
+        "leaks_future": bool(moe and moe.get("router") in ("expert_choice", "soft")),
+        "steps": train[-1]["step"] if train else 0,
+        "tokens": train[-1]["tokens"] if train else 0,
+        "val_loss": evals[-1]["val_loss"] if evals else None,
+        "val_ppl": evals[-1]["val_ppl"] if evals else None,
+        "val_max_violation": evals[-1].get("val_max_violation") if evals else None,
+        "tokens_per_s": sum(speeds) / len(speeds),
+        "train": train,
+        "evals": evals,
+    }
+
+
+def compare_runs(run_dirs: list[Path], out_dir: Path | None = None) -> tuple[str, list[dict[str, Any]]]:
+    """A side-by-side markdown table of runs, and overlaid plots in `out_dir` when matplotlib is installed.
+
+    A run whose router mixes tokens (expert choice, Soft MoE) is flagged: in a causal LM its loss
+    benefits from seeing the future and is not a fair win.
+    """
+    summaries = [_summary(Path(d)) for d in run_dirs]
+    fmt = lambda v, spec: "-" if v is None else format(v, spec)  # noqa: E731
+    lines = ["| run | router | steps | tokens | val loss | val ppl | MaxVio (val) | tokens/s |",
+             "|---|---|---|---|---|---|---|---|"]
+    for s in summaries:
+        name = s["run"] + (" (leaks future: not comparable)" if s["leaks_future"] else "")
+        lines.append(f"| {name} | {s['router']} | {s['steps']} | {s['tokens']:,} | {fmt(s['val_loss'], '.4f')} | "
+                     f"{fmt(s['val_ppl'], '.2f')} | {fmt(s['val_max_violation'], '.3f')} | "
+                     f"{s['tokens_per_s']:,.0f} |")
+    table = "\n".join(lines)
+    if out_dir is not None:
+        out_dir = Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        text = ["# Comparison", "", table, ""]
+        try:
+            import matplotlib
+
+            matplotlib.use("Agg")
+            import matplotlib.pyplot as plt
+        except ImportError:
+            text.append("(Plots need matplotlib: `pip install matplotlib`.)")
+        else:
+            fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
+            for s in summaries:
+                label = s["run"] + (" (leaks)" if s["leaks_future"] else "")
+                axes[0].plot([r["tokens"] for r in s["evals"]], [r["val_loss"] for r in s["evals"]], "o-", label=label)
+                moe = [r for r in s["train"] if "max_violation" in r]
+                if moe:
+                    axes[1].plot([r["step"] for r in moe], [r["max_violation"] for r in moe], label=label)
+            axes[0].set_xlabel("tokens")
+            axes[0].set_ylabel("val loss")
+            axes[1].set_xlabel("step")
+            axes[1].set_ylabel("MaxVio (batch)")
+            for ax in axes:
+                ax.legend(fontsize=8)
+            fig.tight_layout()
+            fig.savefig(out_dir / "compare.png", dpi=110)
+            plt.close(fig)
+            text += ["![val loss and MaxVio](compare.png)", ""]
+        (out_dir / "compare.md").write_text("\n".join(text) + "\n")
+    return table, summaries
