@@ -41,12 +41,26 @@ def _refuse_unknown(owner: str, values: dict[str, Any], known: list[str]) -> Non
             raise ValueError(f"{owner} has no field {key!r}{hint}")
 
 
+class _DictMixin:
+    """`to_dict` / `from_dict` for the config dataclasses (unknown keys refused with a suggestion)."""
+
+    def to_dict(self) -> dict[str, Any]:
+        """A plain (nested) dict of every field, JSON/YAML friendly."""
+        return dataclasses.asdict(self)  # type: ignore[call-overload]
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]):
+        """Build from a dict, refusing unknown keys with the closest known name."""
+        _refuse_unknown(cls.__name__, values, [f.name for f in dataclasses.fields(cls)])  # type: ignore[arg-type]
+        return cls(**values)
+
+
 def _fail(name: str, value: Any, allowed: str) -> None:
     raise ValueError(f"MoEConfig.{name}={value!r} is not allowed: {allowed}")
 
 
 @dataclass
-class MoEConfig:
+class MoEConfig(_DictMixin):
     """Configuration of one sparse MoE layer.
 
     Sizes follow the HF names: `hidden_size` (model width), `moe_intermediate_size` (one routed
@@ -219,15 +233,6 @@ class MoEConfig:
         return self.router == "deepseek_v3" or self.aux_free_bias_update_rate > 0
 
     # ------------------------------------------------------------------ (de)serialisation
-    def to_dict(self) -> dict[str, Any]:
-        """A plain dict of every field (JSON/YAML friendly)."""
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> MoEConfig:
-        """Build from a dict, refusing unknown keys with the closest known name."""
-        _refuse_unknown("MoEConfig", values, [f.name for f in dataclasses.fields(cls)])
-        return cls(**values)
 
     def replace(self, **changes: Any) -> MoEConfig:
         """A validated copy with some fields changed."""
@@ -257,7 +262,7 @@ def fine_grained(config: MoEConfig, m: int) -> MoEConfig:
 
 
 @dataclass
-class ModelConfig:
+class ModelConfig(_DictMixin):
     """A decoder-only language model whose FFNs are MoE layers (or dense when `moe` is None).
 
     Names follow HF configs: `num_hidden_layers`, `num_attention_heads`, `num_key_value_heads`
@@ -325,15 +330,6 @@ class ModelConfig:
             return False
         return (index - self.first_k_dense_replace) % self.moe_layer_freq == 0
 
-    def to_dict(self) -> dict[str, Any]:
-        """A plain nested dict (JSON/YAML friendly)."""
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> ModelConfig:
-        """Build from a (nested) dict, refusing unknown keys with the closest known name."""
-        _refuse_unknown("ModelConfig", values, [f.name for f in dataclasses.fields(cls)])
-        return cls(**values)
 
 
 @dataclass

@@ -221,8 +221,8 @@ class Trainer:
                     with self._autocast():
                         out = self.model(inputs, targets=targets)
                     ((out.loss + out.aux_loss) / t.grad_accum).backward()
-                    loss_sum += float(out.loss) / t.grad_accum
-                    aux_sum += float(out.aux_loss) / t.grad_accum
+                    loss_sum += float(out.loss.detach()) / t.grad_accum
+                    aux_sum += float(out.aux_loss.detach()) / t.grad_accum
                     last_stats = out.moe_stats
                 grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), t.grad_clip)
                 self.optimizer.step()
