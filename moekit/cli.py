@@ -152,6 +152,21 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from .interop import export_hf
+
+    _, model, _ = _load_run(args.run_dir)
+    tokenizer_dir = Path(args.run_dir) / "tokenizer"
+    has_hf_tokenizer = (tokenizer_dir / "tokenizer.json").is_file()  # BPE runs; the byte tokenizer has none
+    out = export_hf(model, args.out, format=args.arch, dtype=args.dtype,
+                    tokenizer_dir=tokenizer_dir if has_hf_tokenizer else None, overwrite=args.overwrite)
+    print(f"wrote {out}: load it with transformers.AutoModelForCausalLM.from_pretrained({str(out)!r})")
+    if not has_hf_tokenizer:
+        print("note: this run uses moekit's byte tokenizer (ids = UTF-8 bytes, 256 = end of text); "
+              "transformers has no equivalent file, so none was written")
+    return 0
+
+
 def cmd_compare(args: argparse.Namespace) -> int:
     from .train.report import compare_runs
 
@@ -205,6 +220,16 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("--context", type=int, default=4096, help="context length for attention FLOPs and KV cache")
     info.add_argument("--batch", type=int, default=1, help="batch size for the KV cache")
     info.set_defaults(func=cmd_info)
+
+    exp = sub.add_parser("export", help="write a run as a Hugging Face transformers checkpoint")
+    exp.add_argument("run_dir")
+    exp.add_argument("out")
+    exp.add_argument("--format", default="hf", choices=["hf"], help="output format (hf: transformers directory)")
+    exp.add_argument("--arch", default="auto", choices=["auto", "mixtral", "qwen2_moe", "glm4_moe", "llama"],
+                     help="transformers architecture (auto picks the one that computes the model exactly)")
+    exp.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
+    exp.add_argument("--overwrite", action="store_true")
+    exp.set_defaults(func=cmd_export)
 
     cmp = sub.add_parser("compare", help="side-by-side table and overlaid plots of several runs")
     cmp.add_argument("run_dirs", nargs="+")

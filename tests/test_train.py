@@ -206,3 +206,20 @@ def test_info_of_a_preset_matches_the_instantiated_model(capsys):
     model = MoETransformer(RunConfig.from_dict(load_run_dict("tiny-mixtral", None)).model)
     total_m = model.num_parameters() / 1e6
     assert f"{total_m:.2f} M" in text
+
+
+def test_export_cli_writes_a_checkpoint_transformers_loads_with_the_same_logits(tmp_path, capsys):
+    transformers = pytest.importorskip("transformers")
+    from moekit.interop import load_hf
+
+    run = tmp_path / "run"
+    assert main(["train", "--out", str(run), "--max-steps", "2", "--no-progress", *[f"--set={s}" for s in SMALL]]) == 0
+    assert main(["export", str(run), str(tmp_path / "hf"), "--format", "hf"]) == 0
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf", torch_dtype=torch.float32).eval()
+    assert type(hf).__name__ == "MixtralForCausalLM"
+    ours = load_hf(tmp_path / "hf")
+    ids = torch.randint(0, 257, (2, 9))
+    with torch.no_grad():
+        torch.testing.assert_close(hf(ids).logits, ours(ids).logits, atol=1e-4, rtol=1e-4)
+    assert main(["export", str(run), str(tmp_path / "hf"), "--format", "hf"]) == 2  # exists: refused
+    assert "overwrite" in capsys.readouterr().err

@@ -19,9 +19,10 @@ Targets (`format=`):
   `first_k_dense_replace` layers dense, with standard grouped-query attention (written with
   `attention_bias=False`, `use_qk_norm=False` and `partial_rotary_factor=1.0`, so its rotary embedding is the
   same full-width, non-interleaved `rotate_half` RoPE as moekit's). This is where moekit's DeepSeek-V3-style
-  models go. transformers' own `DeepseekV3ForCausalLM` uses multi-head latent attention (MLA: queries and
-  keys/values through low-rank compressions, with a separate RoPE part per head), a different function from
-  standard attention that no choice of MLA weights reproduces in general, so ``"deepseek_v3"`` is not a target.
+  models go. transformers' own `DeepseekV3ForCausalLM` uses multi-head latent attention (MLA): keys and values
+  are projected up from an RMS-normalised low-rank latent, and the rotary part of the key is a single vector
+  shared by all heads. Standard attention, whose keys and values are linear in the input and rotated per head,
+  cannot be written into those weights exactly, so ``"deepseek_v3"`` is not a target.
   Glm4-MoE's shared expert width is `n_shared_experts * moe_intermediate_size`; a moekit shared width that is
   not a multiple of `moe_intermediate_size` is padded with zero units (they add exactly 0).
 - ``"llama"`` (`LlamaForCausalLM`): dense models (`ModelConfig.moe is None`).
@@ -35,10 +36,12 @@ GELU experts are refused with a `ValueError` that says why.
 
 Checkpoints use the tensor layout that transformers' own `save_pretrained` writes (one tensor per expert
 projection: `block_sparse_moe.experts.N.w1/w2/w3` for Mixtral, `mlp.experts.N.gate_proj/up_proj/down_proj`
-otherwise); transformers 5 fuses them into its 3-D expert tensors while loading and transformers 4 reads them
-as they are. `config.json` also carries a ``"moekit"`` entry with the original `ModelConfig`, so `load_hf`
-restores the exact moekit configuration (router name, balancing coefficients, unpadded shared width...)
-when the checkpoint still matches it, and otherwise builds the configuration from the transformers fields.
+otherwise); transformers 5 fuses them into its 3-D expert tensors while loading, and it is also the layout that
+transformers 4 modules hold (`config.json` carries both the old and the new spellings of the RoPE and dtype
+fields; only transformers 5 is tested). `config.json` also carries a ``"moekit"`` entry with the original
+`ModelConfig`, so `load_hf` restores the exact moekit configuration (router name, balancing coefficients,
+unpadded shared width...) when the checkpoint still matches it, and otherwise builds the configuration from the
+transformers fields.
 """
 
 from __future__ import annotations
@@ -87,8 +90,8 @@ _UNSUPPORTED_ROUTERS = {
 }
 _MLA_MESSAGE = (
     "format='deepseek_v3' is not available: transformers' DeepseekV3ForCausalLM uses multi-head latent "
-    "attention (MLA: low-rank compressed queries and keys/values with a separate RoPE part per head), and the "
-    "weights of moekit's standard grouped-query attention cannot be written into MLA exactly. moekit's "
+    "attention (MLA: keys and values come from an RMS-normalised low-rank latent, and one rotary key is shared "
+    "by all heads), and moekit's standard grouped-query attention cannot be written into MLA exactly. moekit's "
     "DeepSeek-V3-style models (sigmoid scores, e_score_correction_bias, n_group/topk_group, "
     "routed_scaling_factor, shared experts, first dense layers) export exactly as format='glm4_moe' "
     "(Glm4MoeForCausalLM: the same MoE with standard attention); use format='glm4_moe' or format='auto'."
