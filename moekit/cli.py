@@ -116,15 +116,13 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from .config import apply_overrides
+    from .config import RunConfig, apply_overrides
     from .train.loop import Trainer
 
     path = Path(args.run_dir)
-    values = json.loads((path / "config.json").read_text()) if (path / "config.json").is_file() else None
-    if values is None:
+    if not (path / "config.json").is_file():
         raise FileNotFoundError(f"{path / 'config.json'} not found; pass a run directory written by `moekit train`")
-    from .config import RunConfig
-
+    values = json.loads((path / "config.json").read_text())
     run = RunConfig.from_dict(apply_overrides(values, [f"train.eval_batches={args.batches}"]))
     trainer = Trainer(run, path, resume=True, progress=False)
     record = trainer.evaluate()

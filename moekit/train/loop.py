@@ -68,14 +68,17 @@ def build_optimizer(model: torch.nn.Module, run: RunConfig) -> torch.optim.AdamW
     return torch.optim.AdamW(groups, lr=t.lr, betas=(t.beta1, t.beta2))
 
 
-def _moe_summary(stats: dict[int, dict[str, torch.Tensor]]) -> dict[str, Any]:
+def _moe_summary(stats: dict[int, dict[str, torch.Tensor]], with_load: bool = True) -> dict[str, Any]:
+    """Mean MaxVio and dropped fraction over MoE layers (and each layer's load, for the log)."""
     if not stats:
         return {}
-    return {
+    summary: dict[str, Any] = {
         "max_violation": float(sum(s["max_violation"] for s in stats.values()) / len(stats)),
         "dropped_fraction": float(sum(s["dropped_fraction"] for s in stats.values()) / len(stats)),
-        "load": {str(i): s["tokens_per_expert"].tolist() for i, s in stats.items()},
     }
+    if with_load:
+        summary["load"] = {str(i): s["tokens_per_expert"].tolist() for i, s in stats.items()}
+    return summary
 
 
 class Trainer:
@@ -234,8 +237,9 @@ class Trainer:
                 self.tokens += step_tokens
                 mid_step = False
                 tokens_per_s = step_tokens / max(time.perf_counter() - started, 1e-9)
-                summary = _moe_summary(last_stats)
-                if self.step % t.log_interval == 0 or self.step == 1:
+                logging = self.step % t.log_interval == 0 or self.step == 1
+                summary = _moe_summary(last_stats, with_load=logging) if logging or bar is not None else {}
+                if logging:
                     self._log({"kind": "train", "step": self.step, "tokens": self.tokens, "loss": loss_sum,
                                "aux_loss": aux_sum, "lr": self.scheduler.get_last_lr()[0],
                                "grad_norm": float(grad_norm), "tokens_per_s": tokens_per_s, **summary})
