@@ -165,6 +165,18 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    from .bench.layer import resolve_configs, resolve_device, run_layer_benchmark
+
+    configs = [name for name in args.configs.split(",") if name.strip()] if args.configs else None
+    resolve_configs(configs)  # a bad name or a missing GPU fails before any work
+    resolve_device(args.device)
+    tokens = [int(t) for t in args.tokens.split(",")] if args.tokens else None
+    run_layer_benchmark(configs=configs, tokens=tokens, device=args.device, threads=args.threads,
+                        repeats=args.repeats, quick=args.quick, json_path=args.json, small=not args.no_small)
+    return 0
+
+
 def cmd_compare(args: argparse.Namespace) -> int:
     from .train.report import compare_runs
 
@@ -228,6 +240,18 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
     exp.add_argument("--overwrite", action="store_true")
     exp.set_defaults(func=cmd_export)
+
+    bench = sub.add_parser("bench", help="time an MoE layer against transformers and the dense floor")
+    bench.add_argument("what", choices=["layer"], help="what to time (layer; model and decode are planned)")
+    bench.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="cpu (fp32) or cuda (bf16)")
+    bench.add_argument("--configs", help="comma-separated subset of mixtral,deepseek,dbrx (default all)")
+    bench.add_argument("--tokens", help="tokens per batch for the main rows, comma-separated (default 4096)")
+    bench.add_argument("--threads", type=int, default=2)
+    bench.add_argument("--repeats", type=int, default=5)
+    bench.add_argument("--quick", action="store_true", help="fewer repeats, for a smoke run")
+    bench.add_argument("--no-small", action="store_true", help="skip the 16-token forward-only rows")
+    bench.add_argument("--json", metavar="PATH", help="also write every result as JSON")
+    bench.set_defaults(func=cmd_bench)
 
     cmp = sub.add_parser("compare", help="side-by-side table and overlaid plots of several runs")
     cmp.add_argument("run_dirs", nargs="+")

@@ -1,0 +1,742 @@
+"""Benchmark one sparse MoE layer: moekit vs transformers' Mixtral block vs a naive loop vs a dense floor.
+
+For each config it times, on the same input and (for the MoE rows) the same weights and routing:
+
+* ``moekit``: ``MoELayer`` with its default expert backend (the per-expert loop on CPU fp32, grouped_mm
+  on CUDA bf16), and the same layer with the other backend as an extra row;
+* ``transformers[<impl>]``: ``MixtralSparseMoeBlock`` with every experts implementation registered in
+  ``transformers.integrations.moe`` ("eager" plus the registered ones); those that raise on the device
+  are skipped with a note, and so is any whose estimated memory would not fit. transformers is imported
+  only here, lazily: without it these rows are skipped with a note and the others still run;
+* ``floor``: a dense SwiGLU FFN with the same active width (k * ffn, plus the shared expert's width),
+  i.e. the same active expert FLOPs without routing, dispatch or combine;
+* ``naive loop``: the hand-written pattern "for each expert, boolean-mask its tokens, F.linear with W[e]".
+
+Before timing, every MoE row is checked against moekit (routing, outputs and gradients), so all rows do
+the same work. "fwd" is an inference forward under ``torch.no_grad()``; "fwd+bwd" is a forward with
+autograd followed by ``out.backward(grad)`` with a fixed random ``grad`` (the input requires grad too,
+as inside a model). Rows are timed round-robin (`run_interleaved`), so a noisy machine slows all alike.
+
+On CPU everything runs in fp32; with ``device="cuda"`` in bf16, with a CUDA synchronisation around
+every timed call and the peak memory of one call per row.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from types import SimpleNamespace
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..config import MoEConfig
+from ..layer import MoELayer
+
+ATOL = RTOL = 1e-4  # fp32 equality
+# bf16 keeps 8 significant bits (rounding ~4e-3 relative) and the implementations round their intermediates
+# at different points (combine before or after the down projection, accumulation order of the gradients),
+# so an elementwise 1e-4 cannot hold. bf16 tensors are compared with rtol = BF16_TOL and an atol of
+# BF16_TOL times the reference's largest magnitude: rounding noise passes, a wrong routing, a missing
+# term or a wrong gradient (errors of the order of the values themselves) still fails.
+BF16_TOL = 3e-2
+WARMUP = 2
+SMALL_TOKENS = 16
+DEFAULT_TOKENS = 4096
+MEMORY_FRACTION = 0.5  # skip a row whose estimated peak memory exceeds this share of the available memory
+
+#: name -> (hidden, ffn, experts, top_k, shared expert width or 0)
+CONFIGS: dict[str, tuple[int, int, int, int, int]] = {
+    "mixtral": (512, 1024, 8, 2, 0),
+    "deepseek": (512, 256, 64, 8, 256),
+    "dbrx": (512, 512, 16, 4, 0),
+}
+#: the benchmark's former config names
+ALIASES = {"a": "mixtral", "b": "deepseek"}
+SIZE_FIELDS = ("hidden", "ffn", "experts", "top_k", "shared")
+
+
+@dataclass
+class BenchConfig:
+    name: str
+    hidden: int
+    ffn: int
+    experts: int
+    top_k: int
+    shared: int  # width of the shared expert, 0 for none
+    tokens: list[int]  # token counts of the main (forward and forward+backward) rows
+
+    def describe(self) -> str:
+        text = f"hidden {self.hidden}, ffn {self.ffn}, E {self.experts}, k {self.top_k}"
+        if self.shared:
+            text += f" + 1 shared expert (width {self.shared})"
+        return text
+
+    @property
+    def floor_width(self) -> int:
+        return self.top_k * self.ffn + self.shared
+
+
+@dataclass
+class Row:
+    impl: str
+    tokens: int
+    fwd_ms: float | None = None
+    fwd_bwd_ms: float | None = None
+    fwd_peak_mib: float | None = None  # CUDA only: peak memory one call adds over what is resident
+    fwd_bwd_peak_mib: float | None = None
+    extra: dict = field(default_factory=dict)
+
+
+@dataclass
+class Env:
+    """Where and in which precision the benchmark runs."""
+
+    device: torch.device
+    dtype: torch.dtype
+
+    @property
+    def cuda(self) -> bool:
+        return self.device.type == "cuda"
+
+    def sync(self) -> None:
+        if self.cuda:
+            torch.cuda.synchronize(self.device)
+
+    def available_bytes(self) -> int | None:
+        if self.cuda:
+            return torch.cuda.mem_get_info(self.device)[0]
+        return _available_ram()
+
+
+# ---------------------------------------------------------------------------------------------- modules
+class DenseSwiGLU(nn.Module):
+    """The compute floor: down(silu(gate(x)) * up(x)), no bias."""
+
+    def __init__(self, hidden: int, width: int) -> None:
+        super().__init__()
+        self.gate = nn.Linear(hidden, width, bias=False)
+        self.up = nn.Linear(hidden, width, bias=False)
+        self.down = nn.Linear(width, hidden, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.down(F.silu(self.gate(x)) * self.up(x))
+
+
+class NaiveLoopMoE(nn.Module):
+    """What people write by hand: for each expert, a boolean mask of its tokens and F.linear with W[e].
+
+    Indexing the stacked parameter with W[e] makes autograd build a full [E, ...] gradient per expert.
+    """
+
+    def __init__(self, layer: MoELayer) -> None:
+        super().__init__()
+        self.top_k = layer.config.num_experts_per_tok
+        self.router_weight = nn.Parameter(layer.router.weight.detach().clone())
+        self.gate_up = nn.Parameter(layer.experts.gate_up_proj.detach().clone())
+        self.down = nn.Parameter(layer.experts.down_proj.detach().clone())
+        self.shared = None
+        if layer.shared_experts is not None:
+            source = layer.shared_experts
+            self.shared = DenseSwiGLU(source.up_proj.in_features, source.up_proj.out_features)
+            with torch.no_grad():
+                self.shared.gate.weight.copy_(source.gate_proj.weight)
+                self.shared.up.weight.copy_(source.up_proj.weight)
+                self.shared.down.weight.copy_(source.down_proj.weight)
+
+    def forward(self, x: Tensor) -> Tensor:
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])
+        probs = torch.softmax(F.linear(x, self.router_weight).float(), dim=-1)
+        top_w, top_i = probs.topk(self.top_k, dim=-1)
+        top_w = top_w / top_w.sum(dim=-1, keepdim=True)
+        out = torch.zeros_like(x)
+        for e in range(self.gate_up.shape[0]):
+            hit = top_i == e  # [T, k]
+            rows = hit.any(dim=-1)  # boolean token mask
+            if not rows.any():
+                continue
+            gate, up = F.linear(x[rows], self.gate_up[e]).chunk(2, dim=-1)
+            y = F.linear(F.silu(gate) * up, self.down[e])
+            weight = (top_w * hit).sum(dim=-1)[rows].to(y.dtype)
+            out[rows] += y * weight.unsqueeze(-1)
+        if self.shared is not None:
+            out = out + self.shared(x)
+        return out.view(shape)
+
+
+class HFWithShared(nn.Module):
+    """transformers' Mixtral block, plus an HF dense SwiGLU MLP (LlamaMLP) standing in for the shared expert."""
+
+    def __init__(self, block: nn.Module, shared: nn.Module | None) -> None:
+        super().__init__()
+        self.block, self.shared = block, shared
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = self.block(x)
+        if self.shared is not None:
+            out = out + self.shared(x)
+        return out
+
+
+class MoekitOutput(nn.Module):
+    """MoELayer returning only `.hidden_states`."""
+
+    def __init__(self, layer: MoELayer) -> None:
+        super().__init__()
+        self.layer = layer
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.layer(x).hidden_states
+
+
+# ---------------------------------------------------------------------------------------------- transformers
+def load_transformers() -> SimpleNamespace | None:
+    """The transformers pieces the benchmark uses, or None when transformers is not installed."""
+    try:
+        import transformers
+        from transformers import LlamaConfig, MixtralConfig
+        from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
+        from transformers.models.llama.modeling_llama import LlamaMLP
+        from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
+    except ImportError:
+        return None
+    return SimpleNamespace(version=transformers.__version__, LlamaConfig=LlamaConfig, MixtralConfig=MixtralConfig,
+                           LlamaMLP=LlamaMLP, MixtralSparseMoeBlock=MixtralSparseMoeBlock,
+                           implementations=["eager", *[n for n in ALL_EXPERTS_FUNCTIONS if n != "eager"]])
+
+
+def build_hf(tf: SimpleNamespace, bc: BenchConfig, layer: MoELayer, impl: str) -> HFWithShared:
+    config = tf.MixtralConfig(hidden_size=bc.hidden, intermediate_size=bc.ffn, num_local_experts=bc.experts,
+                              num_experts_per_tok=bc.top_k)
+    config._experts_implementation = impl
+    block = tf.MixtralSparseMoeBlock(config)
+    shared = None
+    with torch.no_grad():
+        block.gate.weight.copy_(layer.router.weight)
+        block.experts.gate_up_proj.copy_(layer.experts.gate_up_proj)
+        block.experts.down_proj.copy_(layer.experts.down_proj)
+        if bc.shared:
+            shared = tf.LlamaMLP(tf.LlamaConfig(hidden_size=bc.hidden, intermediate_size=bc.shared,
+                                                hidden_act="silu", mlp_bias=False))
+            source = layer.shared_experts
+            shared.gate_proj.weight.copy_(source.gate_proj.weight)
+            shared.up_proj.weight.copy_(source.up_proj.weight)
+            shared.down_proj.weight.copy_(source.down_proj.weight)
+    return HFWithShared(block, shared).eval()
+
+
+# ---------------------------------------------------------------------------------------------- builders
+def build_moekit(bc: BenchConfig, backend: str = "auto") -> MoELayer:
+    config = MoEConfig(hidden_size=bc.hidden, moe_intermediate_size=bc.ffn, num_local_experts=bc.experts,
+                       num_experts_per_tok=bc.top_k, router="topk", n_shared_experts=1 if bc.shared else 0,
+                       shared_expert_intermediate_size=bc.shared or None, expert_backend=backend)
+    return MoELayer(config).eval()
+
+
+def moekit_copy(layer: MoELayer, backend: str) -> MoELayer:
+    other = MoELayer(layer.config.replace(expert_backend=backend)).eval()
+    other.load_state_dict(layer.state_dict())
+    return other
+
+
+def default_backend(env: Env) -> str:
+    """The expert backend moekit's "auto" picks for this device and dtype (see GroupedExperts)."""
+    if env.cuda and hasattr(F, "grouped_mm") and env.dtype in (torch.bfloat16, torch.float16):
+        return "grouped_mm"
+    return "loop"
+
+
+# ---------------------------------------------------------------------------------------------- checks
+def assert_close(actual: Tensor, expected: Tensor, env: Env, what: str = "") -> None:
+    """Equal within fp32 rounding (fp32) or within bf16 rounding relative to the tensor's scale (bf16)."""
+    prefix = f"{what}: " if what else ""
+    if env.dtype == torch.float32:
+        torch.testing.assert_close(actual, expected, atol=ATOL, rtol=RTOL, msg=lambda m: prefix + m)
+        return
+    scale = expected.detach().abs().max().item() if expected.numel() else 0.0
+    torch.testing.assert_close(actual.float(), expected.float(), atol=BF16_TOL * (scale or 1.0), rtol=BF16_TOL,
+                               msg=lambda m: prefix + m)
+
+
+def assert_same_routing(layer: MoELayer, hf: HFWithShared, x: Tensor, env: Env) -> None:
+    flat = x.reshape(-1, x.shape[-1])
+    with torch.no_grad():
+        _, hf_weights, hf_index = hf.block.gate(flat)
+        seq_ids = torch.zeros(flat.shape[0], dtype=torch.long, device=flat.device)
+        routing = layer.router(flat, seq_ids, 1)
+    k = layer.config.num_experts_per_tok
+    # Both compute F.linear in the input dtype, then softmax in float32 and top-k: the same kernels on the
+    # same values, so the expert choice matches exactly in bf16 too.
+    torch.testing.assert_close(routing.expert_index.view(-1, k), hf_index, rtol=0, atol=0)
+    assert_close(routing.weights.view(-1, k), hf_weights.float(), env, "routing weights")
+
+
+def named_grads(module: nn.Module, kind: str) -> dict[str, Tensor]:
+    """Gradients under common names, so moekit, transformers and the naive loop can be compared."""
+    if kind == "moekit":
+        layer = module.layer
+        grads = {"router": layer.router.weight.grad, "gate_up": layer.experts.gate_up_proj.grad,
+                 "down": layer.experts.down_proj.grad}
+        if layer.shared_experts is not None:
+            s = layer.shared_experts
+            grads.update(shared_gate=s.gate_proj.weight.grad, shared_up=s.up_proj.weight.grad,
+                         shared_down=s.down_proj.weight.grad)
+    elif kind == "hf":
+        block = module.block
+        grads = {"router": block.gate.weight.grad, "gate_up": block.experts.gate_up_proj.grad,
+                 "down": block.experts.down_proj.grad}
+        if module.shared is not None:
+            s = module.shared
+            grads.update(shared_gate=s.gate_proj.weight.grad, shared_up=s.up_proj.weight.grad,
+                         shared_down=s.down_proj.weight.grad)
+    else:  # naive
+        grads = {"router": module.router_weight.grad, "gate_up": module.gate_up.grad, "down": module.down.grad}
+        if module.shared is not None:
+            s = module.shared
+            grads.update(shared_gate=s.gate.weight.grad, shared_up=s.up.weight.grad, shared_down=s.down.weight.grad)
+    return grads
+
+
+def forward_backward(module: nn.Module, x: Tensor, grad: Tensor) -> tuple[Tensor, Tensor]:
+    module.zero_grad(set_to_none=True)
+    xg = x.detach().clone().requires_grad_(True)
+    out = module(xg)
+    out.backward(grad)
+    return out.detach(), xg.grad
+
+
+def assert_equal_work(reference: nn.Module, candidate: nn.Module, kind: str, x: Tensor, grad: Tensor | None,
+                      env: Env) -> None:
+    """Same forward output as moekit and, when `grad` is given, same input and weight gradients."""
+    with torch.no_grad():
+        assert_close(candidate(x), reference(x), env, "output")
+    if grad is None:
+        return
+    ref_out, ref_dx = forward_backward(reference, x, grad)
+    out, dx = forward_backward(candidate, x, grad)
+    assert_close(out, ref_out, env, "output (autograd)")
+    assert_close(dx, ref_dx, env, "input grad")
+    ref_grads, grads = named_grads(reference, "moekit"), named_grads(candidate, kind)
+    for name, ref_g in ref_grads.items():
+        assert_close(grads[name], ref_g, env, f"grad {name}")
+    reference.zero_grad(set_to_none=True)
+    candidate.zero_grad(set_to_none=True)
+
+
+# ---------------------------------------------------------------------------------------------- timing
+@dataclass
+class Timer:
+    """One thing to time: `run` (after `before`), whose median lands in `row.<attribute>`."""
+
+    row: Row
+    attribute: str
+    run: Callable[[], object]
+    before: Callable[[], None] | None = None
+
+
+def forward_timer(row: Row, module: nn.Module, x: Tensor) -> Timer:
+    def run() -> None:
+        with torch.no_grad():
+            module(x)
+
+    return Timer(row, "fwd_ms", run)
+
+
+def forward_backward_timer(row: Row, module: nn.Module, x: Tensor, grad: Tensor) -> Timer:
+    xg = x.detach().clone().requires_grad_(True)
+
+    def zero() -> None:
+        module.zero_grad(set_to_none=True)
+        xg.grad = None
+
+    def run() -> None:
+        module(xg).backward(grad)
+
+    return Timer(row, "fwd_bwd_ms", run, zero)
+
+
+def _time_once(run: Callable[[], object], sync: Callable[[], None]) -> float:
+    sync()
+    start = time.perf_counter()
+    run()
+    sync()
+    return time.perf_counter() - start
+
+
+def median_ms(fn: Callable[[], object], repeats: int, sync: Callable[[], None] = lambda: None) -> float:
+    times = [_time_once(fn, sync) for _ in range(WARMUP + repeats)][WARMUP:]
+    return statistics.median(times) * 1e3
+
+
+def run_interleaved(timers: list[Timer], repeats: int, sync: Callable[[], None] = lambda: None) -> None:
+    """Time every timer once per round, round after round, and keep each one's median.
+
+    Interleaving spreads the machine's slow and fast moments over all rows alike, so the ratios
+    measured in one run stay meaningful on a noisy shared machine. `sync` waits for the device
+    (torch.cuda.synchronize on CUDA) before and after each timed call.
+    """
+    samples: list[list[float]] = [[] for _ in timers]
+    for round_index in range(WARMUP + repeats):
+        for timer, times in zip(timers, samples, strict=True):
+            if timer.before is not None:
+                timer.before()
+            elapsed = _time_once(timer.run, sync)
+            if round_index >= WARMUP:
+                times.append(elapsed)
+    for timer, times in zip(timers, samples, strict=True):
+        setattr(timer.row, timer.attribute, statistics.median(times) * 1e3)
+        if timer.before is not None:
+            timer.before()
+
+
+def measure_peak_memory(timers: list[Timer], env: Env) -> None:
+    """CUDA: run each timer once more and record the peak memory that call adds over what is resident.
+
+    The peak counter is reset before each measurement; `torch.cuda.max_memory_allocated` minus the memory
+    allocated just before the call is stored (in MiB) as `<fwd|fwd_bwd>_peak_mib` on the row.
+    """
+    if not env.cuda:
+        return
+    for timer in timers:
+        if timer.before is not None:
+            timer.before()
+        env.sync()
+        resident = torch.cuda.memory_allocated(env.device)
+        torch.cuda.reset_peak_memory_stats(env.device)
+        timer.run()
+        env.sync()
+        peak = torch.cuda.max_memory_allocated(env.device)
+        setattr(timer.row, timer.attribute.replace("_ms", "_peak_mib"), (peak - resident) / 2**20)
+        if timer.before is not None:
+            timer.before()
+
+
+def calibrate_gflops(env: Env) -> tuple[str, float]:
+    """Matmul throughput right now (a noise indicator: compare the value at the start and the end)."""
+    m, k, n = (2048, 512, 2048) if not env.cuda else (8192, 8192, 8192)
+    a = torch.randn(m, k, device=env.device, dtype=env.dtype)
+    b = torch.randn(k, n, device=env.device, dtype=env.dtype)
+    ms = median_ms(lambda: a @ b, 5, env.sync)
+    label = f"{m}x{k}x{n} {'fp32' if env.dtype == torch.float32 else 'bf16'} matmul"
+    return label, 2 * m * k * n / (ms / 1e3) / 1e9
+
+
+def load_average() -> str:
+    try:
+        return ", ".join(f"{v:.2f}" for v in os.getloadavg())
+    except OSError:
+        return "n/a"
+
+
+def _available_ram() -> int | None:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def estimated_bytes(impl: str, bc: BenchConfig, tokens: int, backward: bool, env: Env) -> int:
+    """Rough peak memory of the rows that materialise per-assignment weights (transformers' batched_mm)."""
+    if impl != "batched_mm":
+        return 0
+    element = torch.empty((), dtype=env.dtype).element_size()
+    per_pair = 3 * bc.ffn * bc.hidden * element  # gathered gate_up [2I, H] + down [H, I]
+    return tokens * bc.top_k * per_pair * (3 if backward else 1)
+
+
+# ---------------------------------------------------------------------------------------------- running
+def _progress(text: str) -> None:
+    print(text, file=sys.stderr, flush=True)
+
+
+def run_config(bc: BenchConfig, repeats: int, small: bool, env: Env,
+               tf: SimpleNamespace | None) -> tuple[list[Row], list[str]]:
+    torch.manual_seed(0)
+    notes: list[str] = []
+
+    def put(module: nn.Module) -> nn.Module:
+        return module.to(env.device, env.dtype)
+
+    def make_input(tokens: int) -> Tensor:  # drawn on the CPU, so CPU and CUDA runs see the same values
+        return torch.randn(1, tokens, bc.hidden).to(env.device, env.dtype)
+
+    layer = put(build_moekit(bc))
+    main = [(tokens, make_input(tokens), make_input(tokens)) for tokens in bc.tokens]
+    x_small = make_input(SMALL_TOKENS)
+
+    reference = MoekitOutput(layer)
+    backend = default_backend(env)
+    other = "grouped_mm" if backend == "loop" else "loop"
+    candidates: list[tuple[str, str, str, Callable[[], nn.Module]]] = [
+        ("moekit", "moekit", "", lambda: reference),
+        (f"moekit ({other})", "moekit", other, lambda: MoekitOutput(put(moekit_copy(layer, other)))),
+    ]
+    if tf is None:
+        notes.append("transformers is not installed: its rows are skipped (pip install transformers to add them)")
+    else:
+        for impl in tf.implementations:
+            label = f"transformers[{impl}]" + (" +shared" if bc.shared else "")
+            candidates.append((label, "hf", impl, lambda impl=impl: put(build_hf(tf, bc, layer, impl))))
+    candidates.append(("naive loop", "naive", "", lambda: put(NaiveLoopMoE(layer))))
+    candidates.append((f"floor (dense {bc.floor_width})", "floor", "",
+                       lambda: put(DenseSwiGLU(bc.hidden, bc.floor_width))))
+
+    rows: list[Row] = []
+    small_rows: list[Row] = []
+    timers: list[Timer] = []
+    avail = env.available_bytes()
+    for label, kind, impl, make in candidates:
+        try:
+            module = make()
+        except Exception as error:  # an implementation that cannot even be built on this machine
+            notes.append(f"{label}: skipped, construction raised {type(error).__name__}: {error}")
+            continue
+        _progress(f"  [{bc.name}] {label} ...")
+        passes = [(tokens, x, grad, rows) for tokens, x, grad in main]
+        if small and SMALL_TOKENS not in bc.tokens:
+            passes.append((SMALL_TOKENS, x_small, None, small_rows))
+        for tokens, inputs, grad, out_rows in passes:
+            backward = grad is not None
+            need = estimated_bytes(impl, bc, tokens, backward, env)
+            if avail is not None and need > MEMORY_FRACTION * avail:
+                notes.append(f"{label} @ {tokens} tokens: skipped, it gathers one weight copy per (token, expert) "
+                             f"pair: ~{estimated_bytes(impl, bc, tokens, False, env) / 2**30:.0f} GiB for the "
+                             f"forward alone (~{need / 2**30:.0f} GiB with backward) vs {avail / 2**30:.0f} GiB "
+                             "available")
+                continue
+            try:
+                if kind == "hf":
+                    assert_same_routing(layer, module, inputs, env)
+                if kind != "floor" and module is not reference:
+                    assert_equal_work(reference, module, kind, inputs, grad, env)
+                row = Row(label, tokens)
+                timers.append(forward_timer(row, module, inputs))
+                if backward:
+                    timers.append(forward_backward_timer(row, module, inputs, grad))
+                out_rows.append(row)
+            except AssertionError:
+                raise
+            except Exception as error:
+                first_line = str(error).strip().splitlines()[0] if str(error).strip() else ""
+                notes.append(f"{label} @ {tokens} tokens: skipped, raised {type(error).__name__}: {first_line[:160]}")
+                if env.cuda:  # e.g. out of memory: give the cached blocks back before the next row
+                    torch.cuda.empty_cache()
+    _progress(f"  [{bc.name}] timing {len(timers)} measurements in {WARMUP + repeats} interleaved rounds ...")
+    run_interleaved(timers, repeats, env.sync)
+    measure_peak_memory(timers, env)
+    rows.sort(key=lambda row: bc.tokens.index(row.tokens))  # by token count, then in candidate order
+    return rows + small_rows, notes
+
+
+# ---------------------------------------------------------------------------------------------- output
+def fmt_ms(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}"
+
+
+def fmt_ratio(value: float | None, suffix: str = "") -> str:
+    return "-" if value is None else f"{value:.2f}x{suffix}"
+
+
+def add_ratios(rows: list[Row]) -> None:
+    def base(prefix: str, tokens: int) -> Row | None:
+        return next((r for r in rows if r.impl.startswith(prefix) and r.tokens == tokens), None)
+
+    for row in rows:
+        floor, eager = base("floor", row.tokens), base("transformers[eager]", row.tokens)
+        if row.fwd_bwd_ms is not None:
+            row.extra["ratio_floor"] = row.fwd_bwd_ms / floor.fwd_bwd_ms if floor and floor.fwd_bwd_ms else None
+            row.extra["ratio_eager"] = row.fwd_bwd_ms / eager.fwd_bwd_ms if eager and eager.fwd_bwd_ms else None
+            row.extra["tokens_per_s"] = row.tokens / (row.fwd_bwd_ms / 1e3)
+            row.extra["ratio_basis"] = "fwd+bwd"
+        else:  # forward-only rows: ratios of forward times
+            row.extra["ratio_floor"] = row.fwd_ms / floor.fwd_ms if floor and floor.fwd_ms else None
+            row.extra["ratio_eager"] = row.fwd_ms / eager.fwd_ms if eager and eager.fwd_ms else None
+            row.extra["tokens_per_s"] = row.tokens / (row.fwd_ms / 1e3) if row.fwd_ms else None
+            row.extra["ratio_basis"] = "fwd"
+
+
+def print_table(bc: BenchConfig, rows: list[Row], notes: list[str], env: Env, print_fn: Callable = print) -> None:
+    headers = ["impl", "tokens", "fwd ms", "fwd+bwd ms", "vs floor (fwd+bwd)", "vs hf eager (fwd+bwd)",
+               "tokens/s (fwd+bwd)"]
+    if env.cuda:
+        headers.append("peak MiB (fwd+bwd)")
+    table = []
+    for row in rows:
+        fwd_only = row.extra["ratio_basis"] == "fwd"
+        suffix = " (fwd)" if fwd_only else ""
+        tps = row.extra["tokens_per_s"]
+        cells = [row.impl, str(row.tokens), fmt_ms(row.fwd_ms), fmt_ms(row.fwd_bwd_ms),
+                 fmt_ratio(row.extra["ratio_floor"], suffix), fmt_ratio(row.extra["ratio_eager"], suffix),
+                 "-" if tps is None else f"{tps:,.0f}{suffix}"]
+        if env.cuda:
+            peak = row.fwd_peak_mib if fwd_only else row.fwd_bwd_peak_mib
+            cells.append("-" if peak is None else f"{peak:,.1f}{suffix}")
+        table.append(cells)
+    widths = [max(len(h), *(len(r[i]) for r in table)) for i, h in enumerate(headers)]
+    tokens = "/".join(str(t) for t in bc.tokens)
+    print_fn(f"\nConfig ({bc.name}): {bc.describe()}, {tokens} tokens")
+    line = "  ".join(h.ljust(w) if i == 0 else h.rjust(w) for i, (h, w) in enumerate(zip(headers, widths, strict=True)))
+    print_fn(line)
+    print_fn("-" * len(line))
+    for r in table:
+        print_fn("  ".join(c.ljust(w) if i == 0 else c.rjust(w)
+                           for i, (c, w) in enumerate(zip(r, widths, strict=True))))
+    for note in notes:
+        print_fn(f"  note: {note}")
+
+
+def machine_info(threads: int, env: Env, tf: SimpleNamespace | None) -> dict:
+    cpu = platform.processor()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+    except OSError:
+        pass
+    info = {
+        "platform": platform.platform(),
+        "cpu": cpu,
+        "cpu_count": os.cpu_count(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": tf.version if tf is not None else "not installed",
+        "threads": threads,
+        "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+    }
+    if env.cuda:
+        info["gpu"] = torch.cuda.get_device_name(env.device)
+        info["cuda"] = torch.version.cuda
+    return info
+
+
+# ---------------------------------------------------------------------------------------------- entry points
+def resolve_configs(names: list[str] | None) -> list[str]:
+    """Canonical config names (the former names a, b are accepted); ValueError for an unknown one."""
+    if names is None:
+        return list(CONFIGS)
+    resolved = []
+    for name in names:
+        key = ALIASES.get(name.strip(), name.strip())
+        if key not in CONFIGS:
+            raise ValueError(f"unknown layer benchmark config {name!r}; choose from {', '.join(CONFIGS)} "
+                             f"(or the former names {', '.join(ALIASES)})")
+        resolved.append(key)
+    return resolved
+
+
+def resolve_device(device: str) -> Env:
+    """The run's device and dtype: CPU in fp32, CUDA in bf16; ValueError when CUDA is asked for but absent."""
+    if device == "cpu":
+        return Env(torch.device("cpu"), torch.float32)
+    if device == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError("device 'cuda' was asked for but torch sees no CUDA device; use --device cpu")
+        return Env(torch.device("cuda", torch.cuda.current_device()), torch.bfloat16)
+    raise ValueError(f"unknown device {device!r}; use 'cpu' or 'cuda'")
+
+
+def run_layer_benchmark(configs: list[str] | None = None, tokens: list[int] | None = None, device: str = "cpu",
+                        threads: int = 2, repeats: int = 5, quick: bool = False, json_path: str | None = None,
+                        print_fn: Callable[..., Any] = print, small: bool = True,
+                        sizes: dict[str, int] | None = None) -> dict:
+    """Run the layer benchmark, print its tables through `print_fn` and return every result as a dict.
+
+    configs: names from `CONFIGS` (default all; "a", "b" are the former names of mixtral, deepseek).
+    tokens: token counts of the forward and forward+backward rows (default [4096]); with `small`,
+    forward-only rows at 16 tokens are added. quick: at most 2 timed repeats. json_path: also write the
+    returned dict there. sizes: override the configs' hidden/ffn/experts/top_k/shared (for tests: tiny
+    shapes). The input is seeded and the caller's RNG state and thread count are restored afterwards.
+    """
+    names = resolve_configs(configs)
+    env = resolve_device(device)
+    tokens = list(tokens) if tokens is not None else [DEFAULT_TOKENS]
+    if not tokens or any(t < 1 for t in tokens):
+        raise ValueError(f"tokens must be a non-empty list of positive counts, got {tokens}")
+    unknown = set(sizes or {}) - set(SIZE_FIELDS)
+    if unknown:
+        raise ValueError(f"sizes accepts {', '.join(SIZE_FIELDS)}; got {', '.join(sorted(unknown))}")
+    repeats = min(repeats, 2) if quick else repeats
+    if repeats < 1:
+        raise ValueError(f"repeats must be at least 1, got {repeats}")
+
+    previous_threads = torch.get_num_threads()
+    rng_devices = [env.device.index] if env.cuda else []
+    try:
+        torch.set_num_threads(threads)
+        with torch.random.fork_rng(devices=rng_devices):
+            return _run(names, tokens, env, threads, repeats, small, sizes or {}, json_path, print_fn)
+    finally:
+        torch.set_num_threads(previous_threads)
+
+
+def _run(names: list[str], tokens: list[int], env: Env, threads: int, repeats: int, small: bool,
+         sizes: dict[str, int], json_path: str | None, print_fn: Callable[..., Any]) -> dict:
+    torch.manual_seed(0)
+    tf = load_transformers()
+    info = machine_info(threads, env, tf)
+    precision = "fp32, CPU" if not env.cuda else "bf16, CUDA"
+    print_fn(f"MoE layer benchmark ({precision})")
+    for key, value in info.items():
+        print_fn(f"  {key}: {value}")
+    if env.dtype == torch.float32:
+        equality = f"atol=rtol={ATOL:g}"
+    else:
+        equality = f"rtol={BF16_TOL:g}, atol={BF16_TOL:g} x the reference's largest magnitude (bf16 rounding)"
+    print_fn(f"  warmup {WARMUP}, median of {repeats} interleaved rounds; equality checked at {equality}")
+    print_fn("  fwd = forward under torch.no_grad(); fwd+bwd = forward + out.backward(grad), fixed random grad,")
+    print_fn("  input requires grad; ratios = row time / baseline time (>1 is slower); floor = dense SwiGLU FFN")
+    print_fn("  of width k*ffn (+ shared width): same active expert FLOPs, no router/dispatch/combine.")
+    if small:
+        print_fn(f"  Rows with {SMALL_TOKENS} tokens are forward only; their ratios and tokens/s use forward times.")
+    if env.cuda:
+        print_fn("  Every timed call is wrapped in torch.cuda.synchronize(); peak MiB = torch.cuda.max_memory_allocated"
+                 " of one call")
+        print_fn("  (counter reset before it) minus the memory allocated just before it: what the call adds.")
+    if tf is None:
+        print_fn("  note: transformers is not installed: its rows are skipped; moekit, naive loop and floor still run")
+    label, info["calibration_start_gflops"] = calibrate_gflops(env)
+    info["load_average_start"] = load_average()
+    print_fn(f"  calibration at start: {label} {info['calibration_start_gflops']:.0f} GFLOP/s, "
+             f"load average {info['load_average_start']}")
+
+    results = []
+    for name in names:
+        values = dict(zip(SIZE_FIELDS, CONFIGS[name], strict=True))
+        values.update(sizes)
+        bc = BenchConfig(name, tokens=tokens, **values)
+        rows, notes = run_config(bc, repeats, small, env, tf)
+        if bc.shared and tf is not None:
+            notes.insert(0, "transformers' MixtralSparseMoeBlock has no shared expert: its rows add an HF dense "
+                            f"SwiGLU MLP (LlamaMLP, width {bc.shared}) on the same input, summed, with moekit's "
+                            "shared-expert weights")
+        add_ratios(rows)
+        print_table(bc, rows, notes, env, print_fn)
+        results.append({"config": asdict(bc), "notes": notes,
+                        "rows": [{"impl": r.impl, "tokens": r.tokens, "fwd_ms": r.fwd_ms, "fwd_bwd_ms": r.fwd_bwd_ms,
+                                  "fwd_peak_mib": r.fwd_peak_mib, "fwd_bwd_peak_mib": r.fwd_bwd_peak_mib, **r.extra}
+                                 for r in rows]})
+    _, info["calibration_end_gflops"] = calibrate_gflops(env)
+    info["load_average_end"] = load_average()
+    print_fn(f"\ncalibration at end: {info['calibration_end_gflops']:.0f} GFLOP/s (start "
+             f"{info['calibration_start_gflops']:.0f}), load average {info['load_average_end']}; "
+             "a large drop means the timings above were disturbed")
+    output = {"machine": info, "device": env.device.type, "dtype": str(env.dtype).removeprefix("torch."),
+              "repeats": repeats, "warmup": WARMUP, "results": results}
+    if json_path:
+        with open(json_path, "w") as f:
+            json.dump(output, f, indent=2)
+        print_fn(f"\nwrote {json_path}")
+    return output
