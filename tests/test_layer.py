@@ -278,3 +278,15 @@ def test_single_expert_layer_is_that_expert(router):
     layer = MoELayer(make_config(router, **fields)).eval()
     x = torch.randn(5, 16)
     assert torch.allclose(layer(x).hidden_states, layer.experts.expert_forward(x, 0), atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", ["loop", "grouped_mm"])
+@pytest.mark.parametrize(("hidden", "inter"), [(16, 8), (16, 32)], ids=["scale-inner", "scale-output"])
+def test_row_scale_multiplies_each_rows_output(backend, hidden, inter):
+    from moekit import GroupedExperts
+
+    torch.manual_seed(0)
+    experts = GroupedExperts(3, hidden, inter, backend=backend)
+    x, scale, sizes = torch.randn(10, hidden), torch.rand(10), [4, 0, 6]
+    expected = experts(x, sizes) * scale.unsqueeze(-1)
+    assert torch.allclose(experts(x, sizes, row_scale=scale), expected, atol=1e-5)

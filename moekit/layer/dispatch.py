@@ -72,11 +72,16 @@ def permute(x: Tensor, token_index: Tensor, plan: DispatchPlan) -> Tensor:
     return x[token_index[plan.order]]
 
 
-def combine(expert_out: Tensor, token_index: Tensor, weights: Tensor, plan: DispatchPlan, num_tokens: int) -> Tensor:
-    """Weighted scatter-add of expert outputs back to tokens: [T, H]; dropped assignments add 0."""
+def combine(expert_out: Tensor, token_index: Tensor, weights: Tensor | None, plan: DispatchPlan,
+            num_tokens: int) -> Tensor:
+    """Weighted scatter-add of expert outputs back to tokens: [T, H]; dropped assignments add 0.
+
+    Pass `weights=None` when the experts already applied them (`GroupedExperts(row_scale=...)`).
+    """
     out = expert_out.new_zeros(num_tokens, expert_out.shape[-1])
-    scaled = expert_out * weights[plan.order].unsqueeze(-1).to(expert_out.dtype)
-    return out.index_add_(0, token_index[plan.order], scaled)
+    if weights is not None:
+        expert_out = expert_out * weights[plan.order].unsqueeze(-1).to(expert_out.dtype)
+    return out.index_add_(0, token_index[plan.order], expert_out)
 
 
 def soft_dispatch(x: Tensor, dispatch: Tensor, num_experts: int, slots_per_expert: int) -> tuple[Tensor, list[int]]:

@@ -60,14 +60,16 @@ class GroupedExperts(nn.Module):
         """The first projection: `gate_up_proj` (SwiGLU) or `up_proj` (GELU)."""
         return self.gate_up_proj if self.gated else self.up_proj
 
-    def _ffn(self, x: Tensor, w_in: Tensor, w_out: Tensor) -> Tensor:
-        h = F.linear(x, w_in)
+    def _activate(self, h: Tensor, scale: Tensor | None) -> Tensor:
         if self.gated:
             gate, up = h.chunk(2, dim=-1)
             h = F.silu(gate) * up
         else:
             h = F.gelu(h)
-        return F.linear(h, w_out)
+        return h if scale is None else h * scale.unsqueeze(-1)
+
+    def _ffn(self, x: Tensor, w_in: Tensor, w_out: Tensor, scale: Tensor | None = None) -> Tensor:
+        return F.linear(self._activate(F.linear(x, w_in), scale), w_out)
 
     def _use_grouped_mm(self, x: Tensor) -> bool:
         if self.backend == "grouped_mm":
@@ -75,25 +77,33 @@ class GroupedExperts(nn.Module):
         return (self.backend == "auto" and x.is_cuda and hasattr(F, "grouped_mm")
                 and x.dtype in (torch.bfloat16, torch.float16))
 
-    def forward(self, x: Tensor, group_sizes: list[int]) -> Tensor:
-        if self._use_grouped_mm(x) and x.shape[0] > 0:
-            return self._forward_grouped_mm(x, group_sizes)
-        # Unbind once: indexing W[e] per expert would allocate a full-size gradient per expert.
-        w_in, w_out = self.in_proj.unbind(0), self.down_proj.unbind(0)
-        outputs = [self._ffn(chunk, w_in[e], w_out[e])
-                   for e, chunk in enumerate(x.split(group_sizes)) if group_sizes[e] > 0]
-        if not outputs:  # no tokens: still return a tensor in the autograd graph
-            return self._ffn(x, w_in[0], w_out[0])
-        return torch.cat(outputs) if len(outputs) > 1 else outputs[0]
+    def forward(self, x: Tensor, group_sizes: list[int], row_scale: Tensor | None = None) -> Tensor:
+        """Experts on grouped rows; `row_scale` [N] (the combine weights) multiplies each row's output.
 
-    def _forward_grouped_mm(self, x: Tensor, group_sizes: list[int]) -> Tensor:
-        offsets = torch.tensor(group_sizes, device=x.device).cumsum(0).to(torch.int32)
-        h = F.grouped_mm(x, self.in_proj.transpose(-2, -1), offs=offsets)
-        if self.gated:
-            gate, up = h.chunk(2, dim=-1)
-            h = F.silu(gate) * up
+        The scale is applied where it costs least: on the [N, I] activation when I < H (fine-grained
+        experts), else on the [N, H] output. Either way the result is row_scale * expert(x).
+        """
+        inner = row_scale is not None and self.intermediate_size < self.hidden_size
+        if row_scale is not None:
+            row_scale = row_scale.to(x.dtype)
+        if self._use_grouped_mm(x) and x.shape[0] > 0:
+            out = self._forward_grouped_mm(x, group_sizes, row_scale if inner else None)
         else:
-            h = F.gelu(h)
+            # Unbind once: indexing W[e] per expert would allocate a full-size gradient per expert.
+            w_in, w_out = self.in_proj.unbind(0), self.down_proj.unbind(0)
+            scales = row_scale.split(group_sizes) if inner else [None] * len(group_sizes)
+            outputs = [self._ffn(chunk, w_in[e], w_out[e], scales[e])
+                       for e, chunk in enumerate(x.split(group_sizes)) if group_sizes[e] > 0]
+            if not outputs:  # no tokens: still return a tensor in the autograd graph
+                outputs = [self._ffn(x, w_in[0], w_out[0])]
+            out = torch.cat(outputs) if len(outputs) > 1 else outputs[0]
+        if row_scale is not None and not inner:
+            out = out * row_scale.unsqueeze(-1)
+        return out
+
+    def _forward_grouped_mm(self, x: Tensor, group_sizes: list[int], scale: Tensor | None) -> Tensor:
+        offsets = torch.tensor(group_sizes, device=x.device).cumsum(0).to(torch.int32)
+        h = self._activate(F.grouped_mm(x, self.in_proj.transpose(-2, -1), offs=offsets), scale)
         return F.grouped_mm(h, self.down_proj.transpose(-2, -1), offs=offsets)
 
     def expert_forward(self, x: Tensor, expert: int) -> Tensor:

@@ -98,8 +98,10 @@ class MoELayer(nn.Module):
                 capacity = expert_capacity(routing.expert_index.numel(), cfg.num_local_experts, cfg.capacity_factor)
             plan = plan_dispatch(routing.expert_index, cfg.num_local_experts, routing.weights,
                                  routing.num_experts_per_tok or 1, capacity)
-            expert_out = self.experts(permute(flat, routing.token_index, plan), plan.group_sizes)
-            out = combine(expert_out, routing.token_index, routing.weights, plan, flat.shape[0])
+            # the combine weights ride along with the rows: the experts apply them where it is cheapest
+            expert_out = self.experts(permute(flat, routing.token_index, plan), plan.group_sizes,
+                                      row_scale=routing.weights[plan.order])
+            out = combine(expert_out, routing.token_index, None, plan, flat.shape[0])
             num_dropped = plan.num_dropped
         if self.shared_experts is not None:
             out = out + self.shared_experts(flat)
