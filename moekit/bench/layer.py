@@ -41,6 +41,7 @@ from torch import Tensor, nn
 
 from ..config import MoEConfig
 from ..layer import MoELayer
+from ..model.transformer import DenseMLP as DenseSwiGLU  # the floor: a dense SwiGLU FFN
 
 ATOL = RTOL = 1e-4  # fp32 equality
 # bf16 keeps 8 significant bits (rounding ~4e-3 relative) and the implementations round their intermediates
@@ -119,19 +120,6 @@ class Env:
 
 
 # ---------------------------------------------------------------------------------------------- modules
-class DenseSwiGLU(nn.Module):
-    """The compute floor: down(silu(gate(x)) * up(x)), no bias."""
-
-    def __init__(self, hidden: int, width: int) -> None:
-        super().__init__()
-        self.gate = nn.Linear(hidden, width, bias=False)
-        self.up = nn.Linear(hidden, width, bias=False)
-        self.down = nn.Linear(width, hidden, bias=False)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.down(F.silu(self.gate(x)) * self.up(x))
-
-
 class NaiveLoopMoE(nn.Module):
     """What people write by hand: for each expert, a boolean mask of its tokens and F.linear with W[e].
 
@@ -147,11 +135,11 @@ class NaiveLoopMoE(nn.Module):
         self.shared = None
         if layer.shared_experts is not None:
             source = layer.shared_experts
-            self.shared = DenseSwiGLU(source.up_proj.in_features, source.up_proj.out_features)
+            self.shared = DenseSwiGLU(source.up_proj.in_features, source.up_proj.out_features)  # the floor's FFN
             with torch.no_grad():
-                self.shared.gate.weight.copy_(source.gate_proj.weight)
-                self.shared.up.weight.copy_(source.up_proj.weight)
-                self.shared.down.weight.copy_(source.down_proj.weight)
+                self.shared.gate_proj.weight.copy_(source.gate_proj.weight)
+                self.shared.up_proj.weight.copy_(source.up_proj.weight)
+                self.shared.down_proj.weight.copy_(source.down_proj.weight)
 
     def forward(self, x: Tensor) -> Tensor:
         shape = x.shape
@@ -303,7 +291,8 @@ def named_grads(module: nn.Module, kind: str) -> dict[str, Tensor]:
         grads = {"router": module.router_weight.grad, "gate_up": module.gate_up.grad, "down": module.down.grad}
         if module.shared is not None:
             s = module.shared
-            grads.update(shared_gate=s.gate.weight.grad, shared_up=s.up.weight.grad, shared_down=s.down.weight.grad)
+            grads.update(shared_gate=s.gate_proj.weight.grad, shared_up=s.up_proj.weight.grad,
+                         shared_down=s.down_proj.weight.grad)
     return grads
 
 
