@@ -61,6 +61,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .._files import swap_in, write_json
 from ..config import ModelConfig, MoEConfig
 from ..model.transformer import MoETransformer
 
@@ -445,10 +446,6 @@ def _save_safetensors(tensors: dict[str, Tensor], path: Path) -> None:
     safetensors.torch.save_file(tensors, str(path), metadata={"format": "pt"})
 
 
-def _write_json(path: Path, obj: dict[str, Any]) -> None:
-    path.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-
-
 def _write_weights(directory: Path, entries: list[_Entry], max_shard_bytes: int) -> None:
     shards: list[list[_Entry]] = [[]]
     size = 0
@@ -467,7 +464,7 @@ def _write_weights(directory: Path, entries: list[_Entry], max_shard_bytes: int)
         _save_safetensors({e.name: e.materialize() for e in shard}, directory / filename)
         weight_map.update(dict.fromkeys((e.name for e in shard), filename))
     total = sum(e.nbytes for e in entries)
-    _write_json(directory / "model.safetensors.index.json", {"metadata": {"total_size": total},
+    write_json(directory / "model.safetensors.index.json", {"metadata": {"total_size": total},
                                                               "weight_map": weight_map})
 
 
@@ -556,19 +553,7 @@ def _write_atomically(out_dir: str | os.PathLike[str], overwrite: bool, write: C
     try:
         write(tmp)
         _check_destination(out, overwrite)  # something may have appeared meanwhile
-        if out.is_dir() and any(out.iterdir()):
-            old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:12]}"
-            os.replace(out, old)
-            try:
-                os.replace(tmp, out)
-            except BaseException:
-                os.replace(old, out)
-                raise
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            if out.is_dir():
-                out.rmdir()
-            os.replace(tmp, out)
+        swap_in(tmp, out, out.parent / f".{out.name}.old-{uuid.uuid4().hex[:12]}")
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -624,13 +609,13 @@ def export_hf(model: MoETransformer, out_dir: str | os.PathLike[str], format: st
 
     def write(directory: Path) -> None:
         _write_weights(directory, entries, max_shard_bytes)
-        _write_json(directory / "config.json", hf_config)
-        _write_json(directory / "generation_config.json", generation_config)
+        write_json(directory / "config.json", hf_config)
+        write_json(directory / "generation_config.json", generation_config)
         if tokenizer is not None:
             for path in tokenizer.files:
                 shutil.copyfile(path, directory / path.name)
             if tokenizer.write_config is not None:
-                _write_json(directory / "tokenizer_config.json", tokenizer.write_config)
+                write_json(directory / "tokenizer_config.json", tokenizer.write_config)
 
     with torch.no_grad():
         return _write_atomically(out_dir, overwrite, write)

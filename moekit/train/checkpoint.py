@@ -21,16 +21,14 @@ from typing import Any
 import torch
 from torch import nn
 
+from .._files import swap_in, write_json
+
 CHECKPOINT_DIR = "checkpoint"
 
 
 def config_hash(model_config: dict[str, Any]) -> str:
     """A short stable hash of the model config, to refuse resuming a changed model."""
     return hashlib.sha256(json.dumps(model_config, sort_keys=True).encode()).hexdigest()[:16]
-
-
-def _write_json(path: Path, data: dict[str, Any]) -> None:
-    path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
 def save_checkpoint(run_dir: Path, model: nn.Module, model_config: dict[str, Any], training_state: dict[str, Any],
@@ -44,15 +42,12 @@ def save_checkpoint(run_dir: Path, model: nn.Module, model_config: dict[str, Any
     tmp.mkdir(parents=True)
     save_model(model, str(tmp / "model.safetensors"))
     torch.save(training_state, tmp / "state.pt")
-    _write_json(tmp / "meta.json", {**meta, "config_hash": config_hash(model_config)})
+    write_json(tmp / "meta.json", {**meta, "config_hash": config_hash(model_config)})
     for f in tmp.iterdir():  # make the bytes durable before the rename publishes them
         with open(f, "rb") as handle:
             os.fsync(handle.fileno())
     shutil.rmtree(old, ignore_errors=True)
-    if final.exists():
-        final.rename(old)
-    tmp.rename(final)
-    shutil.rmtree(old, ignore_errors=True)
+    swap_in(tmp, final, old)
     return final
 
 

@@ -30,6 +30,8 @@ from typing import Any, Literal, Protocol, runtime_checkable
 
 import torch
 
+from .._files import write_json
+
 __all__ = [
     "DOCUMENT_SEPARATOR",
     "EOS_TOKEN",
@@ -99,12 +101,6 @@ def _check_special_tokens(special_tokens: Sequence[str]) -> tuple[str, ...]:
     if len(set(specials)) != len(specials):
         raise ValueError(f"special tokens must be unique, got {list(specials)}")
     return specials
-
-
-def _write_json(path: Path, obj: dict[str, Any]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def _read_marker(directory: str | os.PathLike[str]) -> dict[str, Any]:
@@ -216,7 +212,7 @@ class ByteTokenizer:
         """Write ``directory/moekit_tokenizer.json`` (created with its parents if needed); returns the file path."""
         path = Path(directory)
         path.mkdir(parents=True, exist_ok=True)
-        _write_json(path / TOKENIZER_FILE, self.config())
+        write_json(path / TOKENIZER_FILE, self.config())
         return path / TOKENIZER_FILE
 
     @classmethod
@@ -362,7 +358,7 @@ class BPETokenizer:
         path = Path(directory)
         path.mkdir(parents=True, exist_ok=True)
         self._tok.save(str(path / HF_TOKENIZER_FILE))
-        _write_json(path / TOKENIZER_FILE, {"type": self.type_name, "format": _FORMAT_VERSION,
+        write_json(path / TOKENIZER_FILE, {"type": self.type_name, "format": _FORMAT_VERSION,
                                             "tokenizer_file": HF_TOKENIZER_FILE})
         return path / TOKENIZER_FILE
 
@@ -615,7 +611,7 @@ class TokenDataset:
         mapped.copy_(ids)
         del mapped  # unmaps and flushes to the file
         os.replace(tmp, tokens_path)
-        _write_json(meta_path, {**expected, "length": ids.numel(), "source": origin})
+        write_json(meta_path, {**expected, "length": ids.numel(), "source": origin})
         tokens = _map(tokens_path, ids.numel(), dtype)
         return cls(tokens, val_fraction=val_fraction, block_size=block_size, reused=False)
 
