@@ -273,26 +273,18 @@ def named_grads(module: nn.Module, kind: str) -> dict[str, Tensor]:
     """Gradients under common names, so moekit, transformers and the naive loop can be compared."""
     if kind == "moekit":
         layer = module.layer
-        grads = {"router": layer.router.weight.grad, "gate_up": layer.experts.gate_up_proj.grad,
-                 "down": layer.experts.down_proj.grad}
-        if layer.shared_experts is not None:
-            s = layer.shared_experts
-            grads.update(shared_gate=s.gate_proj.weight.grad, shared_up=s.up_proj.weight.grad,
-                         shared_down=s.down_proj.weight.grad)
+        router, gate_up, down = layer.router.weight, layer.experts.gate_up_proj, layer.experts.down_proj
+        shared = layer.shared_experts
     elif kind == "hf":
         block = module.block
-        grads = {"router": block.gate.weight.grad, "gate_up": block.experts.gate_up_proj.grad,
-                 "down": block.experts.down_proj.grad}
-        if module.shared is not None:
-            s = module.shared
-            grads.update(shared_gate=s.gate_proj.weight.grad, shared_up=s.up_proj.weight.grad,
-                         shared_down=s.down_proj.weight.grad)
+        router, gate_up, down = block.gate.weight, block.experts.gate_up_proj, block.experts.down_proj
+        shared = module.shared
     else:  # naive
-        grads = {"router": module.router_weight.grad, "gate_up": module.gate_up.grad, "down": module.down.grad}
-        if module.shared is not None:
-            s = module.shared
-            grads.update(shared_gate=s.gate_proj.weight.grad, shared_up=s.up_proj.weight.grad,
-                         shared_down=s.down_proj.weight.grad)
+        router, gate_up, down, shared = module.router_weight, module.gate_up, module.down, module.shared
+    grads = {"router": router.grad, "gate_up": gate_up.grad, "down": down.grad}
+    if shared is not None:  # every side's shared expert is a DenseMLP-like gate/up/down
+        grads.update(shared_gate=shared.gate_proj.weight.grad, shared_up=shared.up_proj.weight.grad,
+                     shared_down=shared.down_proj.weight.grad)
     return grads
 
 
