@@ -103,7 +103,8 @@ def _check_special_tokens(special_tokens: Sequence[str]) -> tuple[str, ...]:
     return specials
 
 
-def _read_marker(directory: str | os.PathLike[str]) -> dict[str, Any]:
+def _read_marker(directory: str | os.PathLike[str], expected_type: str | None = None) -> dict[str, Any]:
+    """The tokenizer folder's marker JSON; with `expected_type`, refuse a tokenizer of another kind."""
     path = Path(directory) / TOKENIZER_FILE
     if not path.is_file():
         raise FileNotFoundError(
@@ -116,6 +117,10 @@ def _read_marker(directory: str | os.PathLike[str]) -> dict[str, Any]:
         raise ValueError(f"{path} is not valid JSON ({err}); delete it and save the tokenizer again") from err
     if not isinstance(meta, dict) or "type" not in meta:
         raise ValueError(f"{path} has no \"type\" field; it was not written by moekit, save the tokenizer again")
+    if expected_type is not None and meta["type"] != expected_type:
+        kind = {"bpe": "BPE"}.get(expected_type, expected_type)
+        raise ValueError(f"{path} holds a {meta['type']!r} tokenizer, not a {kind} tokenizer; "
+                         "use load_tokenizer(folder) to load any kind")
     return meta
 
 
@@ -218,10 +223,7 @@ class ByteTokenizer:
     @classmethod
     def load(cls, directory: str | os.PathLike[str]) -> ByteTokenizer:
         """Read a tokenizer written by :meth:`save`."""
-        meta = _read_marker(directory)
-        if meta["type"] != cls.type_name:
-            raise ValueError(f"{Path(directory) / TOKENIZER_FILE} holds a {meta['type']!r} tokenizer, not a byte "
-                             "tokenizer; use load_tokenizer(folder) to load any kind")
+        meta = _read_marker(directory, cls.type_name)
         return cls(special_tokens=meta.get("special_tokens", ()))
 
     def __repr__(self) -> str:
@@ -365,10 +367,7 @@ class BPETokenizer:
     @classmethod
     def load(cls, directory: str | os.PathLike[str]) -> BPETokenizer:
         """Read a tokenizer written by :meth:`save`."""
-        meta = _read_marker(directory)
-        if meta["type"] != cls.type_name:
-            raise ValueError(f"{Path(directory) / TOKENIZER_FILE} holds a {meta['type']!r} tokenizer, not a BPE "
-                             "tokenizer; use load_tokenizer(folder) to load any kind")
+        meta = _read_marker(directory, cls.type_name)
         tokenizers = _import_tokenizers()
         hf_path = Path(directory) / meta.get("tokenizer_file", HF_TOKENIZER_FILE)
         if not hf_path.is_file():
