@@ -17,7 +17,7 @@ ROUTER_NAMES = ("topk", "noisy_topk", "switch", "expert_choice", "deepseek_v3", 
 TOKEN_CHOICE_ROUTERS = ("topk", "noisy_topk", "switch", "deepseek_v3", "hierarchical")
 HIDDEN_ACTS = ("silu", "gelu")
 SCORING_FUNCS = ("softmax", "sigmoid")
-EXPERT_BACKENDS = ("auto", "loop", "grouped_mm")
+EXPERT_BACKENDS = ("auto", "loop", "bmm", "grouped_mm")
 
 # Routers whose top-k selection can use the aux-loss-free bias (the bias only selects).
 _BIAS_ROUTERS = ("topk", "switch", "deepseek_v3")

@@ -51,7 +51,7 @@ def test_defaults_are_a_mixtral_like_layer():
         ({"shared_expert_gate": True}, r"shared_expert_gate=True .*n_shared_experts >= 1"),
         ({"n_shared_experts": 1, "shared_expert_intermediate_size": 0}, r"shared_expert_intermediate_size=0"),
         ({"slots_per_expert": 0}, r"slots_per_expert=0 .*positive integer"),
-        ({"expert_backend": "cuda"}, r"expert_backend='cuda' .*auto, loop, grouped_mm"),
+        ({"expert_backend": "cuda"}, r"expert_backend='cuda' .*auto, loop, bmm, grouped_mm"),
     ],
 )
 def test_impossible_combination_names_field_value_and_allowed(fields, message):

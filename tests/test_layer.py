@@ -280,7 +280,7 @@ def test_single_expert_layer_is_that_expert(router):
     assert torch.allclose(layer(x).hidden_states, layer.experts.expert_forward(x, 0), atol=1e-6)
 
 
-@pytest.mark.parametrize("backend", ["loop", "grouped_mm"])
+@pytest.mark.parametrize("backend", ["loop", "bmm", "grouped_mm"])
 @pytest.mark.parametrize(("hidden", "inter"), [(16, 8), (16, 32)], ids=["scale-inner", "scale-output"])
 def test_row_scale_multiplies_each_rows_output(backend, hidden, inter):
     from moekit import GroupedExperts

@@ -2,8 +2,9 @@
 
 For each config it times, on the same input and (for the MoE rows) the same weights and routing:
 
-* ``moekit``: ``MoELayer`` with its default expert backend (the per-expert loop on CPU fp32, grouped_mm
-  on CUDA bf16), and the same layer with the other backend as an extra row;
+* ``moekit``: ``MoELayer`` with ``expert_backend="auto"`` (what users get: grouped_mm on CUDA bf16; on
+  CPU the loop with its hand-written backward when gradients are needed, the padded bmm for small
+  inference batches), and ``moekit[loop]``, ``moekit[bmm]``, ``moekit[grouped_mm]`` forcing each backend;
 * ``transformers[<impl>]``: ``MixtralSparseMoeBlock`` with every experts implementation registered in
   ``transformers.integrations.moe`` ("eager" plus the registered ones); those that raise on the device
   are skipped with a note, and so is any whose estimated memory would not fit. transformers is imported
@@ -237,13 +238,6 @@ def moekit_copy(layer: MoELayer, backend: str) -> MoELayer:
     return other
 
 
-def default_backend(env: Env) -> str:
-    """The expert backend moekit's "auto" picks for this device and dtype (see GroupedExperts)."""
-    if env.cuda and hasattr(F, "grouped_mm") and env.dtype in (torch.bfloat16, torch.float16):
-        return "grouped_mm"
-    return "loop"
-
-
 # ---------------------------------------------------------------------------------------------- checks
 def assert_close(actual: Tensor, expected: Tensor, env: Env, what: str = "") -> None:
     """Equal within fp32 rounding (fp32) or within bf16 rounding relative to the tensor's scale (bf16)."""
@@ -294,6 +288,29 @@ def forward_backward(module: nn.Module, x: Tensor, grad: Tensor) -> tuple[Tensor
     out = module(xg)
     out.backward(grad)
     return out.detach(), xg.grad
+
+
+def saved_activation_mib(module: nn.Module, x: Tensor) -> float:
+    """MiB of tensors the forward keeps for backward: activation memory, not counting parameters.
+
+    Every tensor autograd saves passes `saved_tensors_hooks`; storages are counted once each (views
+    share one), and storages of the module's parameters (the weights) are left out. The input is
+    counted, so a layer that saves only its input reports the input's size.
+    """
+    weights = {p.untyped_storage().data_ptr() for p in module.parameters()}
+    kept: dict[int, int] = {}
+
+    def pack(t: Tensor) -> Tensor:
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in weights:
+            kept[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    xg = x.detach().clone().requires_grad_(True)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = module(xg)
+    del out
+    return sum(kept.values()) / 2**20
 
 
 def assert_equal_work(reference: nn.Module, candidate: nn.Module, kind: str, x: Tensor, grad: Tensor | None,
@@ -460,12 +477,10 @@ def run_config(bc: BenchConfig, repeats: int, small: bool, env: Env,
     x_small = make_input(SMALL_TOKENS)
 
     reference = MoekitOutput(layer)
-    backend = default_backend(env)
-    other = "grouped_mm" if backend == "loop" else "loop"
-    candidates: list[tuple[str, str, str, Callable[[], nn.Module]]] = [
-        ("moekit", "moekit", "", lambda: reference),
-        (f"moekit ({other})", "moekit", other, lambda: MoekitOutput(put(moekit_copy(layer, other)))),
-    ]
+    candidates: list[tuple[str, str, str, Callable[[], nn.Module]]] = [("moekit", "moekit", "", lambda: reference)]
+    for backend in ("loop", "bmm", "grouped_mm"):  # "moekit" is "auto": one of these, chosen per call
+        candidates.append((f"moekit[{backend}]", "moekit", backend,
+                           lambda backend=backend: MoekitOutput(put(moekit_copy(layer, backend)))))
     if tf is None:
         notes.append("transformers is not installed: its rows are skipped (pip install transformers to add them)")
     else:
@@ -508,6 +523,7 @@ def run_config(bc: BenchConfig, repeats: int, small: bool, env: Env,
                 timers.append(forward_timer(row, module, inputs))
                 if backward:
                     timers.append(forward_backward_timer(row, module, inputs, grad))
+                    row.extra["saved_mib"] = saved_activation_mib(module, inputs)
                 out_rows.append(row)
             except AssertionError:
                 raise
@@ -543,6 +559,8 @@ def add_ratios(rows: list[Row]) -> None:
             row.extra["ratio_eager"] = row.fwd_bwd_ms / eager.fwd_bwd_ms if eager and eager.fwd_bwd_ms else None
             row.extra["tokens_per_s"] = row.tokens / (row.fwd_bwd_ms / 1e3)
             row.extra["ratio_basis"] = "fwd+bwd"
+            saved, floor_saved = row.extra.get("saved_mib"), floor.extra.get("saved_mib") if floor else None
+            row.extra["saved_ratio_floor"] = saved / floor_saved if saved is not None and floor_saved else None
         else:  # forward-only rows: ratios of forward times
             row.extra["ratio_floor"] = row.fwd_ms / floor.fwd_ms if floor and floor.fwd_ms else None
             row.extra["ratio_eager"] = row.fwd_ms / eager.fwd_ms if eager and eager.fwd_ms else None
@@ -552,7 +570,7 @@ def add_ratios(rows: list[Row]) -> None:
 
 def print_table(bc: BenchConfig, rows: list[Row], notes: list[str], env: Env, print_fn: Callable = print) -> None:
     headers = ["impl", "tokens", "fwd ms", "fwd+bwd ms", "vs floor (fwd+bwd)", "vs hf eager (fwd+bwd)",
-               "tokens/s (fwd+bwd)"]
+               "tokens/s (fwd+bwd)", "saved MiB (vs floor)"]
     if env.cuda:
         headers.append("peak MiB (fwd+bwd)")
     table = []
@@ -563,6 +581,9 @@ def print_table(bc: BenchConfig, rows: list[Row], notes: list[str], env: Env, pr
         cells = [row.impl, str(row.tokens), fmt_ms(row.fwd_ms), fmt_ms(row.fwd_bwd_ms),
                  fmt_ratio(row.extra["ratio_floor"], suffix), fmt_ratio(row.extra["ratio_eager"], suffix),
                  "-" if tps is None else f"{tps:,.0f}{suffix}"]
+        saved, saved_ratio = row.extra.get("saved_mib"), row.extra.get("saved_ratio_floor")
+        ratio = "" if saved_ratio is None else f" ({saved_ratio:.2f}x)"
+        cells.append("-" if saved is None else f"{saved:,.1f}{ratio}")
         if env.cuda:
             peak = row.fwd_peak_mib if fwd_only else row.fwd_bwd_peak_mib
             cells.append("-" if peak is None else f"{peak:,.1f}{suffix}")
@@ -680,6 +701,7 @@ def _run(names: list[str], tokens: list[int], env: Env, threads: int, repeats: i
     print_fn("  fwd = forward under torch.no_grad(); fwd+bwd = forward + out.backward(grad), fixed random grad,")
     print_fn("  input requires grad; ratios = row time / baseline time (>1 is slower); floor = dense SwiGLU FFN")
     print_fn("  of width k*ffn (+ shared width): same active expert FLOPs, no router/dispatch/combine.")
+    print_fn("  saved MiB = activation memory of fwd+bwd: tensors autograd keeps for backward (weights excluded).")
     if small:
         print_fn(f"  Rows with {SMALL_TOKENS} tokens are forward only; their ratios and tokens/s use forward times.")
     if env.cuda:

@@ -14,6 +14,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..config import MoEConfig
+from .grouped_ffn import activate, grouped_ffn
+
+#: the padded `bmm` backend is chosen automatically only when no expert has more rows than this
+PADDED_MAX_ROWS = 64
 
 
 def _activation(name: str):
@@ -61,45 +65,79 @@ class GroupedExperts(nn.Module):
         return self.gate_up_proj if self.gated else self.up_proj
 
     def _activate(self, h: Tensor, scale: Tensor | None) -> Tensor:
-        if self.gated:
-            gate, up = h.chunk(2, dim=-1)
-            h = F.silu(gate) * up
-        else:
-            h = F.gelu(h)
+        h = activate(h, self.gated)
         return h if scale is None else h * scale.unsqueeze(-1)
 
     def _ffn(self, x: Tensor, w_in: Tensor, w_out: Tensor, scale: Tensor | None = None) -> Tensor:
         return F.linear(self._activate(F.linear(x, w_in), scale), w_out)
 
-    def _use_grouped_mm(self, x: Tensor) -> bool:
-        if self.backend == "grouped_mm":
-            return True
-        return (self.backend == "auto" and x.is_cuda and hasattr(F, "grouped_mm")
-                and x.dtype in (torch.bfloat16, torch.float16))
+    def resolve_backend(self, x: Tensor, group_sizes: list[int]) -> str:
+        """The backend that runs these rows: `expert_backend` unless it is "auto".
 
-    def forward(self, x: Tensor, group_sizes: list[int], row_scale: Tensor | None = None) -> Tensor:
-        """Experts on grouped rows; `row_scale` [N] (the combine weights) multiplies each row's output.
-
-        The scale is applied where it costs least: on the [N, I] activation when I < H (fine-grained
-        experts), else on the [N, H] output. Either way the result is row_scale * expert(x).
+        "auto" picks `grouped_mm` on CUDA in bf16/fp16. Otherwise it picks the per-expert `loop` (whose
+        hand-written backward keeps the least memory) whenever gradients are needed, and for inference
+        the padded `bmm` when every expert's group fits in a small padded batch that wastes little
+        (few tokens per expert, most experts busy: decoding steps and small batches), else the loop.
         """
-        inner = row_scale is not None and self.intermediate_size < self.hidden_size
+        if self.backend != "auto":
+            return self.backend
+        if x.is_cuda and hasattr(F, "grouped_mm") and x.dtype in (torch.bfloat16, torch.float16):
+            return "grouped_mm"
+        if torch.is_grad_enabled() and (x.requires_grad or self.in_proj.requires_grad):
+            return "loop"  # training: the loop's hand-written backward saves the least memory
+        rows, most = sum(group_sizes), max(group_sizes, default=0)
+        busy = sum(1 for size in group_sizes if size > 0)
+        if most <= PADDED_MAX_ROWS and 2 * busy >= self.num_experts and self.num_experts * most <= 8 * rows:
+            return "bmm"
+        return "loop"
+
+    def forward(self, x: Tensor, group_sizes: list[int], row_scale: Tensor | None = None,
+                row_index: Tensor | None = None) -> Tensor:
+        """Experts on grouped rows; returns [N, H] in the grouped order.
+
+        Args:
+            x: [N, H] rows grouped by expert (expert e's rows are the e-th slice of `group_sizes[e]`
+                rows), or, with `row_index`, the [T, H] token rows the grouped rows are read from.
+            group_sizes: rows per expert, length E.
+            row_scale: optional [N] factor per grouped row (the combine weights): the result is
+                row_scale * expert(x). The loop backend applies it to the [N, I] activation; the others
+                on the [N, I] activation when I < H, else on the [N, H] output.
+            row_index: optional [N] token row of each grouped row; the loop backend gathers the rows
+                itself (and saves no gathered copy for backward).
+        """
         if row_scale is not None:
             row_scale = row_scale.to(x.dtype)
-        if self._use_grouped_mm(x) and x.shape[0] > 0:
-            out = self._forward_grouped_mm(x, group_sizes, row_scale if inner else None)
+        rows = x.shape[0] if row_index is None else row_index.numel()
+        backend = self.resolve_backend(x, group_sizes) if rows > 0 else "loop"
+        if backend == "loop":
+            return grouped_ffn(x, row_index, group_sizes, self.in_proj, self.down_proj, row_scale, self.gated)
+        if row_index is not None:
+            x = x.index_select(0, row_index)
+        inner = row_scale is not None and self.intermediate_size < self.hidden_size
+        inner_scale = row_scale if inner else None
+        if backend == "grouped_mm":
+            out = self._forward_grouped_mm(x, group_sizes, inner_scale)
         else:
-            # Unbind once: indexing W[e] per expert would allocate a full-size gradient per expert.
-            w_in, w_out = self.in_proj.unbind(0), self.down_proj.unbind(0)
-            scales = row_scale.split(group_sizes) if inner else [None] * len(group_sizes)
-            outputs = [self._ffn(chunk, w_in[e], w_out[e], scales[e])
-                       for e, chunk in enumerate(x.split(group_sizes)) if group_sizes[e] > 0]
-            if not outputs:  # no tokens: still return a tensor in the autograd graph
-                outputs = [self._ffn(x, w_in[0], w_out[0])]
-            out = torch.cat(outputs) if len(outputs) > 1 else outputs[0]
+            out = self._forward_padded(x, group_sizes, inner_scale)
         if row_scale is not None and not inner:
             out = out * row_scale.unsqueeze(-1)
         return out
+
+    def _forward_padded(self, x: Tensor, group_sizes: list[int], scale: Tensor | None) -> Tensor:
+        # Expert e's rows go to slots [e, 0..n_e) of a zero-padded [E, C, H] batch: two bmm calls
+        # replace the loop; padded slots compute on zeros and are never read back.
+        num_experts, capacity, rows = self.num_experts, max(group_sizes), x.shape[0]
+        sizes = torch.tensor(group_sizes, device=x.device)
+        expert_of_row = torch.repeat_interleave(torch.arange(num_experts, device=x.device), sizes,
+                                                output_size=rows)
+        first_row = sizes.cumsum(0) - sizes
+        slot = expert_of_row * capacity + torch.arange(rows, device=x.device) - first_row[expert_of_row]
+        padded = x.new_zeros(num_experts * capacity, x.shape[1]).index_copy(0, slot, x)
+        h = torch.bmm(padded.view(num_experts, capacity, -1), self.in_proj.transpose(1, 2))
+        if scale is not None:
+            scale = scale.new_zeros(num_experts * capacity).index_copy(0, slot, scale).view(num_experts, capacity)
+        out = torch.bmm(self._activate(h, scale), self.down_proj.transpose(1, 2))
+        return out.view(num_experts * capacity, -1).index_select(0, slot)
 
     def _forward_grouped_mm(self, x: Tensor, group_sizes: list[int], scale: Tensor | None) -> Tensor:
         offsets = torch.tensor(group_sizes, device=x.device).cumsum(0).to(torch.int32)

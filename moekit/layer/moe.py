@@ -10,7 +10,7 @@ from torch import Tensor, nn
 
 from ..config import MoEConfig
 from . import balance
-from .dispatch import combine, expert_capacity, permute, plan_dispatch, soft_combine, soft_dispatch
+from .dispatch import combine, expert_capacity, plan_dispatch, soft_combine, soft_dispatch
 from .experts import GroupedExperts, SharedExperts
 from .routers import Router, Routing, build_router
 
@@ -99,8 +99,8 @@ class MoELayer(nn.Module):
             plan = plan_dispatch(routing.expert_index, cfg.num_local_experts, routing.weights,
                                  routing.num_experts_per_tok or 1, capacity)
             # the combine weights ride along with the rows: the experts apply them where it is cheapest
-            expert_out = self.experts(permute(flat, routing.token_index, plan), plan.group_sizes,
-                                      row_scale=routing.weights[plan.order])
+            expert_out = self.experts(flat, plan.group_sizes, row_scale=routing.weights[plan.order],
+                                      row_index=routing.token_index[plan.order])
             out = combine(expert_out, routing.token_index, None, plan, flat.shape[0])
             num_dropped = plan.num_dropped
         if self.shared_experts is not None:
