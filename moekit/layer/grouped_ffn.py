@@ -42,66 +42,71 @@ def _slices(group_sizes: list[int]):
 
 
 class _GroupedFFN(torch.autograd.Function):
+    # Forward and backward walk the experts one by one and finish all of an expert's work (matmuls and
+    # elementwise) before the next: its rows stay in cache, where whole-tensor elementwise passes over
+    # [N, I] would stream them from memory again.
     @staticmethod
-    def forward(ctx, x: Tensor, row_index: Tensor, w_in: Tensor, w_out: Tensor, scale: Tensor | None,
+    def forward(ctx, x: Tensor, row_index: Tensor | None, w_in: Tensor, w_out: Tensor, scale: Tensor | None,
                 group_sizes: list[int], gated: bool) -> Tensor:
-        xp = x if row_index is None else x.index_select(0, row_index)  # [N, H]
-        rows = xp.shape[0]
-        h = x.new_empty(rows, w_in.shape[1])  # [N, 2I] or [N, I]
-        for e, start, end in _slices(group_sizes):
-            torch.mm(xp[start:end], w_in[e].t(), out=h[start:end])
-        a = activate(h, gated)  # [N, I]
-        if scale is not None:
-            a.mul_(scale.unsqueeze(-1))
+        rows = x.shape[0] if row_index is None else row_index.numel()
         out = x.new_empty(rows, w_out.shape[1])  # [N, H]
+        projections = []  # per busy expert [n_e, 2I] or [n_e, I]: the only activations saved for backward
         for e, start, end in _slices(group_sizes):
-            torch.mm(a[start:end], w_out[e].t(), out=out[start:end])
-        ctx.save_for_backward(x, row_index, w_in, w_out, scale, h)
+            xe = x[start:end] if row_index is None else x.index_select(0, row_index[start:end])
+            he = torch.mm(xe, w_in[e].t())  # one block per expert: malloc reuses blocks this size, while
+            projections.append(he)  # one [N, 2I] buffer would be fresh pages (page faults) every call
+            a = activate(he, gated)
+            if scale is not None:
+                a.mul_(scale[start:end].unsqueeze(-1))
+            torch.mm(a, w_out[e].t(), out=out[start:end])
+        ctx.save_for_backward(x, row_index, w_in, w_out, scale, *projections)
         ctx.group_sizes, ctx.gated = group_sizes, gated
         return out
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out: Tensor):
-        x, row_index, w_in, w_out, scale, h = ctx.saved_tensors
+        x, row_index, w_in, w_out, scale, *projections = ctx.saved_tensors
         group_sizes, gated = ctx.group_sizes, ctx.gated
         need_x, _, need_w_in, need_w_out, need_scale = ctx.needs_input_grad[:5]
         grad_out = grad_out.contiguous()
-        rows, inner = h.shape[0], w_out.shape[2]
-
-        a0 = activate(h, gated)  # recomputed unscaled activation [N, I]
-        a = a0 * scale.unsqueeze(-1) if scale is not None else a0
+        inner = w_out.shape[2]
+        grad_x = torch.zeros_like(x) if need_x else None
+        grad_w_in = torch.zeros_like(w_in) if need_w_in else None
         grad_w_out = torch.zeros_like(w_out) if need_w_out else None
-        grad_a = h.new_empty(rows, inner)
-        for e, start, end in _slices(group_sizes):
+        grad_scale = torch.zeros_like(scale) if scale is not None and need_scale else None
+        for (e, start, end), he in zip(_slices(group_sizes), projections, strict=True):
+            go = grad_out[start:end]
+            se = scale[start:end].unsqueeze(-1) if scale is not None else None
+            if gated:
+                gate, up = he.chunk(2, dim=-1)
+                silu_gate = F.silu(gate)
+                a0 = silu_gate * up  # the unscaled activation, recomputed
+            else:
+                a0 = F.gelu(he)
+            grad_a = torch.mm(go, w_out[e])  # [n, I]
             if need_w_out:
-                torch.mm(grad_out[start:end].t(), a[start:end], out=grad_w_out[e])
-            torch.mm(grad_out[start:end], w_out[e], out=grad_a[start:end])
-        del a
-        grad_scale = (grad_a * a0).sum(-1) if scale is not None and need_scale else None
-        if scale is not None:
-            grad_a.mul_(scale.unsqueeze(-1))
-        del a0
-
-        if gated:  # d(silu(g) * u) = u * silu'(g) dg + silu(g) du
-            gate, up = h.chunk(2, dim=-1)
-            grad_h = torch.cat([torch.ops.aten.silu_backward(grad_a * up, gate), grad_a * F.silu(gate)], dim=-1)
-        else:
-            grad_h = torch.ops.aten.gelu_backward(grad_a, h)
-        del grad_a
-
-        grad_x = grad_w_in = None
-        xp = (x if row_index is None else x.index_select(0, row_index)) if need_w_in else None
-        grad_xp = h.new_empty(rows, x.shape[1]) if need_x else None
-        if need_w_in:
-            grad_w_in = torch.zeros_like(w_in)
-        for e, start, end in _slices(group_sizes):
+                torch.mm(go.t(), a0 * se if se is not None else a0, out=grad_w_out[e])
+            if se is not None:
+                if grad_scale is not None:
+                    grad_scale[start:end] = (grad_a * a0).sum(-1)
+                grad_a.mul_(se)
+            del a0
+            if gated:  # d(silu(g) * u) = u * silu'(g) dg + silu(g) du
+                grad_h = he.new_empty(he.shape)
+                torch.ops.aten.silu_backward.grad_input(grad_a * up, gate, grad_input=grad_h[:, :inner])
+                torch.mul(grad_a, silu_gate, out=grad_h[:, inner:])
+            else:
+                grad_h = torch.ops.aten.gelu_backward(grad_a, he)
             if need_w_in:
-                torch.mm(grad_h[start:end].t(), xp[start:end], out=grad_w_in[e])
+                xe = x[start:end] if row_index is None else x.index_select(0, row_index[start:end])
+                torch.mm(grad_h.t(), xe, out=grad_w_in[e])
             if need_x:
-                torch.mm(grad_h[start:end], w_in[e], out=grad_xp[start:end])
-        if need_x:
-            grad_x = grad_xp if row_index is None else torch.zeros_like(x).index_add_(0, row_index, grad_xp)
+                grad_xe = torch.mm(grad_h, w_in[e])
+                if row_index is None:
+                    grad_x[start:end] = grad_xe
+                else:
+                    grad_x.index_add_(0, row_index[start:end], grad_xe)
         return grad_x, None, grad_w_in, grad_w_out, grad_scale, None, None
 
 
