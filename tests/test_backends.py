@@ -12,6 +12,8 @@ from test_reference_parity import make_layer, random_input
 from moekit import GroupedExperts, MoEConfig, MoELayer
 from moekit.bench.layer import saved_activation_mib
 from moekit.config import EXPERT_BACKENDS
+from moekit.layer import experts as experts_module
+from moekit.layer import grouped_ffn as grouped_ffn_module
 from moekit.layer.grouped_ffn import grouped_ffn
 from moekit.model.transformer import DenseMLP
 
@@ -27,9 +29,18 @@ def _with_backend(case: str, backend: str) -> MoELayer:
     return other
 
 
+@pytest.fixture(params=["weight_left", "weight_right"])
+def orientation(request, monkeypatch):
+    """Small groups multiply as W x^T, larger ones as x W^T: run every check both ways."""
+    rows = 10**6 if request.param == "weight_left" else 0
+    monkeypatch.setattr(grouped_ffn_module, "WEIGHT_LEFT_MAX_ROWS", rows)
+    monkeypatch.setattr(experts_module, "WEIGHT_LEFT_MAX_ROWS", rows)
+    return request.param
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("case", BACKEND_CASES)
-def test_backend_output_and_all_gradients_match_reference(case, backend):
+def test_backend_output_and_all_gradients_match_reference(case, backend, orientation):
     layer = _with_backend(case, backend)
     x = random_input((2, 6, 16)).requires_grad_(True)
     upstream = random_input(x.shape, seed=2)
@@ -68,7 +79,7 @@ def _plain_loop(x, row_index, sizes, w_in, w_out, scale, gated):
 @pytest.mark.parametrize("gated", [True, False], ids=["swiglu", "gelu"])
 @pytest.mark.parametrize("gather", [True, False], ids=["row_index", "grouped_input"])
 @pytest.mark.parametrize("with_scale", [True, False], ids=["scale", "no_scale"])
-def test_grouped_ffn_matches_autograd_of_the_plain_loop(gated, gather, with_scale):
+def test_grouped_ffn_matches_autograd_of_the_plain_loop(gated, gather, with_scale, orientation):
     torch.manual_seed(0)
     hidden, inter, sizes = 12, 10, [3, 0, 5, 1]  # an expert with no rows
     rows, tokens = sum(sizes), 6

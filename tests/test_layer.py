@@ -86,6 +86,16 @@ def test_aux_loss_is_zero_without_coefficients_but_terms_are_reported():
     assert out.stats["router_aux_loss"].item() > 0
 
 
+def test_eval_mode_reports_only_the_terms_that_enter_the_loss():
+    cfg = MoEConfig(hidden_size=8, moe_intermediate_size=16, num_local_experts=4, router_z_loss_coef=0.1)
+    layer = MoELayer(cfg).eval()
+    x = torch.randn(5, 8)
+    out = layer(x)
+    assert {"router_z_loss", "tokens_per_expert", "dropped_fraction", "max_violation"} == out.stats.keys()
+    assert out.aux_loss.item() == pytest.approx(0.1 * out.stats["router_z_loss"].item())
+    assert {"router_aux_loss", "importance_loss", "seq_aux_loss"} <= layer.train()(x).stats.keys()
+
+
 def test_max_violation_matches_its_definition():
     out = MoELayer(make_config("topk"))(torch.randn(40, 16))
     load = out.stats["tokens_per_expert"]

@@ -23,6 +23,9 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
+#: groups of at most this many rows multiply with the weight as the left operand (few tokens: decoding)
+WEIGHT_LEFT_MAX_ROWS = 8
+
 
 def activate(h: Tensor, gated: bool) -> Tensor:
     """act(h) without the scale: silu(gate) * up for [N, 2I] (gate columns first), else gelu."""
@@ -53,8 +56,13 @@ class _GroupedFFN(torch.autograd.Function):
         projections = []  # per busy expert [n_e, 2I] or [n_e, I]: the only activations saved for backward
         for e, start, end in _slices(group_sizes):
             xe = x[start:end] if row_index is None else x.index_select(0, row_index[start:end])
-            he = torch.mm(xe, w_in[e].t())  # one block per expert: malloc reuses blocks this size, while
-            projections.append(he)  # one [N, 2I] buffer would be fresh pages (page faults) every call
+            # one block per expert: malloc reuses blocks this size, while one [N, 2I] buffer would be
+            # fresh pages (page faults) every call
+            if end - start <= WEIGHT_LEFT_MAX_ROWS:  # h^T = W x^T: MKL streams the weight, no packing
+                he = torch.mm(w_in[e], xe.t()).t()
+            else:
+                he = torch.mm(xe, w_in[e].t())
+            projections.append(he)
             a = activate(he, gated)
             if scale is not None:
                 a.mul_(scale[start:end].unsqueeze(-1))

@@ -28,7 +28,8 @@ class MoEOutput:
         stats: detached tensors: `tokens_per_expert` [E] (the router's choices, before any
             capacity dropping), `dropped_fraction`, `max_violation` (MaxVio), and each balancing
             term that applies to the router, by name (`router_aux_loss`, `router_z_loss`,
-            `importance_loss`, `load_loss`, `seq_aux_loss`), whatever its coefficient.
+            `importance_loss`, `load_loss`, `seq_aux_loss`): in training mode whatever its
+            coefficient, in eval mode only those with a coefficient > 0.
     """
 
     hidden_states: Tensor
@@ -130,6 +131,8 @@ class MoELayer(nn.Module):
             if coef > 0:
                 value = fn()
                 aux_loss = aux_loss + coef * value
+            elif not self.training:  # inference does not pay for terms that enter no loss
+                return
             else:
                 with torch.no_grad():
                     value = fn()
