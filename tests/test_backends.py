@@ -175,3 +175,16 @@ def test_auto_backend_choice():
     assert experts.resolve_backend(few, [2] * 8) == "loop"  # gradients needed: the lean backward
     assert GroupedExperts(8, 16, 32, backend="bmm").resolve_backend(many, [512] * 8) == "bmm"  # forced
     assert {*BACKENDS, "auto"} == set(EXPERT_BACKENDS)  # every backend the config accepts is tested above
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("backend", ["auto", *BACKENDS])
+def test_cuda_bf16_backends_match_the_fp32_reference(backend):
+    layer = _with_backend("topk", backend)
+    x = random_input((2, 6, 16))
+    expected = layer(x).hidden_states  # fp32 on the CPU
+    cuda_layer = layer.to("cuda", torch.bfloat16)
+    if backend == "auto":
+        assert cuda_layer.experts.resolve_backend(x.cuda().bfloat16(), [3] * 4) == "grouped_mm"
+    got = cuda_layer(x.to("cuda", torch.bfloat16)).hidden_states.float().cpu()
+    torch.testing.assert_close(got, expected, atol=3e-2, rtol=3e-2)

@@ -1,8 +1,10 @@
 """Dispatch: grouping by expert, capacity dropping by router priority, combine."""
 
+import pytest
 import torch
 
 from moekit import MoEConfig, MoELayer
+from moekit.layer import dispatch
 from moekit.layer.dispatch import combine, expert_capacity, permute, plan_dispatch
 
 
@@ -67,3 +69,16 @@ def test_switch_layer_zeroes_exactly_the_overflowing_tokens():
         assert bool(out.hidden_states[t].abs().sum() > 0) == (t in kept)
     assert out.stats["dropped_fraction"].item() == 6 / 8
     assert out.stats["tokens_per_expert"].tolist() == [8, 0, 0, 0]  # the router's choices, before dropping
+
+
+@pytest.mark.parametrize("num_experts", [1, 3, 8, 64])
+@pytest.mark.parametrize("num_assignments", [0, 1, 2, 16, 64, 300])
+def test_counting_order_equals_the_stable_sort(num_assignments, num_experts):
+    # small plans take the counting path, large ones argsort: both must give argsort's stable order
+    expert_index = torch.randint(0, num_experts, (num_assignments,), generator=torch.Generator().manual_seed(3))
+    plan = plan_dispatch(expert_index, num_experts)
+    assert torch.equal(plan.order, torch.argsort(expert_index, stable=True))
+    assert plan.group_sizes == torch.bincount(expert_index, minlength=num_experts).tolist()
+    counting = dispatch._counting_order(expert_index, torch.bincount(expert_index, minlength=num_experts),
+                                        num_experts)
+    assert torch.equal(counting, torch.argsort(expert_index, stable=True))

@@ -35,6 +35,23 @@ def expert_capacity(num_assignments: int, num_experts: int, capacity_factor: flo
     return math.ceil(capacity_factor * num_assignments / num_experts)
 
 
+#: with at most this many (assignment, expert) cells, the order comes from counting, not sorting
+COUNTING_SORT_MAX_CELLS = 4096
+
+
+def _counting_order(expert_index: Tensor, counts: Tensor, num_experts: int) -> Tensor:
+    """The stable expert-major order without a sort (decoding: a few assignments).
+
+    Assignment n goes to slot start[e_n] + (number of earlier assignments to e_n), read off a running
+    count over a one-hot [N, E] table; equal to `argsort(expert_index, stable=True)`.
+    """
+    one_hot = torch.nn.functional.one_hot(expert_index, num_experts)
+    rank = one_hot.cumsum(0).gather(1, expert_index.unsqueeze(1)).squeeze(1) - 1
+    slot = (counts.cumsum(0) - counts)[expert_index] + rank
+    return torch.empty_like(expert_index).scatter_(0, slot, torch.arange(expert_index.numel(),
+                                                                         device=expert_index.device))
+
+
 def plan_dispatch(
     expert_index: Tensor,
     num_experts: int,
@@ -50,7 +67,10 @@ def plan_dispatch(
     """
     counts = torch.bincount(expert_index, minlength=num_experts)
     if capacity is None:
-        order = torch.argsort(expert_index, stable=True)
+        if expert_index.numel() * num_experts <= COUNTING_SORT_MAX_CELLS:
+            order = _counting_order(expert_index, counts, num_experts)
+        else:
+            order = torch.argsort(expert_index, stable=True)
         return DispatchPlan(order, counts.tolist(), 0)
     if weights is None:
         raise ValueError("plan_dispatch: a capacity needs the router weights to rank assignments")
