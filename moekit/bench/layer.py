@@ -474,7 +474,7 @@ def run_config(bc: BenchConfig, repeats: int, small: bool, env: Env,
 
     layer = put(build_moekit(bc))
     main = [(tokens, make_input(tokens), make_input(tokens)) for tokens in bc.tokens]
-    x_small = make_input(SMALL_TOKENS)
+    x_small, grad_small = make_input(SMALL_TOKENS), make_input(SMALL_TOKENS)
 
     reference = MoekitOutput(layer)
     candidates: list[tuple[str, str, str, Callable[[], nn.Module]]] = [("moekit", "moekit", "", lambda: reference)]
@@ -504,7 +504,7 @@ def run_config(bc: BenchConfig, repeats: int, small: bool, env: Env,
         _progress(f"  [{bc.name}] {label} ...")
         passes = [(tokens, x, grad, rows) for tokens, x, grad in main]
         if small and SMALL_TOKENS not in bc.tokens:
-            passes.append((SMALL_TOKENS, x_small, None, small_rows))
+            passes.append((SMALL_TOKENS, x_small, grad_small, small_rows))
         for tokens, inputs, grad, out_rows in passes:
             backward = grad is not None
             need = estimated_bytes(impl, bc, tokens, backward, env)
@@ -519,7 +519,7 @@ def run_config(bc: BenchConfig, repeats: int, small: bool, env: Env,
                     assert_same_routing(layer, module, inputs, env)
                 if kind != "floor" and module is not reference:
                     assert_equal_work(reference, module, kind, inputs, grad, env)
-                row = Row(label, tokens)
+                row = Row(label, tokens, extra={"small": out_rows is small_rows})
                 timers.append(forward_timer(row, module, inputs))
                 if backward:
                     timers.append(forward_backward_timer(row, module, inputs, grad))
@@ -554,18 +554,18 @@ def add_ratios(rows: list[Row]) -> None:
 
     for row in rows:
         floor, eager = base("floor", row.tokens), base("transformers[eager]", row.tokens)
-        if row.fwd_bwd_ms is not None:
+        if row.fwd_bwd_ms is not None and not row.extra.get("small"):
             row.extra["ratio_floor"] = row.fwd_bwd_ms / floor.fwd_bwd_ms if floor and floor.fwd_bwd_ms else None
             row.extra["ratio_eager"] = row.fwd_bwd_ms / eager.fwd_bwd_ms if eager and eager.fwd_bwd_ms else None
             row.extra["tokens_per_s"] = row.tokens / (row.fwd_bwd_ms / 1e3)
             row.extra["ratio_basis"] = "fwd+bwd"
-            saved, floor_saved = row.extra.get("saved_mib"), floor.extra.get("saved_mib") if floor else None
-            row.extra["saved_ratio_floor"] = saved / floor_saved if saved is not None and floor_saved else None
-        else:  # forward-only rows: ratios of forward times
+        else:  # the few-token rows (decode-like): ratios of forward times
             row.extra["ratio_floor"] = row.fwd_ms / floor.fwd_ms if floor and floor.fwd_ms else None
             row.extra["ratio_eager"] = row.fwd_ms / eager.fwd_ms if eager and eager.fwd_ms else None
             row.extra["tokens_per_s"] = row.tokens / (row.fwd_ms / 1e3) if row.fwd_ms else None
             row.extra["ratio_basis"] = "fwd"
+        saved, floor_saved = row.extra.get("saved_mib"), floor.extra.get("saved_mib") if floor else None
+        row.extra["saved_ratio_floor"] = saved / floor_saved if saved is not None and floor_saved else None
 
 
 def print_table(bc: BenchConfig, rows: list[Row], notes: list[str], env: Env, print_fn: Callable = print) -> None:
@@ -703,7 +703,7 @@ def _run(names: list[str], tokens: list[int], env: Env, threads: int, repeats: i
     print_fn("  of width k*ffn (+ shared width): same active expert FLOPs, no router/dispatch/combine.")
     print_fn("  saved MiB = activation memory of fwd+bwd: tensors autograd keeps for backward (weights excluded).")
     if small:
-        print_fn(f"  Rows with {SMALL_TOKENS} tokens are forward only; their ratios and tokens/s use forward times.")
+        print_fn(f"  Rows with {SMALL_TOKENS} tokens (decode-like): ratios and tokens/s use forward times.")
     if env.cuda:
         print_fn("  Every timed call is wrapped in torch.cuda.synchronize(); peak MiB = torch.cuda.max_memory_allocated"
                  " of one call")
