@@ -57,6 +57,17 @@ def test_attention_is_causal():
     assert torch.allclose(model(ids).logits[:, :6], model(changed).logits[:, :6], atol=1e-6)
 
 
+def test_logits_to_keep_gives_the_last_positions_of_the_full_forward():
+    torch.manual_seed(0)
+    model = MoETransformer(tiny()).eval()
+    ids = torch.randint(0, 40, (2, 9))
+    full = model(ids).logits
+    assert torch.allclose(model(ids, logits_to_keep=1).logits, full[:, -1:], atol=1e-6)
+    assert torch.allclose(model(ids, logits_to_keep=3).logits, full[:, -3:], atol=1e-6)
+    with pytest.raises(ValueError, match="logits_to_keep"):
+        model(ids, targets=ids, logits_to_keep=1)
+
+
 def test_greedy_generation_matches_step_by_step_argmax():
     torch.manual_seed(0)
     model = MoETransformer(tiny()).eval()

@@ -39,7 +39,7 @@ def generate(model: MoETransformer, input_ids: Tensor, max_new_tokens: int, temp
     limit = model.config.max_position_embeddings
     if input_ids.shape[1] >= limit:
         input_ids = input_ids[:, -(limit - 1):]  # keep the most recent context that fits
-    out = model(input_ids, use_cache=True)
+    out = model(input_ids, use_cache=True, logits_to_keep=1)  # prefill: only the last position is sampled
     tokens = input_ids
     for _ in range(max_new_tokens):
         if tokens.shape[1] >= limit:

@@ -156,8 +156,14 @@ class MoETransformer(nn.Module):
                 param.fill_(1.0)
 
     def forward(self, input_ids: Tensor, targets: Tensor | None = None, past_key_values: KVCache | None = None,
-                use_cache: bool = False) -> LMOutput:
-        """input_ids [B, T] -> logits; with `targets` [B, T] the mean next-token cross-entropy."""
+                use_cache: bool = False, logits_to_keep: int = 0) -> LMOutput:
+        """input_ids [B, T] -> logits; with `targets` [B, T] the mean next-token cross-entropy.
+
+        `logits_to_keep` > 0 computes logits for the last that many positions only (as transformers'
+        argument of that name): a prefill before decoding needs just the last one.
+        """
+        if logits_to_keep and targets is not None:
+            raise ValueError("logits_to_keep needs every position's logits for the loss: pass 0 with targets")
         seq = input_ids.shape[1]
         offset = past_key_values[0][0].shape[2] if past_key_values else 0
         if offset + seq > self.config.max_position_embeddings:
@@ -176,7 +182,7 @@ class MoETransformer(nn.Module):
             if moe_out is not None:
                 aux_loss = aux_loss + moe_out.aux_loss
                 stats[i] = moe_out.stats
-        logits = self.lm_head(self.norm(x))
+        logits = self.lm_head(self.norm(x[:, -logits_to_keep:] if logits_to_keep else x))
         loss = None
         if targets is not None:
             loss = F.cross_entropy(logits.float().view(-1, logits.shape[-1]), targets.reshape(-1))
