@@ -12,7 +12,6 @@ from test_reference_parity import make_layer, random_input
 from moekit import GroupedExperts, MoEConfig, MoELayer
 from moekit.bench.layer import saved_activation_mib
 from moekit.config import EXPERT_BACKENDS
-from moekit.layer import experts as experts_module
 from moekit.layer import grouped_ffn as grouped_ffn_module
 from moekit.layer.grouped_ffn import grouped_ffn
 from moekit.model.transformer import DenseMLP
@@ -34,7 +33,6 @@ def orientation(request, monkeypatch):
     """Small groups multiply as W x^T, larger ones as x W^T: run every check both ways."""
     rows = 10**6 if request.param == "weight_left" else 0
     monkeypatch.setattr(grouped_ffn_module, "WEIGHT_LEFT_MAX_ROWS", rows)
-    monkeypatch.setattr(experts_module, "WEIGHT_LEFT_MAX_ROWS", rows)
     return request.param
 
 

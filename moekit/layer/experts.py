@@ -18,8 +18,6 @@ from .grouped_ffn import activate, grouped_ffn
 
 #: the padded `bmm` backend is chosen automatically only when no expert has more rows than this
 PADDED_MAX_ROWS = 64
-#: up to this many rows per expert, the padded backend multiplies with the weight as the left operand
-WEIGHT_LEFT_MAX_ROWS = 8
 
 
 def _activation(name: str):
@@ -135,11 +133,7 @@ class GroupedExperts(nn.Module):
         first_row = sizes.cumsum(0) - sizes
         slot = expert_of_row * capacity + torch.arange(rows, device=x.device) - first_row[expert_of_row]
         padded = x.new_zeros(num_experts * capacity, x.shape[1]).index_copy(0, slot, x)
-        padded = padded.view(num_experts, capacity, -1)
-        if capacity <= WEIGHT_LEFT_MAX_ROWS:  # h^T = W x^T: MKL streams the weight once instead of packing it
-            h = torch.bmm(self.in_proj, padded.transpose(1, 2)).transpose(1, 2)
-        else:
-            h = torch.bmm(padded, self.in_proj.transpose(1, 2))
+        h = torch.bmm(padded.view(num_experts, capacity, -1), self.in_proj.transpose(1, 2))
         if scale is not None:
             scale = scale.new_zeros(num_experts * capacity).index_copy(0, slot, scale).view(num_experts, capacity)
         out = torch.bmm(self._activate(h, scale), self.down_proj.transpose(1, 2))
