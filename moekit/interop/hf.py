@@ -446,7 +446,8 @@ def _save_safetensors(tensors: dict[str, Tensor], path: Path) -> None:
     safetensors.torch.save_file(tensors, str(path), metadata={"format": "pt"})
 
 
-def _write_weights(directory: Path, entries: list[_Entry], max_shard_bytes: int) -> None:
+def _split_shards(entries: list[_Entry], max_shard_bytes: int) -> list[list[_Entry]]:
+    """`entries` in order, cut into shards of at most `max_shard_bytes` (a bigger tensor gets a shard alone)."""
     shards: list[list[_Entry]] = [[]]
     size = 0
     for entry in entries:
@@ -455,14 +456,31 @@ def _write_weights(directory: Path, entries: list[_Entry], max_shard_bytes: int)
             size = 0
         shards[-1].append(entry)
         size += entry.nbytes
+    return shards
+
+
+def _save_shard(entries: list[_Entry], path: Path) -> None:
+    _save_safetensors({e.name: e.materialize() for e in entries}, path)
+
+
+def _write_weights(directory: Path, entries: list[_Entry], max_shard_bytes: int,
+                   save: Callable[[list[_Entry], Path], None] | None = None,
+                   on_shard: Callable[[], None] | None = None) -> None:
+    """Write `entries` as one safetensors file, or as shards with an index; `save` writes one file."""
+    save = save or _save_shard
+    shards = _split_shards(entries, max_shard_bytes)
     if len(shards) == 1:
-        _save_safetensors({e.name: e.materialize() for e in shards[0]}, directory / "model.safetensors")
+        save(shards[0], directory / "model.safetensors")
+        if on_shard is not None:
+            on_shard()
         return
     weight_map: dict[str, str] = {}
     for index, shard in enumerate(shards, start=1):
         filename = f"model-{index:05d}-of-{len(shards):05d}.safetensors"
-        _save_safetensors({e.name: e.materialize() for e in shard}, directory / filename)
+        save(shard, directory / filename)
         weight_map.update(dict.fromkeys((e.name for e in shard), filename))
+        if on_shard is not None:
+            on_shard()
     total = sum(e.nbytes for e in entries)
     write_json(directory / "model.safetensors.index.json", {"metadata": {"total_size": total},
                                                               "weight_map": weight_map})
@@ -529,30 +547,31 @@ def _tokenizer_files(tokenizer_dir: str | os.PathLike[str], max_length: int) -> 
     return _TokenizerFiles(files, bos, eos, write_config)
 
 
-def _check_destination(out: Path, overwrite: bool) -> None:
+def _check_destination(out: Path, overwrite: bool, caller: str = "export_hf") -> None:
     if out.exists() or out.is_symlink():
         if not out.is_dir():
-            raise FileExistsError(f"export_hf: out_dir {str(out)!r} exists and is not a directory; choose another "
+            raise FileExistsError(f"{caller}: out_dir {str(out)!r} exists and is not a directory; choose another "
                                   "out_dir")
         if any(out.iterdir()) and not overwrite:
-            raise FileExistsError(f"export_hf: out_dir {str(out)!r} already exists and is not empty; pass "
-                                  "overwrite=True to replace it, or choose another out_dir")
+            raise FileExistsError(f"{caller}: out_dir {str(out)!r} already exists and is not empty; pass "
+                                  "overwrite=True (CLI --overwrite) to replace it, or choose another out_dir")
 
 
-def _write_atomically(out_dir: str | os.PathLike[str], overwrite: bool, write: Callable[[Path], None]) -> Path:
+def _write_atomically(out_dir: str | os.PathLike[str], overwrite: bool, write: Callable[[Path], None],
+                      caller: str = "export_hf") -> Path:
     """Run `write` on a fresh folder next to `out_dir`, then rename it into place.
 
     `out_dir` appears only once complete; when `write` fails, the folder is removed and an existing
-    `out_dir` is left as it was.
+    `out_dir` is left as it was. `caller` names the function in error messages.
     """
     out = Path(out_dir).expanduser().absolute()
-    _check_destination(out, overwrite)
+    _check_destination(out, overwrite, caller)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:12]}"
     tmp.mkdir()
     try:
         write(tmp)
-        _check_destination(out, overwrite)  # something may have appeared meanwhile
+        _check_destination(out, overwrite, caller)  # something may have appeared meanwhile
         swap_in(tmp, out, out.parent / f".{out.name}.old-{uuid.uuid4().hex[:12]}")
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -1,0 +1,656 @@
+"""Build Mixture-of-Experts checkpoints from dense Hugging Face models: `merge` (mergekit-moe configs).
+
+`merge(config, out)` copies embeddings, attention, norms and the output head from the config's `base_model`,
+copies each expert's FFN (`gate_proj`, `up_proj`, `down_proj`) from its `source_model`, initialises the routers
+with `moekit.interop.gates.compute_gate_weights` and writes a checkpoint that
+`transformers.AutoModelForCausalLM.from_pretrained(out)` loads with the library's own classes (no remote code).
+`moekit.interop.upcycle.upcycle` builds on the same writer.
+
+Output layouts (`architecture`):
+
+- ``mixtral`` (`MixtralForCausalLM`): from Llama or Mistral bases; no shared experts. A Qwen2 base (q/k/v biases)
+  or a Qwen3 base (per-head q/k RMSNorm) cannot be written as Mixtral and is refused.
+- ``qwen2_moe`` (`Qwen2MoeForCausalLM`): from Llama, Mistral or Qwen2 bases (`qkv_bias` follows the base). Any
+  number N of shared experts, fused into one shared FFN of width N x intermediate_size. Qwen2-MoE multiplies its
+  shared expert by ``sigmoid(shared_expert_gate(x))``. mergekit writes the shared expert's own prompt vector
+  there (the same computation as a router row); moekit does the same, with the mean of the shared experts' rows
+  when there are several. When the shared experts have no prompts (mergekit refuses that), the gate weight is
+  zero, so the gate is 1/2 for every token, and the shared `down_proj` is doubled: the shared experts are then
+  always fully on.
+- ``qwen3_moe`` (`Qwen3MoeForCausalLM`): from Qwen3 bases only (its attention always has q_norm/k_norm); no
+  shared experts.
+- ``deepseek_v3`` (also spelt ``deepseek``): DeepSeek-V3-style routing (sigmoid scores, a zero
+  `e_score_correction_bias`, top-k weights renormalised, `routed_scaling_factor` 1, one group) and any number of
+  always-on shared experts, written as `Glm4MoeForCausalLM`. transformers' `DeepseekV3ForCausalLM` uses
+  multi-head latent attention, into which a Llama/Qwen attention cannot be written exactly (see
+  `moekit.interop.hf`); Glm4-MoE is the same MoE with standard attention, and its `use_qk_norm` is the same
+  per-head RMSNorm before RoPE as Qwen3's, so Qwen3 bases fit too. mergekit's own ``deepseek`` output instead
+  names remote code from the Hub (DeepSeek-MoE v1, softmax routing) and allows at most one ungated shared expert.
+  Shared experts with prompts are refused here (Glm4-MoE has no shared-expert gate).
+
+Default layout (`architecture` unset), mirroring mergekit-moe's choice and extending it: without shared experts,
+``mixtral`` for Llama/Mistral bases, ``qwen2_moe`` for Qwen2 and ``qwen3_moe`` for Qwen3; with shared experts,
+``qwen2_moe`` when they have prompts (a gated shared expert) and ``deepseek_v3`` otherwise or for Qwen3 bases.
+
+Expert weights: expert i's `gate_proj`/`up_proj`/`down_proj` are source i's, plus Gaussian noise of standard
+deviation `noise_scale` (absolute, as in mergekit, but seeded by the config's `seed`), with `down_proj` times
+`residual_scale` when given. Router rows are in the orientation of transformers' router weight ``[E, hidden]``.
+Routers are computed in float32 by default (`gate_dtype`); the written weights use `dtype` (default: the base
+model's dtype, else its stored tensor dtype).
+
+Streaming: tensors are read one at a time from the inputs' safetensors files and each output shard is written
+tensor by tensor into a file whose header is written first, so memory holds one tensor (the largest is usually
+the embedding) rather than a shard or a model. GGUF inputs are the exception: transformers dequantises them
+whole. Output goes to a temporary folder next to `out`, renamed into place once complete; a failure removes it
+and leaves an existing `out` untouched, and a non-empty `out` is replaced only with `overwrite=True`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import struct
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .._files import write_json
+from .dense_source import (
+    DenseSource,
+    check_same_shapes,
+    check_tensors,
+    layer_tensors,
+    open_dense,
+    required_tensors,
+    safetensors_dtype,
+)
+from .hf import _TOKENIZER_FILES, _check_destination, _Entry, _split_shards, _write_atomically, _write_weights
+from .merge_config import MergeConfig, load_merge_config
+
+__all__ = ["DEFAULT_MERGE_SHARD_BYTES", "MergePlan", "choose_architecture", "merge"]
+
+DEFAULT_MERGE_SHARD_BYTES = 2_000_000_000
+"""Largest safetensors file `merge`/`upcycle` write by default (2 GB); shards are streamed, so memory does not grow
+with it."""
+
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+_CLASSES = {"mixtral": ("MixtralConfig", "MixtralForCausalLM"), "qwen2_moe": ("Qwen2MoeConfig", "Qwen2MoeForCausalLM"),
+            "qwen3_moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM"),
+            "deepseek_v3": ("Glm4MoeConfig", "Glm4MoeForCausalLM")}
+_PROJ = ("gate_proj", "up_proj", "down_proj")
+
+
+# ============================================================================================== layouts
+def choose_architecture(family: str, num_shared: int, shared_gated: bool, requested: str | None = None) -> str:
+    """The output layout for a `family` base (see the module docstring for the rule); refuse impossible ones.
+
+    Args:
+        family: the base model's `model_type` (llama, mistral, qwen2, qwen3).
+        num_shared: number of shared experts.
+        shared_gated: whether the shared experts need a gate (they have prompts).
+        requested: an explicit layout, ``"qwen"`` (mergekit's prefix: qwen3_moe for Qwen3 bases, else
+            qwen2_moe) or None.
+
+    Raises:
+        ValueError: the requested layout cannot hold this model, with why and what to use instead.
+    """
+    if requested == "qwen":
+        requested = "qwen3_moe" if family == "qwen3" else "qwen2_moe"
+    if requested is None:
+        if num_shared == 0:
+            return {"llama": "mixtral", "mistral": "mixtral", "qwen2": "qwen2_moe", "qwen3": "qwen3_moe"}[family]
+        return "qwen2_moe" if shared_gated and family != "qwen3" else "deepseek_v3"
+    problem = None
+    if requested == "mixtral":
+        if family == "qwen2":
+            problem = "Qwen2 attention has q/k/v biases, which Mixtral attention lacks; use qwen2_moe or deepseek_v3"
+        elif family == "qwen3":
+            problem = ("Qwen3 attention normalises queries and keys per head (q_norm/k_norm), which Mixtral lacks; "
+                       "use qwen3_moe or deepseek_v3")
+        elif num_shared:
+            problem = "Mixtral has no shared experts; use qwen2_moe or deepseek_v3"
+    elif requested == "qwen2_moe" and family == "qwen3":
+        problem = "Qwen2-MoE attention has no q_norm/k_norm, which a Qwen3 base needs; use qwen3_moe or deepseek_v3"
+    elif requested == "qwen3_moe":
+        if family != "qwen3":
+            problem = (f"Qwen3-MoE attention always applies q_norm/k_norm, which a {family} base does not have; use "
+                       "mixtral, qwen2_moe or deepseek_v3")
+        elif num_shared:
+            problem = "Qwen3-MoE has no shared experts; use deepseek_v3"
+    elif requested == "deepseek_v3" and shared_gated:
+        problem = ("the DeepSeek-V3 layout (Glm4MoeForCausalLM) adds its shared experts without a gate; remove the "
+                   "shared experts' prompts, or use qwen2_moe, whose shared expert has a sigmoid gate")
+    if problem:
+        raise ValueError(f"architecture {requested!r} cannot hold this model: {problem}")
+    return requested
+
+
+def _active_window(config: dict[str, Any]) -> int | None:
+    window = config.get("sliding_window")
+    if config.get("model_type") in ("qwen2", "qwen3") and not config.get("use_sliding_window"):
+        return None
+    if window is None or window >= int(config.get("max_position_embeddings") or 0):
+        return None
+    return int(window)
+
+
+def output_config(architecture: str, base: DenseSource, *, num_experts: int, experts_per_token: int,
+                  expert_width: int, shared_width: int, dtype: torch.dtype) -> dict[str, Any]:
+    """The `config.json` dict of the MoE model, built with transformers' own config class for the layout."""
+    import transformers
+
+    src = base.config
+    layers = base.num_layers
+    window = _active_window(src)
+    if window is not None and not (architecture == "mixtral" and base.family == "mistral"):
+        warnings.warn(f"{base.path} uses sliding-window attention (window {window}); the {architecture} output is "
+                      "written with full attention", stacklevel=3)
+    dtype_name = str(dtype).removeprefix("torch.")
+    fields: dict[str, Any] = {key: src[key] for key in (
+        "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "max_position_embeddings",
+        "rms_norm_eps", "tie_word_embeddings", "bos_token_id", "eos_token_id", "pad_token_id") if key in src}
+    fields.update(num_key_value_heads=src.get("num_key_value_heads") or src["num_attention_heads"],
+                  head_dim=base.head_dim, hidden_act=src.get("hidden_act", "silu"),
+                  initializer_range=src.get("initializer_range", 0.02),
+                  attention_dropout=src.get("attention_dropout", 0.0), use_cache=True, dtype=dtype_name,
+                  num_experts_per_tok=experts_per_token, output_router_logits=False)
+    rope = dict(src.get("rope_parameters") or {"rope_type": "default", "rope_theta": src.get("rope_theta", 1e4)})
+    dense_width = base.intermediate_size
+    if architecture == "mixtral":
+        fields.update(intermediate_size=expert_width, num_local_experts=num_experts, router_jitter_noise=0.0,
+                      sliding_window=window if base.family == "mistral" else None)
+    elif architecture == "qwen2_moe":
+        fields.update(intermediate_size=dense_width, moe_intermediate_size=expert_width, num_experts=num_experts,
+                      shared_expert_intermediate_size=shared_width, norm_topk_prob=True, decoder_sparse_step=1,
+                      mlp_only_layers=[], qkv_bias=base.family == "qwen2", use_sliding_window=False,
+                      sliding_window=None, max_window_layers=layers, layer_types=["full_attention"] * layers)
+    elif architecture == "qwen3_moe":
+        fields.update(intermediate_size=dense_width, moe_intermediate_size=expert_width, num_experts=num_experts,
+                      norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=[], attention_bias=False,
+                      use_sliding_window=False, sliding_window=None, max_window_layers=layers)
+    else:  # deepseek_v3 as Glm4MoeForCausalLM
+        rope["partial_rotary_factor"] = 1.0
+        fields.update(intermediate_size=dense_width, moe_intermediate_size=expert_width, n_routed_experts=num_experts,
+                      n_shared_experts=shared_width // expert_width, routed_scaling_factor=1.0, n_group=1,
+                      topk_group=1, norm_topk_prob=True, first_k_dense_replace=0,
+                      attention_bias=base.family == "qwen2", use_qk_norm=base.family == "qwen3",
+                      partial_rotary_factor=1.0, num_nextn_predict_layers=0)
+    fields["rope_parameters"] = rope
+    config_name, class_name = _CLASSES[architecture]
+    config = getattr(transformers, config_name)(**fields)
+    config.architectures = [class_name]
+    out = config.to_dict()
+    out["dtype"] = dtype_name
+    out.pop("transformers_version", None)
+    return out
+
+
+# ============================================================================================== what to write
+@dataclass
+class FFNPart:
+    """A slice of one dense FFN, as one expert or as part of a fused shared FFN.
+
+    Attributes:
+        source: the dense model it is read from.
+        units: the intermediate units taken (rows of gate/up, columns of down), or None for all.
+        down_scale: factor on the `down_proj` part.
+        noise: standard deviation of Gaussian noise added to each weight (absolute, or relative to the weight's
+            own standard deviation with `relative_noise`), applied before `down_scale`.
+        seed: seed of this part's noise (each layer and projection draws from its own generator).
+    """
+
+    source: DenseSource
+    units: slice | None = None
+    down_scale: float = 1.0
+    noise: float = 0.0
+    relative_noise: bool = False
+    seed: int = 0
+
+    def read(self, layer: int, proj: str) -> Tensor:
+        """This part's `proj` weight of `layer` (gate/up: [units, hidden]; down: [hidden, units])."""
+        tensor = self.source.get(self.source.mlp_name(layer, proj))
+        if self.units is not None:
+            tensor = tensor[self.units] if proj != "down_proj" else tensor[:, self.units]
+        scale = self.down_scale if proj == "down_proj" else 1.0
+        if self.noise == 0.0 and scale == 1.0:
+            return tensor
+        tensor = tensor.float()
+        if self.noise:
+            generator = torch.Generator().manual_seed((self.seed * 100_003 + layer) * 3 + _PROJ.index(proj))
+            std = self.noise * (float(tensor.std()) if self.relative_noise else 1.0)
+            tensor = tensor + std * torch.randn(tensor.shape, generator=generator)
+        return tensor * scale if scale != 1.0 else tensor
+
+
+@dataclass
+class MoEBuild:
+    """Everything a layout needs to be written: the base, the experts and the router weights.
+
+    Attributes:
+        architecture: one of mixtral, qwen2_moe, qwen3_moe, deepseek_v3.
+        base: model giving everything but the FFNs.
+        experts: routed experts, one `FFNPart` each, in router order.
+        shared: parts fused (concatenated along the intermediate dimension) into the shared FFN.
+        experts_per_token: top-k.
+        dtype: dtype of the written weights.
+        router: ``[layers, experts, hidden]`` float32, set before writing.
+        shared_gate: ``[layers, hidden]`` weights of Qwen2-MoE's shared-expert sigmoid gate, or None (zero gate).
+    """
+
+    architecture: str
+    base: DenseSource
+    experts: list[FFNPart]
+    shared: list[FFNPart]
+    experts_per_token: int
+    dtype: torch.dtype
+    router: Tensor | None = None
+    shared_gate: Tensor | None = None
+    config: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def expert_width(self) -> int:
+        return _width(self.experts[0])
+
+    @property
+    def shared_width(self) -> int:
+        return sum(_width(p) for p in self.shared)
+
+    def __post_init__(self) -> None:
+        widths = {_width(p) for p in self.experts}
+        if len(widths) != 1:  # pragma: no cover - callers build equal experts
+            raise ValueError(f"experts must have one width, got {sorted(widths)}")
+        if self.architecture == "deepseek_v3" and self.shared_width % self.expert_width:
+            raise ValueError(f"the DeepSeek-V3 layout needs a shared width that is a multiple of the expert width "
+                             f"{self.expert_width}; got {self.shared_width}")
+        self.config = output_config(self.architecture, self.base, num_experts=len(self.experts),
+                                    experts_per_token=self.experts_per_token, expert_width=self.expert_width,
+                                    shared_width=self.shared_width, dtype=self.dtype)
+
+
+def _width(part: FFNPart) -> int:
+    total = part.source.intermediate_size
+    return len(range(*part.units.indices(total))) if part.units is not None else total
+
+
+def _fused(parts: list[FFNPart], layer: int, proj: str) -> Callable[[], Tensor]:
+    dim = 1 if proj == "down_proj" else 0
+    return lambda: torch.cat([p.read(layer, proj).float() for p in parts], dim=dim)
+
+
+def _entries(build: MoEBuild) -> list[_Entry]:
+    """Every tensor of the output checkpoint, under the layout's names; each is read only when written."""
+    base, arch, dtype = build.base, build.architecture, build.dtype
+    hidden, width, shared_width = base.hidden_size, build.expert_width, build.shared_width
+    entries: list[_Entry] = []
+
+    def add(name: str, shape: tuple[int, ...], make: Callable[[], Tensor], dt: torch.dtype = dtype) -> None:
+        entries.append(_Entry(name, tuple(int(s) for s in shape), dt, make))
+
+    def copy(name: str) -> None:
+        add(name, base.shape(name), lambda: base.get(name))
+
+    def router(layer: int) -> Tensor:
+        if build.router is None:
+            raise RuntimeError("router weights were not computed before writing")
+        return build.router[layer]
+
+    def shared_gate(layer: int) -> Tensor:
+        if build.shared_gate is None:
+            return torch.zeros(1, hidden)
+        return build.shared_gate[layer].reshape(1, hidden)
+
+    copy("model.embed_tokens.weight")
+    for layer in range(base.num_layers):
+        prefix = f"model.layers.{layer}"
+        for name in layer_tensors(base, layer, mlp=False):
+            copy(name)
+        moe = f"{prefix}.block_sparse_moe" if arch == "mixtral" else f"{prefix}.mlp"
+        names = {"gate_proj": "w1", "up_proj": "w3", "down_proj": "w2"} if arch == "mixtral" else \
+            {p: p for p in _PROJ}
+        add(f"{moe}.gate.weight", (len(build.experts), hidden), lambda layer=layer: router(layer))
+        if arch == "deepseek_v3":
+            add(f"{moe}.gate.e_score_correction_bias", (len(build.experts),),
+                lambda: torch.zeros(len(build.experts)), torch.float32)
+        for index, part in enumerate(build.experts):
+            for proj in _PROJ:
+                shape = (hidden, width) if proj == "down_proj" else (width, hidden)
+                add(f"{moe}.experts.{index}.{names[proj]}.weight", shape,
+                    lambda part=part, layer=layer, proj=proj: part.read(layer, proj))
+        if arch in ("qwen2_moe", "deepseek_v3"):
+            shared = f"{moe}.shared_expert" if arch == "qwen2_moe" else f"{moe}.shared_experts"
+            for proj in _PROJ:
+                shape = (hidden, shared_width) if proj == "down_proj" else (shared_width, hidden)
+                make = _fused(build.shared, layer, proj) if build.shared else (lambda shape=shape: torch.zeros(shape))
+                add(f"{shared}.{proj}.weight", shape, make)
+        if arch == "qwen2_moe":
+            add(f"{moe}.shared_expert_gate.weight", (1, hidden), lambda layer=layer: shared_gate(layer))
+    copy("model.norm.weight")
+    if not base.tied:
+        copy("lm_head.weight")
+    return entries
+
+
+# ============================================================================================== plan
+@dataclass
+class MergePlan:
+    """What a merge or upcycle writes (returned by `merge`/`upcycle`, printed by ``--dry-run``).
+
+    Attributes:
+        architecture: output layout; `model_class` its transformers class.
+        num_layers, num_experts, experts_per_token: the MoE shape; `expert_width` and `shared_width` are the
+            intermediate sizes of one routed expert and of the fused shared FFN.
+        total_params, active_params: parameters in all, and used per token (k routed experts per layer).
+        output_bytes, num_shards: size of the weights written and the number of safetensors files.
+        dtype: dtype of the written weights; `gate_mode` how routers were initialised.
+        out: the written folder, or None for a dry run.
+        notes: warnings and facts worth showing (ill-conditioned router layers, ...).
+    """
+
+    architecture: str
+    model_class: str
+    num_layers: int
+    num_experts: int
+    experts_per_token: int
+    expert_width: int
+    shared_width: int
+    total_params: int
+    active_params: int
+    output_bytes: int
+    num_shards: int
+    dtype: str
+    gate_mode: str
+    out: Path | None = None
+    notes: list[str] = field(default_factory=list)
+
+    def format(self) -> str:
+        """A readable multi-line summary."""
+        from ..model.info import human_bytes, human_count
+
+        share = 100.0 * self.active_params / self.total_params if self.total_params else 0.0
+        lines = [
+            f"architecture        {self.architecture} ({self.model_class})",
+            f"layers              {self.num_layers}, every one MoE",
+            f"experts             {self.num_experts} routed (width {self.expert_width}), "
+            f"{self.experts_per_token} per token" + (f", shared width {self.shared_width}" if self.shared_width
+                                                       else ""),
+            f"router init         {self.gate_mode}",
+            f"total parameters    {human_count(self.total_params)} ({self.total_params:,})",
+            f"active parameters   {human_count(self.active_params)} per token ({share:.1f}%)",
+            f"output              {human_bytes(self.output_bytes)} in {self.num_shards} safetensors file(s), "
+            f"{self.dtype}",
+        ]
+        if self.out is not None:
+            lines.append(f"written to          {self.out}")
+        lines += [f"note: {note}" for note in self.notes]
+        return "\n".join(lines)
+
+
+def _plan(build: MoEBuild, entries: list[_Entry], max_shard_bytes: int, gate_mode: str) -> MergePlan:
+    total = sum(math.prod(e.shape) for e in entries if not e.name.endswith("e_score_correction_bias"))
+    base = build.base
+    idle = base.num_layers * (len(build.experts) - build.experts_per_token) * 3 * base.hidden_size * build.expert_width
+    return MergePlan(
+        architecture=build.architecture, model_class=build.config["architectures"][0], num_layers=base.num_layers,
+        num_experts=len(build.experts), experts_per_token=build.experts_per_token, expert_width=build.expert_width,
+        shared_width=build.shared_width, total_params=total, active_params=total - idle,
+        output_bytes=sum(e.nbytes for e in entries), num_shards=len(_split_shards(entries, max_shard_bytes)),
+        dtype=str(build.dtype).removeprefix("torch."), gate_mode=gate_mode)
+
+
+# ============================================================================================== files
+def _stream_safetensors(entries: list[_Entry], path: Path, on_tensor: Callable[[], None] | None = None) -> None:
+    """Write `entries` as one safetensors file: the header first (shapes are known), then each tensor in turn."""
+    header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for entry in entries:
+        header[entry.name] = {"dtype": safetensors_dtype(entry.dtype), "shape": list(entry.shape),
+                              "data_offsets": [offset, offset + entry.nbytes]}
+        offset += entry.nbytes
+    blob = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    blob += b" " * (-len(blob) % 8)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(blob)))
+        f.write(blob)
+        for entry in entries:
+            tensor = entry.materialize()
+            if tensor.numel():
+                f.write(tensor.reshape(-1).view(torch.uint8).numpy().data)
+            del tensor
+            if on_tensor is not None:
+                on_tensor()
+
+
+def _progress_bar(total: int, desc: str, enabled: bool) -> Any:
+    if not enabled:
+        return None
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:  # pragma: no cover - tqdm is in the train extra
+        return None
+    return tqdm(total=total, desc=desc, unit="tensor")
+
+
+def _tokenizer_writer(base: DenseSource, tokenizer_source: str | None) -> Callable[[Path], None]:
+    """A function that puts the tokenizer files into the output folder (copies, or transformers' save)."""
+    if tokenizer_source is not None:
+        directory = Path(tokenizer_source)
+        if not directory.is_dir():
+            raise FileNotFoundError(f"tokenizer_source {tokenizer_source!r} is not a directory")
+    elif base.gguf_file is None:
+        directory = base.path
+    else:
+        import transformers
+
+        tokenizer = transformers.AutoTokenizer.from_pretrained(str(base.model_dir), gguf_file=base.gguf_file)
+        return lambda out: tokenizer.save_pretrained(str(out))
+    files = [directory / name for name in _TOKENIZER_FILES if (directory / name).is_file()]
+    if not files:
+        warnings.warn(f"{directory} holds no tokenizer files; the output has none (copy them in before use)",
+                      stacklevel=3)
+
+    def copy(out: Path) -> None:
+        for file in files:
+            shutil.copyfile(file, out / file.name)
+
+    return copy
+
+
+def _generation_config(base: DenseSource, config: dict[str, Any]) -> dict[str, Any]:
+    path = base.path / "generation_config.json"
+    if base.gguf_file is None and path.is_file():
+        values = json.loads(path.read_text(encoding="utf-8"))
+        values.pop("transformers_version", None)
+        return values
+    return {"bos_token_id": config.get("bos_token_id"), "eos_token_id": config.get("eos_token_id"),
+            "pad_token_id": config.get("pad_token_id"), "use_cache": True}
+
+
+def write_build(build: MoEBuild, out: str | os.PathLike[str], *, tokenizer_source: str | None = None,
+                overwrite: bool = False, max_shard_bytes: int = DEFAULT_MERGE_SHARD_BYTES, progress: bool = True,
+                caller: str = "merge", extra_files: dict[str, str] | None = None) -> Path:
+    """Write `build` atomically into `out` (weights, config, generation config, tokenizer); return the path."""
+    entries = _entries(build)
+    write_tokenizer = _tokenizer_writer(build.base, tokenizer_source)
+    generation = _generation_config(build.base, build.config)
+
+    def write(directory: Path) -> None:
+        bar = _progress_bar(len(entries), f"moekit {caller}: writing", progress)
+        step = bar.update if bar is not None else None
+        try:
+            _write_weights(directory, entries, max_shard_bytes,
+                           save=lambda shard, path: _stream_safetensors(shard, path, step))
+        finally:
+            if bar is not None:
+                bar.close()
+        write_json(directory / "config.json", build.config)
+        write_json(directory / "generation_config.json", generation)
+        write_tokenizer(directory)
+        for name, text in (extra_files or {}).items():
+            (directory / name).write_text(text, encoding="utf-8")
+
+    with torch.no_grad():
+        return _write_atomically(out, overwrite, write, caller=caller)
+
+
+def resolve_dtype(name: str | torch.dtype | None, base: DenseSource) -> torch.dtype:
+    """`name`, else the base config's dtype, else the dtype its embedding is stored in."""
+    if isinstance(name, torch.dtype):
+        return name
+    if name is None:
+        declared = base.config.get("dtype") or base.config.get("torch_dtype")
+        if isinstance(declared, torch.dtype):
+            return declared
+        name = str(declared).removeprefix("torch.") if declared else None
+        if name not in _DTYPES:
+            return base.dtype("model.embed_tokens.weight")
+    if name not in _DTYPES:
+        raise ValueError(f"dtype {name!r} is not allowed; use one of {', '.join(_DTYPES)}")
+    return _DTYPES[name]
+
+
+def check_max_shard_bytes(value: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"max_shard_bytes={value!r} must be a positive integer")
+    return value
+
+
+# ============================================================================================== merge
+def _open_models(config: MergeConfig) -> tuple[DenseSource, list[DenseSource], list[DenseSource]]:
+    opened: dict[str, DenseSource] = {}
+
+    def get(path: str) -> DenseSource:
+        key = os.path.abspath(path)
+        if key not in opened:
+            opened[key] = open_dense(path)
+        return opened[key]
+
+    base = get(config.base_model)
+    check_tensors(base, required_tensors(base, mlp=False, rest=True))
+    mlp = required_tensors(base, mlp=True, rest=False)
+    experts = [get(e.source_model) for e in config.experts]
+    shared = [get(e.source_model) for e in config.shared_experts]
+    for source in [base, *experts, *shared]:
+        check_tensors(source, mlp)
+        check_same_shapes(base, source, mlp)
+        if source.family != base.family:
+            warnings.warn(f"{source.path} is a {source.family} model and the base {base.path} a {base.family} model; "
+                          "only their FFN shapes must agree, so the merge goes on", stacklevel=3)
+    return base, experts, shared
+
+
+def _check_prompts(config: MergeConfig, base: DenseSource) -> None:
+    """Tokenise every prompt as the router initialisation will: none may be empty (checked before any work)."""
+    if config.gate_mode in ("random", "uniform_random"):
+        return
+    from .gates import load_tokenizer, tokenize_prompts
+
+    tokenizer = load_tokenizer(base.model_dir, base.gguf_file, config.tokenizer_source)
+    for group, experts in (("experts", config.experts), ("shared_experts", config.shared_experts)):
+        for index, expert in enumerate(experts):
+            try:
+                tokenize_prompts(tokenizer, [*expert.positive_prompts, *expert.negative_prompts])
+            except ValueError as error:
+                raise ValueError(f"{group}[{index}] ({expert.source_model}): {error}") from error
+
+
+def _router_rows(config: MergeConfig, base: DenseSource, device: str) -> tuple[Tensor, Tensor | None, list[int]]:
+    """Routed rows [L, E, H], the shared experts' rows [L, N, H] (when they get some) and ill-conditioned layers."""
+    from .gates import ExpertPrompts, compute_gate_weights, ill_conditioned_layers
+
+    with_shared = bool(config.shared_experts) and (config.shared_have_prompts
+                                                   or config.gate_mode in ("random", "uniform_random"))
+    specs = config.experts + (config.shared_experts if with_shared else [])
+    prompts = [ExpertPrompts(list(e.positive_prompts), list(e.negative_prompts)) for e in specs]
+    gates = compute_gate_weights(base.model_dir, prompts, config.gate_mode, num_layers=base.num_layers,
+                                 hidden_size=base.hidden_size, gguf_file=base.gguf_file,
+                                 tokenizer_path=config.tokenizer_source, dtype=_DTYPES[config.gate_dtype],
+                                 device=device, seed=config.seed)
+    expected = (base.num_layers, len(specs), base.hidden_size)
+    if tuple(gates.shape) != expected:  # pragma: no cover - guards the interface with moekit.interop.gates
+        raise RuntimeError(f"compute_gate_weights returned shape {tuple(gates.shape)}, expected {expected}")
+    gates = gates.float()
+    # centred: a direction shared by every row moves all logits alike and decides nothing; mergekit's plain test
+    # flags nearly every layer of a real model for it (30 of 30 on SmolLM2, benchmarks/bench_merge.py)
+    bad = ill_conditioned_layers(gates, centred=True) if len(specs) > 1 else []
+    routed = gates[:, : len(config.experts)].contiguous()
+    shared = gates[:, len(config.experts):].contiguous() if with_shared else None
+    return routed, shared, bad
+
+
+def merge(config: MergeConfig | str | os.PathLike[str] | dict[str, Any], out: str | os.PathLike[str], *,
+          dry_run: bool = False, device: str = "cpu", overwrite: bool = False, for_further_training: bool = False,
+          max_shard_bytes: int = DEFAULT_MERGE_SHARD_BYTES, progress: bool = True) -> MergePlan:
+    """Merge dense models into an MoE checkpoint as a mergekit-moe config describes.
+
+    Args:
+        config: a `MergeConfig`, a YAML file path, or the mapping (see `moekit.interop.merge_config`).
+        out: the folder to create; it must not exist or be empty unless `overwrite`.
+        dry_run: check everything (config, models, shapes, layout, tokenised prompts, destination) and return the
+            plan without computing routers or writing anything.
+        device: where the router initialisation runs the base model (``"cpu"`` or ``"cuda"``).
+        overwrite: replace a non-empty `out` (the old folder stays until the new one is complete).
+        for_further_training: accept experts that all come from one model or share their prompts (the model is
+            meant to be trained after merging); same as the YAML key.
+        max_shard_bytes: largest safetensors file; more weights are split into shards with an index.
+        progress: show progress bars.
+
+    Returns:
+        The `MergePlan`; `out` is set to the written folder unless `dry_run`.
+
+    Raises:
+        ValueError: a bad config (named key and value), an unsupported or mismatched model (named tensor and both
+            shapes), or a layout that cannot hold the models.
+        FileNotFoundError: a model, the config file or the tokenizer source is missing.
+        FileExistsError: `out` exists and is not empty, and `overwrite` is False.
+    """
+    if not isinstance(config, MergeConfig):
+        config = load_merge_config(config, for_further_training=for_further_training)
+    elif for_further_training and not config.for_further_training:
+        config.for_further_training = True
+        config.validate()
+    check_max_shard_bytes(max_shard_bytes)
+    if device not in ("cpu", "cuda") and not str(device).startswith("cuda:"):
+        raise ValueError(f"device={device!r} is not allowed; use cpu or cuda")
+    base, experts, shared = _open_models(config)
+    architecture = choose_architecture(base.family, len(config.shared_experts), config.shared_have_prompts,
+                                       config.architecture)
+    build = MoEBuild(
+        architecture=architecture, base=base,
+        experts=[FFNPart(src, down_scale=spec.residual_scale if spec.residual_scale is not None else 1.0,
+                         noise=spec.noise_scale or 0.0, seed=config.seed * 1000 + index)
+                 for index, (src, spec) in enumerate(zip(experts, config.experts, strict=True))],
+        shared=[FFNPart(src, down_scale=spec.residual_scale if spec.residual_scale is not None else 1.0,
+                        noise=spec.noise_scale or 0.0, seed=config.seed * 1000 + 500 + index)
+                for index, (src, spec) in enumerate(zip(shared, config.shared_experts, strict=True))],
+        experts_per_token=config.experts_per_token, dtype=resolve_dtype(config.dtype, base))
+    _check_prompts(config, base)
+    _check_destination(Path(out).expanduser().absolute(), overwrite, "merge")
+    if config.tokenizer_source is not None and not Path(config.tokenizer_source).is_dir():
+        raise FileNotFoundError(f"tokenizer_source {config.tokenizer_source!r} is not a directory")
+    plan = _plan(build, _entries(build), max_shard_bytes, config.gate_mode)
+    if dry_run:
+        return plan
+    build.router, shared_rows, bad = _router_rows(config, base, device)
+    if bad:
+        names = ", ".join(str(i) for i in bad)
+        message = (f"router rows of layer(s) {names} are nearly linearly dependent (ill-conditioned, after removing "
+                   "the direction all rows share): some experts will rarely be told apart; make the experts' prompts "
+                   "more distinct")
+        warnings.warn(message, stacklevel=2)
+        plan.notes.append(message)
+    if architecture == "qwen2_moe" and build.shared:
+        if shared_rows is not None:
+            build.shared_gate = shared_rows.mean(dim=1)
+        else:  # zero gate: sigmoid(0) = 1/2 for every token, undone by doubling the shared down_proj
+            for part in build.shared:
+                part.down_scale *= 2.0
+    plan.out = write_build(build, out, tokenizer_source=config.tokenizer_source, overwrite=overwrite,
+                           max_shard_bytes=max_shard_bytes, progress=progress, caller="merge")
+    return plan
