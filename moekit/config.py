@@ -334,11 +334,18 @@ class ModelConfig(_DictMixin):
 
 @dataclass
 class TrainConfig:
-    """How `moekit train` trains: data, optimiser, schedule, evaluation and checkpointing."""
+    """How `moekit train` trains: data, optimiser, schedule, evaluation and checkpointing.
+
+    `init_from` names a Hugging Face checkpoint folder (what `moekit merge` or `moekit upcycle` writes, or any
+    mixtral / qwen2_moe / glm4_moe / llama folder `moekit.interop.load_hf` reads) to start from instead of random
+    weights. Its `tokenizer.json` is then the tokenizer: `tokenizer` becomes "hf" ("byte" is replaced, since
+    it is the default; "bpe" is refused, because the model's embedding rows are the folder tokenizer's ids).
+    """
 
     seed: int = 0
     data: str | None = None  # None = the embedded Shakespeare corpus; else a text file or folder
-    tokenizer: str = "byte"  # "byte" or "bpe" (trained locally with the `tokenizers` package)
+    init_from: str | None = None  # None = random initialisation; else an HF checkpoint folder (see above)
+    tokenizer: str = "byte"  # "byte", "bpe" (trained locally with `tokenizers`) or "hf" (init_from's tokenizer.json)
     bpe_vocab_size: int = 2048
     val_fraction: float = 0.05
     block_size: int = 128
@@ -375,8 +382,18 @@ class TrainConfig:
                 fail(name, value, "a positive integer")
         if self.warmup_steps < 0:
             fail("warmup_steps", self.warmup_steps, "an integer >= 0")
-        if self.tokenizer not in ("byte", "bpe"):
-            fail("tokenizer", self.tokenizer, "'byte' or 'bpe'")
+        if self.init_from is not None:
+            if not isinstance(self.init_from, str) or not self.init_from.strip():
+                fail("init_from", self.init_from, "None or the path of a Hugging Face checkpoint folder")
+            if self.tokenizer == "bpe":
+                fail("tokenizer", self.tokenizer, "'hf' with init_from: the model's embedding rows are the ids of "
+                     "the tokenizer.json in init_from, so a newly trained tokenizer cannot be used")
+            self.tokenizer = "hf"  # the default "byte" means "whatever the model brings" here
+        if self.tokenizer not in ("byte", "bpe", "hf"):
+            fail("tokenizer", self.tokenizer, "'byte', 'bpe' or 'hf'")
+        if self.tokenizer == "hf" and self.init_from is None:
+            fail("tokenizer", self.tokenizer, "'byte' or 'bpe' ('hf' is the tokenizer.json of train.init_from; "
+                 "set --set train.init_from=DIR)")
         if self.dtype not in ("auto", "float32", "bfloat16"):
             fail("dtype", self.dtype, "'auto', 'float32' or 'bfloat16'")
         if self.device not in ("auto", "cpu", "cuda"):

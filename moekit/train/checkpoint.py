@@ -83,8 +83,9 @@ def load_checkpoint(run_dir: Path, model: nn.Module, model_config: dict[str, Any
         raise ValueError(f"checkpoint {path} is corrupt (meta.json: {error}); "
                          "delete it or resume another run") from error
     if meta.get("config_hash") != config_hash(model_config):
-        raise ValueError(f"cannot resume {run_dir}: the model config differs from the one it was trained with; "
-                         "resume without changing model fields (training fields like max_steps may change)")
+        raise ValueError(f"cannot resume {run_dir}: the model config differs from the one it was trained with (or "
+                         "train.init_from does); resume without changing model fields or train.init_from (training "
+                         "fields like max_steps may change)")
     load_weights(path, model)
     try:
         state = torch.load(path / "state.pt", weights_only=False)

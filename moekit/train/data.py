@@ -40,6 +40,7 @@ __all__ = [
     "BPETokenizer",
     "BatchSampler",
     "ByteTokenizer",
+    "HFTokenizer",
     "TokenDataset",
     "Tokenizer",
     "build_tokenizer",
@@ -235,7 +236,7 @@ def _import_tokenizers() -> Any:
         import tokenizers
     except ImportError as err:
         raise ImportError(
-            "BPETokenizer needs the optional `tokenizers` package, which is not installed; run "
+            "BPETokenizer and HFTokenizer need the optional `tokenizers` package, which is not installed; run "
             "`pip install tokenizers`, or use ByteTokenizer, which needs nothing"
         ) from err
     return tokenizers
@@ -378,11 +379,169 @@ class BPETokenizer:
         return f"BPETokenizer(vocab_size={self.vocab_size})"
 
 
-def build_tokenizer(train_config: Any) -> ByteTokenizer | BPETokenizer:
+HF_COMPANION_FILES = ("tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+                      "chat_template.jinja", "chat_template.json")
+"""Files next to a ``tokenizer.json`` that :class:`HFTokenizer` carries along (transformers reads them)."""
+
+
+def _config_token(config: dict[str, Any], key: str) -> str | None:
+    value = config.get(key)
+    value = value.get("content") if isinstance(value, dict) else value
+    return value if isinstance(value, str) and value else None
+
+
+class HFTokenizer:
+    """A pretrained model's own ``tokenizer.json`` (the ``tokenizers`` library's format), used as it is.
+
+    This is the tokenizer of a run started from a Hugging Face checkpoint (``train.init_from``). Training text is
+    encoded without the tokenizer's added special tokens (no BOS in the middle of a stream); the document
+    separator ``<|endoftext|>`` of :data:`DOCUMENT_SEPARATOR` becomes the tokenizer's own end-of-text token (the
+    ``eos_token`` of ``tokenizer_config.json``) when it has one. :meth:`encode_prompt` adds the special tokens the
+    tokenizer adds by default (e.g. Llama's BOS), as transformers does for a prompt. The text is encoded document
+    by document, never cut elsewhere, since an arbitrary pretrained pre-tokenizer may not split on newlines.
+
+    :meth:`save` writes the original ``tokenizer.json`` byte for byte, the companion files
+    (:data:`HF_COMPANION_FILES`) it came with, and moekit's ``moekit_tokenizer.json`` marker, so a run's tokenizer
+    folder is also what `export_hf` copies into an exported checkpoint.
+    """
+
+    type_name = "hf"
+
+    def __init__(self, tokenizer_json: str, files: dict[str, bytes] | None = None, source: str | None = None) -> None:
+        """Wrap the text of a ``tokenizer.json``; `files` are companion files by name, `source` where it came from.
+
+        Use :meth:`from_model_dir` or :meth:`load` to read one from a folder.
+        """
+        tokenizers = _import_tokenizers()
+        try:
+            self._tok = tokenizers.Tokenizer.from_str(tokenizer_json)
+        except Exception as err:  # the tokenizers library raises a bare Exception for a bad file
+            raise ValueError(f"tokenizer.json{f' in {source}' if source else ''} is not a tokenizer the `tokenizers` "
+                             f"library reads ({err}); pass the folder of a Hugging Face model with a fast tokenizer"
+                             ) from err
+        self._json = tokenizer_json
+        self.files = dict(files or {})
+        self.source = source
+        config: dict[str, Any] = {}
+        if "tokenizer_config.json" in self.files:
+            try:
+                config = json.loads(self.files["tokenizer_config.json"].decode("utf-8"))
+            except (UnicodeDecodeError, json.JSONDecodeError) as err:
+                raise ValueError(f"tokenizer_config.json{f' in {source}' if source else ''} is not valid JSON "
+                                 f"({err}); fix or delete it") from err
+        eos = _config_token(config, "eos_token") if isinstance(config, dict) else None
+        if eos is None or self._tok.token_to_id(eos) is None:
+            eos = EOS_TOKEN if self._tok.token_to_id(EOS_TOKEN) is not None else None
+        self.eos_token = eos
+        """The end-of-text token that separates documents, or None when the tokenizer has none."""
+        vocab = self._tok.get_vocab(with_added_tokens=True)
+        self._vocab_size = max(int(self._tok.get_vocab_size(with_added_tokens=True)),
+                               max(vocab.values(), default=-1) + 1)
+
+    @classmethod
+    def from_model_dir(cls, directory: str | os.PathLike[str]) -> HFTokenizer:
+        """Read ``tokenizer.json`` (and its companion files) from a Hugging Face model folder."""
+        path = Path(directory).expanduser()
+        if not path.is_dir():
+            raise FileNotFoundError(f"{os.fspath(directory)!r} is not a folder; pass the Hugging Face model folder "
+                                    "whose tokenizer.json to use")
+        if not (path / HF_TOKENIZER_FILE).is_file():
+            present = [name for name in ("tokenizer.model", "vocab.json", "vocab.txt") if (path / name).is_file()]
+            what = f" (it has {', '.join(present)}, a slow-tokenizer format)" if present else ""
+            raise FileNotFoundError(
+                f"{path} has no {HF_TOKENIZER_FILE}{what}; moekit reads a model's tokenizer from its tokenizer.json: "
+                "copy the base model's tokenizer files (tokenizer.json, tokenizer_config.json) into the folder, or "
+                "write them with transformers' AutoTokenizer.from_pretrained(...).save_pretrained(folder)")
+        files = {name: (path / name).read_bytes() for name in HF_COMPANION_FILES if (path / name).is_file()}
+        return cls((path / HF_TOKENIZER_FILE).read_text(encoding="utf-8"), files, source=str(path.resolve()))
+
+    @property
+    def vocab_size(self) -> int:
+        """One more than the largest id (special tokens included): the embedding rows a model needs at least."""
+        return self._vocab_size
+
+    @property
+    def eos_id(self) -> int | None:
+        """Id of :attr:`eos_token`, or None."""
+        return self._tok.token_to_id(self.eos_token) if self.eos_token is not None else None
+
+    def token_to_id(self, token: str) -> int | None:
+        """Id of a token string, or None."""
+        return self._tok.token_to_id(token)
+
+    def encode_to_tensor(self, text: str) -> torch.Tensor:
+        """Token ids of ``text`` as a 1-D ``int64`` tensor (documents encoded in parallel)."""
+        eos = self.eos_id
+        documents = text.split(EOS_TOKEN) if eos is not None else [text]
+        encodings = self._tok.encode_batch(documents, add_special_tokens=False)
+        parts: list[torch.Tensor] = []
+        for i, encoding in enumerate(encodings):
+            if i:
+                parts.append(torch.tensor([eos], dtype=torch.int64))
+            parts.append(torch.tensor(encoding.ids, dtype=torch.int64))
+        return torch.cat(parts) if parts else torch.empty(0, dtype=torch.int64)
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of ``text``, as training data is encoded (no added BOS; separators become EOS)."""
+        return self.encode_to_tensor(text).tolist()
+
+    def encode_prompt(self, text: str) -> list[int]:
+        """Token ids of a prompt with the special tokens the tokenizer adds by default (e.g. a leading BOS)."""
+        return list(self._tok.encode(text, add_special_tokens=True).ids)
+
+    def decode(self, ids: Sequence[int] | torch.Tensor, skip_special_tokens: bool = False) -> str:
+        """Text of ``ids``; ids outside the vocabulary raise ValueError."""
+        if isinstance(ids, torch.Tensor):
+            ids = ids.tolist()
+        bad = [i for i in ids if not 0 <= i < self.vocab_size]
+        if bad:
+            raise ValueError(f"token id {bad[0]} is outside this tokenizer's vocabulary of {self.vocab_size}; "
+                             "decode ids made by the same tokenizer")
+        return str(self._tok.decode(list(ids), skip_special_tokens=skip_special_tokens))
+
+    def fingerprint(self) -> str:
+        """sha256 of the kind, the end-of-text token and the tokenizer itself (keys the token cache)."""
+        return hashlib.sha256(f"{self.type_name}\n{self.eos_token}\n{self._tok.to_str()}".encode()).hexdigest()
+
+    def save(self, directory: str | os.PathLike[str]) -> Path:
+        """Write ``tokenizer.json``, the companion files and ``moekit_tokenizer.json``; returns the marker's path."""
+        path = Path(directory)
+        path.mkdir(parents=True, exist_ok=True)
+        for name, data in [(HF_TOKENIZER_FILE, self._json.encode("utf-8")), *sorted(self.files.items())]:
+            tmp = path / f"{name}.tmp"
+            tmp.write_bytes(data)
+            os.replace(tmp, path / name)
+        write_json(path / TOKENIZER_FILE, {"type": self.type_name, "format": _FORMAT_VERSION,
+                                            "tokenizer_file": HF_TOKENIZER_FILE, "files": sorted(self.files),
+                                            "source": self.source})
+        return path / TOKENIZER_FILE
+
+    @classmethod
+    def load(cls, directory: str | os.PathLike[str]) -> HFTokenizer:
+        """Read a tokenizer written by :meth:`save`."""
+        meta = _read_marker(directory, cls.type_name)
+        path = Path(directory)
+        hf_path = path / meta.get("tokenizer_file", HF_TOKENIZER_FILE)
+        if not hf_path.is_file():
+            raise FileNotFoundError(f"{hf_path} is missing; the tokenizer folder is incomplete, save it again")
+        names = meta.get("files", [name for name in HF_COMPANION_FILES if (path / name).is_file()])
+        missing = [name for name in names if not (path / name).is_file()]
+        if missing:
+            raise FileNotFoundError(f"{path / missing[0]} is missing; the tokenizer folder is incomplete, "
+                                    "save it again")
+        files = {name: (path / name).read_bytes() for name in names}
+        return cls(hf_path.read_text(encoding="utf-8"), files, source=meta.get("source"))
+
+    def __repr__(self) -> str:
+        return f"HFTokenizer(vocab_size={self.vocab_size}, eos_token={self.eos_token!r}, source={self.source!r})"
+
+
+def build_tokenizer(train_config: Any) -> ByteTokenizer | BPETokenizer | HFTokenizer:
     """The tokenizer a training config asks for (duck-typed on ``moekit.config.TrainConfig``).
 
-    ``train_config.tokenizer`` is ``"byte"`` (a :class:`ByteTokenizer`) or ``"bpe"`` (a :class:`BPETokenizer`
-    trained on the corpus ``train_config.data`` with ``train_config.bpe_vocab_size`` ids).
+    ``train_config.tokenizer`` is ``"byte"`` (a :class:`ByteTokenizer`), ``"bpe"`` (a :class:`BPETokenizer`
+    trained on the corpus ``train_config.data`` with ``train_config.bpe_vocab_size`` ids) or ``"hf"`` (the
+    :class:`HFTokenizer` of the model folder ``train_config.init_from``).
     """
     kind = getattr(train_config, "tokenizer", "byte")
     if kind == ByteTokenizer.type_name:
@@ -390,18 +549,23 @@ def build_tokenizer(train_config: Any) -> ByteTokenizer | BPETokenizer:
     if kind == BPETokenizer.type_name:
         vocab_size = getattr(train_config, "bpe_vocab_size", 2048)
         return BPETokenizer.train([load_corpus_text(getattr(train_config, "data", None))], vocab_size)
-    raise ValueError(f"unknown tokenizer {kind!r}; use 'byte' or 'bpe'")
+    if kind == HFTokenizer.type_name:
+        init_from = getattr(train_config, "init_from", None)
+        if init_from is None:
+            raise ValueError("tokenizer 'hf' reads the tokenizer.json of train.init_from, which is not set; set "
+                             "train.init_from to a Hugging Face model folder, or use 'byte' or 'bpe'")
+        return HFTokenizer.from_model_dir(init_from)
+    raise ValueError(f"unknown tokenizer {kind!r}; use 'byte' or 'bpe' (or 'hf' with train.init_from)")
 
 
-def load_tokenizer(directory: str | os.PathLike[str]) -> ByteTokenizer | BPETokenizer:
-    """Load whichever tokenizer :meth:`ByteTokenizer.save` or :meth:`BPETokenizer.save` wrote to ``directory``."""
+def load_tokenizer(directory: str | os.PathLike[str]) -> ByteTokenizer | BPETokenizer | HFTokenizer:
+    """Load whichever tokenizer a moekit tokenizer's ``save`` wrote to ``directory``."""
     kind = _read_marker(directory)["type"]
-    if kind == ByteTokenizer.type_name:
-        return ByteTokenizer.load(directory)
-    if kind == BPETokenizer.type_name:
-        return BPETokenizer.load(directory)
+    for cls in (ByteTokenizer, BPETokenizer, HFTokenizer):
+        if kind == cls.type_name:
+            return cls.load(directory)
     raise ValueError(f"{Path(directory) / TOKENIZER_FILE} has unknown tokenizer type {kind!r}; this moekit knows "
-                     f"{ByteTokenizer.type_name!r} and {BPETokenizer.type_name!r}, upgrade moekit or save it again")
+                     f"'byte', 'bpe' and 'hf', upgrade moekit or save it again")
 
 
 # ------------------------------------------------------------------------------------------------------- corpus

@@ -4,6 +4,7 @@ JSONL metrics, progress, atomic checkpoints and exact resume."""
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import math
 import shutil
@@ -15,7 +16,7 @@ from typing import Any
 
 import torch
 
-from ..config import RunConfig
+from ..config import ModelConfig, RunConfig, apply_overrides
 from ..layer import update_aux_free_biases
 from ..model import MoETransformer
 from . import checkpoint as ckpt
@@ -81,8 +82,117 @@ def _moe_summary(stats: dict[int, dict[str, torch.Tensor]], with_load: bool = Tr
     return summary
 
 
+# ---------------------------------------------------------------------------------- starting from an HF checkpoint
+INIT_FROM_MOE_FIELDS = ("router_aux_loss_coef", "router_z_loss_coef", "importance_loss_coef", "load_loss_coef",
+                        "seq_aux_loss_coef", "aux_free_bias_update_rate", "router_jitter_noise", "capacity_factor",
+                        "expert_backend")
+"""`model.moe` fields a run started from `train.init_from` may set differently from the checkpoint: balancing,
+jitter, capacity and the expert backend change how the model trains, not the shape or meaning of its weights.
+Every other model field comes from the checkpoint's config.json and is refused if it differs."""
+
+
+def _init_path(init_from: str) -> Path:
+    """The `train.init_from` folder, checked before anything is read or written."""
+    path = Path(init_from).expanduser()
+    if not path.exists():
+        raise FileNotFoundError(f"train.init_from={init_from!r} does not exist; pass the folder that `moekit merge` "
+                                "or `moekit upcycle` wrote (or another mixtral, qwen2_moe, glm4_moe or llama "
+                                "checkpoint folder)")
+    if not path.is_dir():
+        raise ValueError(f"train.init_from={init_from!r} is a file, not a folder; pass the checkpoint folder "
+                         "(the one holding config.json, the safetensors weights and tokenizer.json)")
+    if not (path / "tokenizer.json").is_file():
+        raise FileNotFoundError(f"train.init_from={init_from!r} has no tokenizer.json, which moekit train reads as "
+                                "the model's tokenizer; copy the base model's tokenizer files (tokenizer.json, "
+                                "tokenizer_config.json) into it")
+    return path
+
+
+def load_init_model(init_from: str) -> MoETransformer:
+    """`load_hf(init_from)` in float32, with errors that name `train.init_from`."""
+    from ..interop import load_hf
+
+    path = _init_path(init_from)
+    try:
+        return load_hf(path, dtype=torch.float32)
+    except (ValueError, FileNotFoundError) as err:
+        message = str(err).removeprefix("load_hf: ")
+        raise type(err)(f"train.init_from={init_from!r} cannot be loaded: {message}") from err
+
+
+def init_from_values(values: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """A run config dict whose model section is `train.init_from`'s, with `overrides` applied on top.
+
+    `values` is a preset or config file (a dict with `model` and `train` sections); `train.init_from` comes
+    from it or from `overrides` (`KEY=VALUE` items, as for :func:`moekit.config.apply_overrides`). Without
+    `init_from` this is `apply_overrides(values, overrides)`. With it, the model section is replaced by the
+    checkpoint's configuration before the overrides apply, so `model.moe.router_aux_loss_coef=0.01` adds a
+    balancing loss to the checkpoint's router, while a field outside :data:`INIT_FROM_MOE_FIELDS` that differs is
+    refused by `Trainer`. `train.init_from` is made absolute and the run is named after the folder. Use it for a
+    new run only; a resumed run's config.json already holds the model section.
+    """
+    train = {"train": dict(values.get("train") or {})}
+    init_items = [item for item in overrides if item.split("=", 1)[0].strip() == "train.init_from"]
+    init_from = apply_overrides(train, init_items)["train"].get("init_from")
+    if init_from is None:
+        return apply_overrides(values, list(overrides))
+    path = Path(str(init_from)).expanduser().resolve()
+    fresh = copy.deepcopy(values)
+    fresh["model"] = load_init_model(str(init_from)).config.to_dict()
+    fresh["name"] = path.name  # the preset's name would describe another model; `name=...` still wins
+    fresh = apply_overrides(fresh, list(overrides))
+    fresh["train"]["init_from"] = str(path)  # the run records where it came from
+    return fresh
+
+
+def _init_from_mismatches(given: ModelConfig, loaded: ModelConfig) -> list[str]:
+    """Fields of `given` that differ from the checkpoint's `loaded` config and may not."""
+    mine, theirs = given.to_dict(), loaded.to_dict()
+    my_moe, their_moe = mine.pop("moe"), theirs.pop("moe")
+    problems = [f"model.{key}={mine[key]!r} (the checkpoint has {theirs[key]!r})"
+                for key in mine if mine[key] != theirs[key]]
+    if (my_moe is None) != (their_moe is None):
+        problems.append(f"model.moe={'null' if my_moe is None else 'a section'} (the checkpoint is "
+                        f"{'dense' if their_moe is None else 'an MoE'})")
+    elif my_moe is not None:
+        problems += [f"model.moe.{key}={my_moe[key]!r} (the checkpoint has {their_moe[key]!r})"
+                     for key in my_moe if key not in INIT_FROM_MOE_FIELDS and my_moe[key] != their_moe[key]]
+    return problems
+
+
+def _model_from_checkpoint(config: ModelConfig, init_from: str) -> MoETransformer:
+    """A `MoETransformer(config)` holding the weights of `init_from` (float32)."""
+    loaded = load_init_model(init_from)
+    problems = _init_from_mismatches(config, loaded.config)
+    if problems:
+        raise ValueError(f"train.init_from={init_from!r}: the run's model section must be the checkpoint's, but "
+                         f"{'; '.join(problems[:4])}{' ...' if len(problems) > 4 else ''}. The checkpoint's weights "
+                         "fix these; only model.moe." + ", model.moe.".join(INIT_FROM_MOE_FIELDS) + " may change. "
+                         "Build the config with moekit.train.loop.init_from_values (the CLI does) or drop the "
+                         "override")
+    if loaded.config.moe is None:
+        warnings.warn(f"train.init_from={init_from!r} is a dense model (no MoE layers); it is trained as a dense "
+                      "model. To train an MoE, pass the folder `moekit merge` or `moekit upcycle` wrote",
+                      stacklevel=3)
+    model = MoETransformer(config)
+    result = model.load_state_dict(loaded.state_dict(), strict=False)
+    # an aux-free rate switched on gives a router a selection bias the checkpoint lacks: it starts at zero
+    missing = [name for name in result.missing_keys if not name.endswith("router.e_score_correction_bias")]
+    if missing or result.unexpected_keys:
+        name = (missing or result.unexpected_keys)[0]
+        raise ValueError(f"train.init_from={init_from!r}: tensor {name!r} is "
+                         f"{'missing from' if missing else 'not used by'} the model the run config describes; "
+                         "drop the model.moe override that changes it")
+    return model
+
+
 class Trainer:
-    """Trains a `MoETransformer` described by a `RunConfig` into `run_dir`."""
+    """Trains a `MoETransformer` described by a `RunConfig` into `run_dir`.
+
+    With `train.init_from` set, a new run starts from that Hugging Face checkpoint's weights and tokenizer (its
+    model section must be the checkpoint's: see :func:`init_from_values`); a resumed run reads only its own
+    checkpoint, never the folder again.
+    """
 
     def __init__(self, run: RunConfig, run_dir: Path, resume: bool = False, overwrite: bool = False,
                  progress: bool = True) -> None:
@@ -97,6 +207,15 @@ class Trainer:
             warnings.warn("router='expert_choice' lets each expert pick tokens across the whole batch, future "
                           "tokens included: in a causal LM this leaks the future and lowers the loss for the wrong "
                           "reason; do not compare its loss with token-choice runs", stacklevel=2)
+        init_model, init_tokenizer = None, None
+        if t.init_from is not None and not resume:  # before the run directory is touched: errors lose nothing
+            init_model = _model_from_checkpoint(run.model, t.init_from)
+            init_tokenizer = build_tokenizer(t)
+            if init_tokenizer.vocab_size > run.model.vocab_size:
+                raise ValueError(f"train.init_from={t.init_from!r}: its tokenizer.json has ids up to "
+                                 f"{init_tokenizer.vocab_size - 1}, but the model's embedding has only "
+                                 f"{run.model.vocab_size} rows (vocab_size); the tokenizer does not belong to this "
+                                 "model: copy the base model's tokenizer files into the folder")
         if resume:
             if not (self.run_dir / "config.json").is_file():
                 raise FileNotFoundError(f"cannot resume: {self.run_dir} has no config.json; pass a run directory "
@@ -111,13 +230,13 @@ class Trainer:
         torch.manual_seed(t.seed)
         self.device = resolve_device(t.device)
         self.amp_dtype = autocast_dtype(t.dtype, self.device)
-        self.tokenizer = self._tokenizer(resume)
+        self.tokenizer = self._tokenizer(resume, init_tokenizer)
         self.dataset = TokenDataset.build(t.data, self.tokenizer, self.run_dir / "data", val_fraction=t.val_fraction,
                                            block_size=t.block_size)
         if run.model.vocab_size < self.tokenizer.vocab_size:
             raise ValueError(f"model.vocab_size={run.model.vocab_size} is smaller than the tokenizer's "
                              f"{self.tokenizer.vocab_size}; set --set model.vocab_size={self.tokenizer.vocab_size}")
-        self.model = MoETransformer(run.model).to(self.device)
+        self.model = (init_model if init_model is not None else MoETransformer(run.model)).to(self.device)
         self.optimizer = build_optimizer(self.model, run)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda s: lr_factor(s, t.warmup_steps, t.max_steps, t.min_lr_ratio))
@@ -130,11 +249,11 @@ class Trainer:
             (self.run_dir / "config.json").write_text(json.dumps(run.to_dict(), indent=2) + "\n")
 
     # ------------------------------------------------------------------ setup helpers
-    def _tokenizer(self, resume: bool):
+    def _tokenizer(self, resume: bool, tokenizer=None):
         tok_dir = self.run_dir / "tokenizer"
         if resume and tok_dir.exists():
             return load_tokenizer(tok_dir)
-        tokenizer = build_tokenizer(self.run.train)
+        tokenizer = tokenizer if tokenizer is not None else build_tokenizer(self.run.train)
         tokenizer.save(tok_dir)
         return tokenizer
 
@@ -150,7 +269,7 @@ class Trainer:
         }
 
     def _restore(self) -> None:
-        state, _ = ckpt.load_checkpoint(self.run_dir, self.model, self.run.model.to_dict())
+        state, _ = ckpt.load_checkpoint(self.run_dir, self.model, self._hashed_config())
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.sampler.load_state_dict(state["sampler"])
@@ -159,9 +278,16 @@ class Trainer:
             torch.cuda.set_rng_state_all(state["cuda_rng"])
         self.step, self.tokens = state["step"], state["tokens"]
 
+    def _hashed_config(self) -> dict[str, Any]:
+        """What the checkpoint's config hash covers: the model, and the checkpoint it started from if any."""
+        config = self.run.model.to_dict()
+        if self.run.train.init_from is not None:  # absent otherwise, so older checkpoints still resume
+            config["init_from"] = self.run.train.init_from
+        return config
+
     def save(self) -> Path:
         """Write an atomic checkpoint of everything needed to continue exactly."""
-        return ckpt.save_checkpoint(self.run_dir, self.model, self.run.model.to_dict(), self._state(),
+        return ckpt.save_checkpoint(self.run_dir, self.model, self._hashed_config(), self._state(),
                                     {"step": self.step, "tokens": self.tokens, "name": self.run.name})
 
     def _log(self, record: dict[str, Any]) -> None:
@@ -240,9 +366,10 @@ class Trainer:
                 logging = self.step % t.log_interval == 0 or self.step == 1
                 summary = _moe_summary(last_stats, with_load=logging) if logging or bar is not None else {}
                 if logging:
+                    origin = {"init_from": t.init_from} if self.step == 1 and t.init_from is not None else {}
                     self._log({"kind": "train", "step": self.step, "tokens": self.tokens, "loss": loss_sum,
                                "aux_loss": aux_sum, "lr": self.scheduler.get_last_lr()[0],
-                               "grad_norm": float(grad_norm), "tokens_per_s": tokens_per_s, **summary})
+                               "grad_norm": float(grad_norm), "tokens_per_s": tokens_per_s, **summary, **origin})
                 if self.step % t.eval_interval == 0 or self.step == t.max_steps:
                     record = self.evaluate()
                     val_loss = record["val_loss"]
