@@ -1,0 +1,349 @@
+"""Generation latency: moekit's KV-cache decoding against transformers' `generate` on the same models.
+
+`run_decode_benchmark` uses the same models as the model benchmark (`moekit.bench.model.prepare`): each
+preset's `MoETransformer`, its exported transformers twin under every experts implementation, and for
+DeepSeek-V3-style presets `DeepseekV3ForCausalLM` (MLA, random weights). For each batch size (default 1 and 8)
+a seeded prompt of P tokens (default 64) is extended by N new tokens (default 64), greedily:
+
+* moekit: ``moekit.model.generate.generate(model, prompt, N, temperature=0)`` (prefill, then one cached step
+  per token);
+* transformers: ``model.generate(prompt, attention_mask=ones, do_sample=False, max_new_tokens=N,
+  min_new_tokens=N)`` with its default cache (`DynamicCache`).
+
+Before timing, the exported twins' greedy tokens are checked equal to moekit's. A difference is accepted only
+where it is a tie: at the first differing token, moekit's logits for the two chosen tokens are within 1e-4
+(the run reports it); any other difference raises. DeepseekV3 (random weights) is only checked to produce
+P + N tokens per row.
+
+Each row is timed twice per round, interleaved round-robin with all other rows: generating 1 token (the
+prefill plus one pick: "prefill ms") and generating N tokens. The decode phase costs
+``(time(N) - time(1)) / (N - 1)`` per new token, which cancels the fixed per-call overhead of either API.
+"""
+
+from __future__ import annotations
+
+import sys
+import tempfile
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ..config import RunConfig
+from ..model.generate import generate
+from .layer import WARMUP, Env, Timer, measure_peak_memory, resolve_device, run_interleaved
+from .model import (
+    DEFAULT_PRESETS,
+    QUICK_REPEATS,
+    SEED,
+    Candidate,
+    Prepared,
+    bench_context,
+    check_json_path,
+    footer,
+    header,
+    is_slow,
+    load_transformers,
+    prepare,
+    print_rows,
+    quiet_transformers,
+    resolve_runs,
+    timed,
+    write_result,
+)
+
+DEFAULT_PROMPT = 64
+DEFAULT_NEW_TOKENS = 64
+DEFAULT_BATCHES = (1, 8)
+DEFAULT_REPEATS = 5
+QUICK_PROMPT, QUICK_NEW_TOKENS, QUICK_BATCHES = 16, 8, (1,)
+TIE_TOL = 1e-4  # logit gap under which two greedy choices count as a tie
+
+
+def generator_call(candidate: Candidate, prompt: Tensor, new_tokens: int) -> Callable[[], Tensor]:
+    """A closure generating `new_tokens` greedy tokens after `prompt` [B, P]; returns [B, P + new_tokens]."""
+    model = candidate.model
+    if candidate.library == "moekit":
+        return lambda: generate(model, prompt, new_tokens, temperature=0)
+    mask = torch.ones_like(prompt)
+
+    def run() -> Tensor:
+        return model.generate(prompt, attention_mask=mask, do_sample=False, max_new_tokens=new_tokens,
+                              min_new_tokens=new_tokens)
+
+    return run
+
+
+def compare_greedy(expected: Tensor, actual: Tensor, reference: Candidate, prompt_len: int, label: str) -> list[str]:
+    """Check `actual` greedy tokens against moekit's `expected`; return notes on tie flips, raise otherwise.
+
+    At each row's first differing token, moekit's logits (on the common prefix) for the two chosen tokens must be
+    within `TIE_TOL`: a tie that rounding in the last bits may break either way. After it the rows diverge.
+    """
+    if tuple(actual.shape) != tuple(expected.shape):
+        raise AssertionError(f"{label}: generated shape {tuple(actual.shape)}, moekit {tuple(expected.shape)}")
+    notes = []
+    for row in range(expected.shape[0]):
+        differ = (expected[row] != actual[row]).nonzero()
+        if differ.numel() == 0:
+            continue
+        position = int(differ[0, 0])
+        if position < prompt_len:
+            raise AssertionError(f"{label}: row {row}'s prompt was changed at position {position}")
+        mine, theirs = int(expected[row, position]), int(actual[row, position])
+        with torch.no_grad():
+            logits = reference.model(expected[row: row + 1, :position]).logits[0, -1].float()
+        gap = abs(float(logits[mine] - logits[theirs]))
+        step = position - prompt_len
+        if gap > TIE_TOL:
+            raise AssertionError(
+                f"{label}: greedy token {step} of row {row} is {theirs}, moekit's is {mine}, and moekit's logits for "
+                f"them differ by {gap:.2e} > {TIE_TOL:g}: not a tie, so the two models do not compute the same "
+                "function on the same weights")
+        notes.append(f"{label}: row {row} differs from moekit from new token {step} on, a tie (logit gap "
+                     f"{gap:.1e} <= {TIE_TOL:g}); the tokens before it agree")
+    return notes
+
+
+@dataclass
+class DecodeRow:
+    label: str
+    library: str
+    architecture: str
+    impl: str | None
+    batch: int
+    one_ms: float | None = None  # generate 1 token: prefill + one pick
+    all_ms: float | None = None  # generate N tokens
+    one_peak_mib: float | None = None  # CUDA only
+    all_peak_mib: float | None = None
+    timed_once: bool = False
+    extra: dict = field(default_factory=dict)
+
+
+def _check(prepared: Prepared, prompts: dict[int, Tensor], new_tokens: int, env: Env,
+           checks: list[dict]) -> tuple[list[Candidate], dict[tuple[str, int], float]]:
+    """Greedy-token checks (fp32) for every candidate and batch; returns the candidates that ran and the time of
+    each checked generate call (used to spot rows too slow to repeat)."""
+    reference = prepared.candidates[0]
+    kept: list[Candidate] = []
+    seconds: dict[tuple[str, int], float] = {}
+    expected: dict[int, Tensor] = {}
+    for candidate in prepared.candidates:
+        candidate.model.eval()
+        try:
+            outputs = {}
+            for batch, prompt in prompts.items():
+                call = generator_call(candidate, prompt, new_tokens)
+                holder: list[Tensor] = []
+                seconds[(candidate.label, batch)] = timed(lambda call=call, holder=holder: holder.append(call()), env)
+                outputs[batch] = holder[0]
+        except AssertionError:
+            raise
+        except Exception as error:
+            if candidate is reference:
+                raise  # moekit is every ratio's baseline
+            first = str(error).strip().splitlines()[0][:160] if str(error).strip() else ""
+            prepared.notes.append(f"{candidate.label}: skipped, generate raised {type(error).__name__}: {first}")
+            continue
+        prompt_len = next(iter(prompts.values())).shape[1]
+        for batch, tokens in outputs.items():
+            if candidate is reference:
+                expected[batch] = tokens
+                continue
+            what = f"{candidate.label}, batch {batch}"
+            if candidate.same_weights:
+                ties = compare_greedy(expected[batch], tokens, reference, prompt_len, what)
+                prepared.notes.extend(ties)
+                agree = int((tokens[:, prompt_len:] == expected[batch][:, prompt_len:]).sum())
+                checks.append({"what": f"{what}: greedy tokens equal to moekit's ({agree} of "
+                                       f"{tokens[:, prompt_len:].numel()} new tokens"
+                                       + (", the rest after a tie)" if ties else ")"), "ties": len(ties),
+                               "passed": True})
+            else:
+                if tuple(tokens.shape) != (batch, prompt_len + new_tokens):
+                    raise AssertionError(f"{what}: generated shape {tuple(tokens.shape)}, expected "
+                                         f"{(batch, prompt_len + new_tokens)}")
+                checks.append({"what": f"{what}: generated {new_tokens} tokens per row (random weights, no "
+                                       "equality to check)", "ties": 0, "passed": True})
+        kept.append(candidate)
+    return kept, seconds
+
+
+def _bench_preset(prepared: Prepared, env: Env, repeats: int, prompt_len: int, new_tokens: int,
+                  batches: list[int]) -> dict:
+    run = prepared.run
+    generator = torch.Generator().manual_seed(SEED + 2)
+    prompts = {b: torch.randint(0, run.model.vocab_size, (b, prompt_len), generator=generator).to(env.device)
+               for b in batches}
+    for candidate in prepared.candidates:
+        candidate.model.to(env.device)
+    checks: list[dict] = []
+    candidates, check_seconds = _check(prepared, prompts, new_tokens, env, checks)
+
+    rows: list[DecodeRow] = []
+    timers: list[Timer] = []
+    for batch in batches:
+        reference_seconds = check_seconds[(candidates[0].label, batch)]
+        for candidate in candidates:
+            candidate.model.to(env.device, env.dtype).eval()
+            row = DecodeRow(candidate.label, candidate.library, candidate.architecture, candidate.impl, batch)
+            one = generator_call(candidate, prompts[batch], 1)
+            full = generator_call(candidate, prompts[batch], new_tokens)
+            if candidate.library != "moekit" and is_slow(check_seconds[(candidate.label, batch)],
+                                                         reference_seconds):
+                row.timed_once = True
+                row.one_ms, row.all_ms = timed(one, env) * 1e3, timed(full, env) * 1e3
+            else:
+                timers += [Timer(row, "one_ms", one), Timer(row, "all_ms", full)]
+            rows.append(row)
+    print_progress(f"  [{run.name}] timing {len(timers)} measurements in {WARMUP + repeats} interleaved rounds ...")
+    run_interleaved(timers, repeats, env.sync)
+    measure_peak_memory(timers, env)
+    _add_decode_ratios(rows, new_tokens)
+    return {"preset": run.name, "export_architecture": prepared.export_arch, "prompt_tokens": prompt_len,
+            "new_tokens": new_tokens, "batches": batches, "checks": checks, "notes": prepared.notes,
+            "rows": [_row_dict(r) for r in rows], "best": _best(rows)}
+
+
+def _add_decode_ratios(rows: list[DecodeRow], new_tokens: int) -> None:
+    for row in rows:
+        per_token = None
+        if row.one_ms is not None and row.all_ms is not None and new_tokens > 1:
+            per_token = (row.all_ms - row.one_ms) / (new_tokens - 1)
+        row.extra["prefill_ms"] = row.one_ms
+        row.extra["decode_ms_per_token"] = per_token
+        row.extra["decode_tokens_per_s"] = row.batch / (per_token / 1e3) if per_token and per_token > 0 else None
+    for row in rows:
+        moekit = next(r for r in rows if r.library == "moekit" and r.batch == row.batch)
+        for key, name in (("prefill_ms", "prefill_moekit_speedup"), ("decode_ms_per_token", "decode_moekit_speedup")):
+            mine, theirs = moekit.extra[key], row.extra[key]
+            row.extra[name] = theirs / mine if mine and theirs and mine > 0 else None
+
+
+def _row_dict(row: DecodeRow) -> dict:
+    return {"label": row.label, "library": row.library, "architecture": row.architecture,
+            "experts_implementation": row.impl, "batch": row.batch, "generate_1_ms": row.one_ms,
+            "generate_n_ms": row.all_ms, "generate_1_peak_mib": row.one_peak_mib,
+            "generate_n_peak_mib": row.all_peak_mib, "timed_once": row.timed_once, **row.extra}
+
+
+def _best(rows: list[DecodeRow]) -> dict[str, dict]:
+    """Per transformers architecture and batch: the experts implementation with the fastest decode per token."""
+    best: dict[str, dict] = {}
+    for row in rows:
+        per_token = row.extra["decode_ms_per_token"]
+        if row.library == "moekit" or per_token is None:
+            continue
+        key = f"{row.architecture} @ batch {row.batch}"
+        if key not in best or per_token < best[key]["decode_ms_per_token"]:
+            best[key] = {"experts_implementation": row.impl, "decode_ms_per_token": per_token,
+                         "moekit_speedup": row.extra["decode_moekit_speedup"]}
+    return best
+
+
+def _fmt(value: float | None, pattern: str = "{:.2f}") -> str:
+    return "-" if value is None else pattern.format(value)
+
+
+def _print_result(result: dict, env: Env, print_fn: Callable[..., Any]) -> None:
+    print_fn(f"\nPreset {result['preset']}: prompt {result['prompt_tokens']} tokens, {result['new_tokens']} new "
+             f"tokens, greedy (exported as {result['export_architecture']})")
+    headers = ["model", "batch", "prefill ms", "moekit speed-up (prefill)", "decode ms/token", "decode tok/s",
+               "moekit speed-up (decode)", f"total ms ({result['new_tokens']} tokens)"]
+    if env.cuda:
+        headers.append("peak MiB (all tokens)")
+    table = []
+    for row in result["rows"]:
+        mark = " (timed once)" if row["timed_once"] else ""
+        cells = [row["label"] + mark, str(row["batch"]), _fmt(row["prefill_ms"], "{:.1f}"),
+                 _fmt(row["prefill_moekit_speedup"], "{:.2f}x"), _fmt(row["decode_ms_per_token"]),
+                 _fmt(row["decode_tokens_per_s"], "{:,.0f}"), _fmt(row["decode_moekit_speedup"], "{:.2f}x"),
+                 _fmt(row["generate_n_ms"], "{:.1f}")]
+        if env.cuda:
+            cells.append(_fmt(row["generate_n_peak_mib"], "{:.1f}"))
+        table.append(cells)
+    print_rows(headers, table, print_fn)
+    for key, best in result["best"].items():
+        speedup = best["moekit_speedup"]
+        print_fn(f"  best {key}: [{best['experts_implementation']}], moekit decodes "
+                 f"{_fmt(speedup, '{:.2f}x')} its speed")
+    for check in result["checks"]:
+        print_fn(f"  check passed: {check['what']}")
+    for note in result["notes"]:
+        print_fn(f"  note: {note}")
+
+
+def print_progress(text: str) -> None:
+    print(text, file=sys.stderr, flush=True)
+
+
+def run_decode_benchmark(presets: Iterable[str | RunConfig] | None = DEFAULT_PRESETS, device: str = "cpu",
+                         threads: int = 2, repeats: int = DEFAULT_REPEATS, prompt_tokens: int | None = None,
+                         new_tokens: int | None = None, batch_sizes: Iterable[int] | None = None,
+                         json_path: str | Path | None = None, print_fn: Callable[..., Any] = print,
+                         quick: bool = False) -> dict:
+    """Time greedy generation (prefill, then per-token decode with a KV cache) of moekit vs transformers.
+
+    Args:
+        presets: preset names (default tiny-mixtral and tiny-deepseek) or `RunConfig`s (e.g. tiny ones).
+        device: "cpu" (fp32) or "cuda" (checks in fp32, timing in bf16).
+        threads: torch CPU threads during the run (restored afterwards).
+        repeats: interleaved timed rounds after `WARMUP` untimed ones; medians are reported.
+        prompt_tokens, new_tokens: P and N (default 64 and 64; with `quick`, 16 and 8). N must be at least 2.
+        batch_sizes: prompts per call (default 1 and 8; with `quick`, 1).
+        json_path: also write the returned dict there (atomically).
+        print_fn: where the tables go.
+        quick: at most 2 rounds and small defaults, for a smoke run.
+
+    Returns:
+        ``{"benchmark": "decode", "machine", "device", "dtype", "repeats", "warmup", "results"}``: per preset its
+        checks, notes, rows (prefill ms, decode ms per new token, tokens/s, moekit's speed-up = row time /
+        moekit's, > 1 means moekit is faster) and the best experts implementation per architecture and batch.
+
+    Raises:
+        ValueError: an unknown or dense preset, one with no transformers twin, a bad device or size.
+        ImportError: transformers is not installed.
+        AssertionError: a twin's greedy tokens differ from moekit's other than by a tie.
+    """
+    env = resolve_device(device)
+    runs = resolve_runs(presets)
+    tf = load_transformers()
+    check_json_path(json_path)
+    repeats = min(repeats, QUICK_REPEATS) if quick else repeats
+    prompt_len = prompt_tokens or (QUICK_PROMPT if quick else DEFAULT_PROMPT)
+    count = new_tokens or (QUICK_NEW_TOKENS if quick else DEFAULT_NEW_TOKENS)
+    batches = list(batch_sizes) if batch_sizes is not None else list(QUICK_BATCHES if quick else DEFAULT_BATCHES)
+    if repeats < 1:
+        raise ValueError(f"repeats must be at least 1, got {repeats}")
+    if prompt_len < 1:
+        raise ValueError(f"prompt_tokens must be a positive integer, got {prompt_len}")
+    if count < 2:
+        raise ValueError(f"new_tokens must be at least 2 (the per-token cost is (time(N) - time(1)) / (N - 1)), "
+                         f"got {count}")
+    if not batches or any(b < 1 for b in batches):
+        raise ValueError(f"batch_sizes must be a non-empty list of positive integers, got {batches}")
+    for run in runs:
+        if prompt_len + count > run.model.max_position_embeddings:
+            raise ValueError(f"prompt_tokens + new_tokens = {prompt_len + count} exceeds preset {run.name!r}'s "
+                             f"max_position_embeddings={run.model.max_position_embeddings}; shorten them")
+    with bench_context(threads, env), quiet_transformers(tf), tempfile.TemporaryDirectory() as tmp:
+        prepared = [prepare(run, tf, Path(tmp)) for run in runs]
+        info = header("Decode benchmark: greedy generation with a KV cache", env, tf, threads, repeats, print_fn)
+        print_fn("  prefill ms = generate 1 new token (prefill + one pick); decode ms/token = (time(N) - time(1)) "
+                 "/ (N - 1);")
+        print_fn("  moekit: moekit.model.generate.generate(temperature=0); transformers: model.generate(do_sample="
+                 "False, max_new_tokens=N, min_new_tokens=N), default cache. moekit speed-up = row time / moekit's.")
+        results = []
+        for item in prepared:
+            result = _bench_preset(item, env, repeats, prompt_len, count, batches)
+            _print_result(result, env, print_fn)
+            results.append(result)
+        footer(info, env, print_fn)
+    output = {"benchmark": "decode", "machine": info, "device": env.device.type,
+              "dtype": str(env.dtype).removeprefix("torch."), "repeats": repeats, "warmup": WARMUP,
+              "results": results}
+    write_result(json_path, output, print_fn)
+    return output
