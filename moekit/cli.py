@@ -50,9 +50,12 @@ def load_run_dict(preset: str | None, config: str | None) -> dict[str, Any]:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from .config import RunConfig, apply_overrides
-    from .train.loop import Trainer
+    from .train.loop import Trainer, init_from_values
     from .train.report import write_report
 
+    if args.resume and args.init_from:
+        raise ValueError("--init-from starts a new run from a checkpoint folder and --resume continues a run (whose "
+                         "config.json already names the folder it started from); pass one of them")
     if args.resume:
         run_dir = Path(args.resume)
         config_path = run_dir / "config.json"
@@ -65,7 +68,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     overrides = list(args.set or [])
     if args.max_steps is not None:
         overrides.append(f"train.max_steps={args.max_steps}")
-    run = RunConfig.from_dict(apply_overrides(values, overrides))
+    if args.init_from:
+        values["train"] = {**(values.get("train") or {}), "init_from": args.init_from}  # --set still wins
+    # a new run with train.init_from takes its model section from the checkpoint folder
+    values = apply_overrides(values, overrides) if args.resume else init_from_values(values, overrides)
+    run = RunConfig.from_dict(values)
     if args.resume:
         run_dir = Path(args.resume)
     else:
@@ -77,8 +84,12 @@ def cmd_train(args: argparse.Namespace) -> int:
     total, active = trainer.model.num_parameters(), trainer.model.num_parameters(active=True)
     print(f"moekit train: {run.name} -> {run_dir} ({total:,} parameters, {active:,} active per token, "
           f"device {trainer.device})")
+    extra = {"parameters (total / active)": f"{total:,} / {active:,}"}
+    if run.train.init_from is not None:
+        print(f"initialised from {run.train.init_from} (weights and tokenizer.json)")
+        extra["initialised from"] = f"`{run.train.init_from}`"
     result = trainer.train()
-    report = write_report(run_dir, {"parameters (total / active)": f"{total:,} / {active:,}"})
+    report = write_report(run_dir, extra)
     state = "interrupted at" if result.interrupted else "finished"
     val = f", val loss {result.val_loss:.4f}" if result.val_loss is not None else ""
     print(f"{state} step {result.step}{val}; checkpoint in {run_dir / 'checkpoint'}, report {report}")
@@ -106,12 +117,22 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from .model.generate import generate
 
     _, model, tokenizer = _load_run(args.run_dir)
-    ids = tokenizer.encode(args.prompt)
+    hf_tokenizer = hasattr(tokenizer, "encode_prompt")  # a pretrained tokenizer adds its BOS, as transformers does
+    ids = tokenizer.encode_prompt(args.prompt) if hf_tokenizer else tokenizer.encode(args.prompt)
     if not ids:
         raise ValueError("the prompt is empty after tokenisation; pass --prompt with some text")
     out = generate(model, torch.tensor([ids]), args.max_new_tokens, temperature=args.temperature,
                    top_k=args.top_k, top_p=args.top_p, seed=args.seed)
-    print(tokenizer.decode(out[0].tolist()))
+    new_ids = out[0].tolist()
+    if hf_tokenizer:
+        known = [i for i in new_ids if i < tokenizer.vocab_size]
+        if len(known) < len(new_ids):
+            print(f"note: {len(new_ids) - len(known)} sampled id(s) are embedding rows beyond the tokenizer's "
+                  f"{tokenizer.vocab_size} tokens (the checkpoint's padding rows); they are left out", file=sys.stderr)
+        text = tokenizer.decode(known, skip_special_tokens=True)
+    else:
+        text = tokenizer.decode(new_ids)
+    print(text)
     return 0
 
 
@@ -168,12 +189,37 @@ def cmd_export(args: argparse.Namespace) -> int:
 def cmd_bench(args: argparse.Namespace) -> int:
     from .bench.layer import resolve_configs, resolve_device, run_layer_benchmark
 
+    if args.what in ("model", "decode"):
+        return _bench_end_to_end(args)
+    if args.presets:
+        raise ValueError("--presets applies to `moekit bench model|decode`; `moekit bench layer` takes --configs")
     configs = [name for name in args.configs.split(",") if name.strip()] if args.configs else None
     resolve_configs(configs)  # a bad name or a missing GPU fails before any work
     resolve_device(args.device)
     tokens = [int(t) for t in args.tokens.split(",")] if args.tokens else None
     run_layer_benchmark(configs=configs, tokens=tokens, device=args.device, threads=args.threads,
-                        repeats=args.repeats, quick=args.quick, json_path=args.json, small=not args.no_small)
+                        repeats=args.repeats if args.repeats is not None else 5, quick=args.quick,
+                        json_path=args.json, small=not args.no_small)
+    return 0
+
+
+def _bench_end_to_end(args: argparse.Namespace) -> int:
+    """`moekit bench model|decode`: whole presets against transformers (training step, or generation)."""
+    from .bench.decode import run_decode_benchmark
+    from .bench.layer import resolve_device
+    from .bench.model import resolve_runs, run_model_benchmark
+
+    layer_only = [flag for flag, given in (("--configs", args.configs), ("--tokens", args.tokens),
+                                           ("--no-small", args.no_small)) if given]
+    if layer_only:
+        raise ValueError(f"{', '.join(layer_only)} applies only to `moekit bench layer`; `moekit bench {args.what}` "
+                         "takes --presets, --device, --threads, --repeats, --quick and --json")
+    presets = [name.strip() for name in args.presets.split(",") if name.strip()] if args.presets else None
+    resolve_device(args.device)  # a missing GPU or a bad preset fails before any work
+    resolve_runs(presets)
+    runner = run_model_benchmark if args.what == "model" else run_decode_benchmark
+    extra = {"repeats": args.repeats} if args.repeats is not None else {}
+    runner(presets=presets, device=args.device, threads=args.threads, quick=args.quick, json_path=args.json, **extra)
     return 0
 
 
@@ -194,6 +240,51 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def parse_size(text: str) -> int:
+    """Bytes from a size such as ``2GB``, ``500MB``, ``64KB`` or a plain integer (decimal units, as HF uses)."""
+    units = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "B": 1}
+    value = str(text).strip().upper()
+    unit = next((u for u in units if value.endswith(u)), "")
+    number, factor = value[: len(value) - len(unit)].strip(), units.get(unit, 1)
+    try:
+        size = int(float(number) * factor)
+    except ValueError:
+        raise ValueError(f"size {text!r} is not understood; write e.g. 2GB, 500MB or a number of bytes") from None
+    if size < 1:
+        raise ValueError(f"size {text!r} must be positive")
+    return size
+
+
+def cmd_merge(args: argparse.Namespace) -> int:
+    from .interop.merge import merge
+
+    plan = merge(args.config, args.out, dry_run=args.dry_run, device=args.device, overwrite=args.overwrite,
+                 for_further_training=args.for_further_training, max_shard_bytes=parse_size(args.max_shard_size),
+                 progress=not args.no_progress)
+    print(("moekit merge --dry-run: nothing written\n" if args.dry_run else "") + plan.format())
+    return 0
+
+
+def cmd_upcycle(args: argparse.Namespace) -> int:
+    from .interop.upcycle import upcycle
+
+    plan = upcycle(args.model, args.out, args.experts, args.top_k, fine_grained=args.fine_grained,
+                   shared_experts=args.shared_experts, noise=args.noise, architecture=args.arch, dtype=args.dtype,
+                   seed=args.seed, overwrite=args.overwrite, dry_run=args.dry_run,
+                   max_shard_bytes=parse_size(args.max_shard_size), progress=not args.no_progress)
+    print(("moekit upcycle --dry-run: nothing written\n" if args.dry_run else "") + plan.format())
+    return 0
+
+
+def _add_output_options(parser: argparse.ArgumentParser) -> None:
+    """OUT and the options `merge` and `upcycle` share."""
+    parser.add_argument("out", help="output directory (written atomically)")
+    parser.add_argument("--dry-run", action="store_true", help="check everything and print the plan; write nothing")
+    parser.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
+    parser.add_argument("--max-shard-size", default="2GB", help="largest safetensors file (default 2GB)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="moekit", description="Mixture-of-Experts toolkit for PyTorch")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -204,6 +295,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--out", help="run directory (default runs/<name>)")
     train.add_argument("--max-steps", type=int, help="override train.max_steps")
     train.add_argument("--resume", metavar="RUN_DIR", help="continue a run exactly from its checkpoint")
+    train.add_argument("--init-from", metavar="HF_DIR",
+                       help="start from a Hugging Face checkpoint folder (moekit merge/upcycle output): its weights, "
+                            "config and tokenizer.json (same as --set train.init_from=HF_DIR)")
     train.add_argument("--set", action="append", metavar="KEY=VALUE",
                        help="override any field, e.g. --set model.moe.num_local_experts=16 (repeatable)")
     train.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
@@ -241,15 +335,21 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("--overwrite", action="store_true")
     exp.set_defaults(func=cmd_export)
 
-    bench = sub.add_parser("bench", help="time an MoE layer against transformers and the dense floor")
-    bench.add_argument("what", choices=["layer"], help="what to time (layer; model and decode are planned)")
+    bench = sub.add_parser("bench", help="time an MoE layer, a training step or decoding against transformers")
+    bench.add_argument("what", choices=["layer", "model", "decode"],
+                       help="layer: one MoE layer vs transformers and the dense floor; model: a training step and "
+                            "a forward of whole presets; decode: greedy generation with a KV cache")
     bench.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="cpu (fp32) or cuda (bf16)")
-    bench.add_argument("--configs", help="comma-separated subset of mixtral,deepseek,dbrx (default all)")
-    bench.add_argument("--tokens", help="tokens per batch for the main rows, comma-separated (default 4096)")
+    bench.add_argument("--configs", help="layer: comma-separated subset of mixtral,deepseek,dbrx (default all)")
+    bench.add_argument("--tokens", help="layer: tokens per batch for the main rows, comma-separated (default 4096)")
+    bench.add_argument("--presets", help="model/decode: comma-separated MoE presets (default "
+                                         "tiny-mixtral,tiny-deepseek)")
     bench.add_argument("--threads", type=int, default=2)
-    bench.add_argument("--repeats", type=int, default=5)
-    bench.add_argument("--quick", action="store_true", help="fewer repeats, for a smoke run")
-    bench.add_argument("--no-small", action="store_true", help="skip the 16-token forward-only rows")
+    bench.add_argument("--repeats", type=int, default=None,
+                       help="timed interleaved rounds (default: layer 5, model 10, decode 5)")
+    bench.add_argument("--quick", action="store_true",
+                       help="a smoke run: at most 2 rounds (model/decode: also small shapes)")
+    bench.add_argument("--no-small", action="store_true", help="layer: skip the 16-token forward-only rows")
     bench.add_argument("--json", metavar="PATH", help="also write every result as JSON")
     bench.set_defaults(func=cmd_bench)
 
@@ -261,6 +361,30 @@ def build_parser() -> argparse.ArgumentParser:
     rep = sub.add_parser("report", help="(re)write a run's report.md and plots")
     rep.add_argument("run_dir")
     rep.set_defaults(func=cmd_report)
+
+    mrg = sub.add_parser("merge", help="build an MoE from dense HF models with a mergekit-moe YAML config")
+    mrg.add_argument("config", help="YAML config (mergekit-moe keys: base_model, experts, gate_mode, ...)")
+    _add_output_options(mrg)
+    mrg.add_argument("--device", default="cpu", help="where router initialisation runs the base model (cpu, cuda)")
+    mrg.add_argument("--for-further-training", action="store_true",
+                     help="accept experts that all share one source model or the same prompts (train afterwards)")
+    mrg.set_defaults(func=cmd_merge)
+
+    up = sub.add_parser("upcycle", help="sparse upcycling: an MoE whose experts copy a dense model's FFN")
+    up.add_argument("model", help="dense HF model directory (safetensors) or .gguf file")
+    _add_output_options(up)
+    up.add_argument("--experts", type=int, default=8, help="copies of the FFN (default 8)")
+    up.add_argument("--top-k", type=int, default=2, help="copies used per token (default 2)")
+    up.add_argument("--fine-grained", type=int, default=1, metavar="M",
+                    help="split each copy into M experts of width I/M, top-k x M active (default 1)")
+    up.add_argument("--shared-experts", type=int, default=0, metavar="N", help="shared experts (default 0)")
+    up.add_argument("--noise", type=float, default=0.0, metavar="SIGMA",
+                    help="relative std of noise on routed experts (default 0: exact copies)")
+    up.add_argument("--arch", default=None, choices=["mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v3"],
+                    help="output layout (default: by the model's family, as merge picks)")
+    up.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
+    up.add_argument("--seed", type=int, default=0)
+    up.set_defaults(func=cmd_upcycle)
 
     presets = sub.add_parser("presets", help="list the shipped presets")
     presets.set_defaults(func=lambda args: print("\n".join(preset_names())) or 0)
