@@ -22,7 +22,6 @@ prefill plus one pick: "prefill ms") and generating N tokens. The decode phase c
 
 from __future__ import annotations
 
-import sys
 import tempfile
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -34,14 +33,13 @@ from torch import Tensor
 
 from ..config import RunConfig
 from ..model.generate import generate
-from .layer import WARMUP, Env, Timer, measure_peak_memory, resolve_device, run_interleaved
+from .layer import WARMUP, Env, Timer, bench_context, measure_peak_memory, progress, resolve_device, run_interleaved
 from .model import (
     DEFAULT_PRESETS,
     QUICK_REPEATS,
     SEED,
     Candidate,
     Prepared,
-    bench_context,
     check_json_path,
     footer,
     header,
@@ -199,7 +197,7 @@ def _bench_preset(prepared: Prepared, env: Env, repeats: int, prompt_len: int, n
             else:
                 timers += [Timer(row, "one_ms", one), Timer(row, "all_ms", full)]
             rows.append(row)
-    print_progress(f"  [{run.name}] timing {len(timers)} measurements in {WARMUP + repeats} interleaved rounds ...")
+    progress(f"  [{run.name}] timing {len(timers)} measurements in {WARMUP + repeats} interleaved rounds ...")
     run_interleaved(timers, repeats, env.sync)
     measure_peak_memory(timers, env)
     _add_decode_ratios(rows, new_tokens)
@@ -274,10 +272,6 @@ def _print_result(result: dict, env: Env, print_fn: Callable[..., Any]) -> None:
         print_fn(f"  check passed: {check['what']}")
     for note in result["notes"]:
         print_fn(f"  note: {note}")
-
-
-def print_progress(text: str) -> None:
-    print(text, file=sys.stderr, flush=True)
 
 
 def run_decode_benchmark(presets: Iterable[str | RunConfig] | None = DEFAULT_PRESETS, device: str = "cpu",

@@ -31,7 +31,8 @@ import platform
 import statistics
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from types import SimpleNamespace
 from typing import Any
@@ -457,7 +458,22 @@ def estimated_bytes(impl: str, bc: BenchConfig, tokens: int, backward: bool, env
 
 
 # ---------------------------------------------------------------------------------------------- running
-def _progress(text: str) -> None:
+@contextmanager
+def bench_context(threads: int, env: Env) -> Iterator[None]:
+    """Set the thread count and fork the RNG for the run; both restored afterwards."""
+    if threads < 1:
+        raise ValueError(f"threads must be at least 1, got {threads}")
+    previous = torch.get_num_threads()
+    devices = [env.device.index] if env.cuda else []
+    try:
+        torch.set_num_threads(threads)
+        with torch.random.fork_rng(devices=devices):
+            yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+def progress(text: str) -> None:
     print(text, file=sys.stderr, flush=True)
 
 
@@ -501,7 +517,7 @@ def run_config(bc: BenchConfig, repeats: int, small: bool, env: Env,
         except Exception as error:  # an implementation that cannot even be built on this machine
             notes.append(f"{label}: skipped, construction raised {type(error).__name__}: {error}")
             continue
-        _progress(f"  [{bc.name}] {label} ...")
+        progress(f"  [{bc.name}] {label} ...")
         passes = [(tokens, x, grad, rows) for tokens, x, grad in main]
         if small and SMALL_TOKENS not in bc.tokens:
             passes.append((SMALL_TOKENS, x_small, grad_small, small_rows))
@@ -532,7 +548,7 @@ def run_config(bc: BenchConfig, repeats: int, small: bool, env: Env,
                 notes.append(f"{label} @ {tokens} tokens: skipped, raised {type(error).__name__}: {first_line[:160]}")
                 if env.cuda:  # e.g. out of memory: give the cached blocks back before the next row
                     torch.cuda.empty_cache()
-    _progress(f"  [{bc.name}] timing {len(timers)} measurements in {WARMUP + repeats} interleaved rounds ...")
+    progress(f"  [{bc.name}] timing {len(timers)} measurements in {WARMUP + repeats} interleaved rounds ...")
     run_interleaved(timers, repeats, env.sync)
     measure_peak_memory(timers, env)
     rows.sort(key=lambda row: bc.tokens.index(row.tokens))  # by token count, then in candidate order
@@ -674,14 +690,8 @@ def run_layer_benchmark(configs: list[str] | None = None, tokens: list[int] | No
     if repeats < 1:
         raise ValueError(f"repeats must be at least 1, got {repeats}")
 
-    previous_threads = torch.get_num_threads()
-    rng_devices = [env.device.index] if env.cuda else []
-    try:
-        torch.set_num_threads(threads)
-        with torch.random.fork_rng(devices=rng_devices):
-            return _run(names, tokens, env, threads, repeats, small, sizes or {}, json_path, print_fn)
-    finally:
-        torch.set_num_threads(previous_threads)
+    with bench_context(threads, env):
+        return _run(names, tokens, env, threads, repeats, small, sizes or {}, json_path, print_fn)
 
 
 def _run(names: list[str], tokens: list[int], env: Env, threads: int, repeats: int, small: bool,

@@ -28,7 +28,6 @@ import copy
 import inspect
 import math
 import resource
-import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -51,10 +50,12 @@ from .layer import (
     WARMUP,
     Env,
     Timer,
+    bench_context,
     calibrate_gflops,
     load_average,
     machine_info,
     measure_peak_memory,
+    progress,
     resolve_device,
     run_interleaved,
 )
@@ -503,7 +504,7 @@ def _bench_preset(prepared: Prepared, env: Env, repeats: int, batch: int, block:
                        candidate.parameters)
         rows.append(row)
         forward = inference_forward(candidate, x)
-        _progress(f"  [{run.name}] {candidate.label} ...")
+        progress(f"  [{run.name}] {candidate.label} ...")
         model.eval()
         try:
             first_fwd = timed(forward, env)
@@ -539,7 +540,7 @@ def _bench_preset(prepared: Prepared, env: Env, repeats: int, batch: int, block:
             row.train_ms = first * 1e3
         else:
             timers.append(Timer(row, "train_ms", step, model.train))
-    _progress(f"  [{run.name}] timing {len(timers)} measurements in {WARMUP + repeats} interleaved rounds ...")
+    progress(f"  [{run.name}] timing {len(timers)} measurements in {WARMUP + repeats} interleaved rounds ...")
     run_interleaved(timers, repeats, env.sync)
     measure_peak_memory(timers, env)
     _add_model_ratios(rows, batch * block)
@@ -635,10 +636,6 @@ def _print_model_result(result: dict, env: Env, print_fn: Callable[..., Any]) ->
         print_fn(f"  note: {note}")
 
 
-def _progress(text: str) -> None:
-    print(text, file=sys.stderr, flush=True)
-
-
 def header(title: str, env: Env, tf: SimpleNamespace, threads: int, repeats: int,
            print_fn: Callable[..., Any]) -> dict:
     """Print the run's title, machine, calibration and load; return the machine info dict."""
@@ -666,21 +663,6 @@ def footer(info: dict, env: Env, print_fn: Callable[..., Any]) -> None:
     if not env.cuda:
         print_fn(f"memory: per-row peaks are not separable on CPU (one process, one allocator); the process's "
                  f"peak RSS over the whole run was {info['peak_rss_mib']:,.0f} MiB")
-
-
-@contextmanager
-def bench_context(threads: int, env: Env) -> Iterator[None]:
-    """Set the thread count and fork the RNG for the run; both restored afterwards."""
-    if threads < 1:
-        raise ValueError(f"threads must be at least 1, got {threads}")
-    previous = torch.get_num_threads()
-    devices = [env.device.index] if env.cuda else []
-    try:
-        torch.set_num_threads(threads)
-        with torch.random.fork_rng(devices=devices):
-            yield
-    finally:
-        torch.set_num_threads(previous)
 
 
 def check_json_path(json_path: str | Path | None) -> None:
