@@ -186,3 +186,19 @@ def test_cuda_bf16_backends_match_the_fp32_reference(backend):
         assert cuda_layer.experts.resolve_backend(x.cuda().bfloat16(), [3] * 4) == "grouped_mm"
     got = cuda_layer(x.to("cuda", torch.bfloat16)).hidden_states.float().cpu()
     torch.testing.assert_close(got, expected, atol=3e-2, rtol=3e-2)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_backends_run_under_cpu_autocast_and_stay_close_to_fp32(backend):
+    # `moekit train --set train.dtype=bfloat16` on CPU trains under torch.autocast("cpu", bfloat16)
+    layer = _with_backend("topk", backend).train()
+    x = random_input((2, 6, 16)).requires_grad_(True)
+    expected = layer(x).hidden_states
+    (expected_grad,) = torch.autograd.grad(expected.sum(), x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = layer(x).hidden_states
+    (grad,) = torch.autograd.grad(out.float().sum(), x)
+    assert out.dtype in (torch.bfloat16, torch.float32)  # bf16 matmuls; elementwise ops may promote
+    torch.testing.assert_close(out.float(), expected, atol=5e-2, rtol=5e-2)
+    torch.testing.assert_close(grad, expected_grad, atol=5e-2, rtol=5e-2)
+    assert all(p.grad is None or p.grad.dtype == p.dtype for p in layer.parameters())

@@ -131,5 +131,15 @@ def grouped_ffn(x: Tensor, row_index: Tensor | None, group_sizes: list[int], w_i
         w_out: [E, H, I].
         scale: optional [N] per-row factor (the combine weights), applied to the activation.
         gated: SwiGLU (`silu(gate) * up`) when True, GELU otherwise.
+
+    Under autocast the inputs are cast to the autocast dtype first (as autocast casts a matmul's inputs),
+    so the result has that dtype.
     """
+    device_type = x.device.type
+    if torch.is_autocast_enabled(device_type):  # the function's out= matmuls need one dtype: autocast's
+        dtype = torch.get_autocast_dtype(device_type)
+        x, w_in, w_out = x.to(dtype), w_in.to(dtype), w_out.to(dtype)
+        scale = scale.to(dtype) if scale is not None else None
+        with torch.autocast(device_type, enabled=False):
+            return _GroupedFFN.apply(x, row_index, w_in, w_out, scale, group_sizes, gated)
     return _GroupedFFN.apply(x, row_index, w_in, w_out, scale, group_sizes, gated)
