@@ -96,6 +96,20 @@ def test_eval_mode_reports_only_the_terms_that_enter_the_loss():
     assert {"router_aux_loss", "importance_loss", "seq_aux_loss"} <= layer.train()(x).stats.keys()
 
 
+def test_compute_stats_false_skips_terms_in_eval_only():
+    cfg = MoEConfig(hidden_size=8, moe_intermediate_size=16, num_local_experts=4, router_z_loss_coef=0.1,
+                    aux_free_bias_update_rate=1e-3)
+    layer = MoELayer(cfg).eval()
+    x = torch.randn(5, 8)
+    full, lean = layer(x), layer(x, compute_stats=False)
+    assert torch.equal(lean.hidden_states, full.hidden_states)
+    assert torch.equal(lean.router_logits, full.router_logits)
+    assert lean.stats == {} and lean.aux_loss.item() == 0.0
+    trained = layer.train()(x, compute_stats=False)  # training needs the loss terms and the balancer's counts
+    assert trained.aux_loss.item() > 0 and "tokens_per_expert" in trained.stats
+    assert layer.load_since_update.sum().item() == 5 * cfg.num_experts_per_tok
+
+
 def test_max_violation_matches_its_definition():
     out = MoELayer(make_config("topk"))(torch.randn(40, 16))
     load = out.stats["tokens_per_expert"]

@@ -68,6 +68,15 @@ def test_logits_to_keep_gives_the_last_positions_of_the_full_forward():
         model(ids, targets=ids, logits_to_keep=1)
 
 
+def test_router_stats_false_gives_the_same_logits_without_stats():
+    torch.manual_seed(0)
+    model = MoETransformer(tiny()).eval()
+    ids = torch.randint(0, 40, (2, 9))
+    full, lean = model(ids), model(ids, router_stats=False)
+    assert torch.equal(lean.logits, full.logits)
+    assert full.moe_stats and not lean.moe_stats and lean.aux_loss.item() == 0.0
+
+
 def test_greedy_generation_matches_step_by_step_argmax():
     torch.manual_seed(0)
     model = MoETransformer(tiny()).eval()

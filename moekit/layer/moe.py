@@ -58,13 +58,15 @@ class MoELayer(nn.Module):
         self.register_buffer("load_since_update", torch.zeros(config.num_local_experts), persistent=False)
 
     # ------------------------------------------------------------------ forward
-    def forward(self, x: Tensor, attention_mask: Tensor | None = None) -> MoEOutput:
+    def forward(self, x: Tensor, attention_mask: Tensor | None = None, compute_stats: bool = True) -> MoEOutput:
         """Route `x: [batch, seq, hidden]` or `[tokens, hidden]`.
 
         `attention_mask` (same leading shape as `x`, 1/True = real token) keeps padded tokens
         out of routing, of every balancing term and of every statistic; their output is 0.
         A 3-D input is treated as `batch` sequences (for the sequence-wise loss and Soft MoE);
-        a 2-D input as one sequence.
+        a 2-D input as one sequence. `compute_stats=False` skips the balancing terms and the
+        statistics in eval mode (`aux_loss` is then 0 and `stats` empty), for generation; training
+        always computes them, since the loss and the aux-free balancer need them.
         """
         cfg = self.config
         if x.dim() not in (2, 3) or x.shape[-1] != cfg.hidden_size:
@@ -107,7 +109,10 @@ class MoELayer(nn.Module):
         if self.shared_experts is not None:
             out = out + self.shared_experts(flat)
 
-        aux_loss, stats = self._balance(routing, seq_ids, num_sequences, num_dropped, flat.shape[0])
+        if compute_stats or self.training:
+            aux_loss, stats = self._balance(routing, seq_ids, num_sequences, num_dropped, flat.shape[0])
+        else:
+            aux_loss, stats = routing.logits.new_zeros((), dtype=torch.float32), {}
         if self.training and cfg.aux_free_bias_update_rate > 0:
             self.load_since_update += stats["tokens_per_expert"]
 

@@ -39,7 +39,8 @@ def generate(model: MoETransformer, input_ids: Tensor, max_new_tokens: int, temp
     limit = model.config.max_position_embeddings
     if input_ids.shape[1] >= limit:
         input_ids = input_ids[:, -(limit - 1):]  # keep the most recent context that fits
-    out = model(input_ids, use_cache=True, logits_to_keep=1)  # prefill: only the last position is sampled
+    # prefill: only the last position is sampled; generation needs no balancing terms or router statistics
+    out = model(input_ids, use_cache=True, logits_to_keep=1, router_stats=False)
     tokens = input_ids
     for _ in range(max_new_tokens):
         if tokens.shape[1] >= limit:
@@ -48,5 +49,5 @@ def generate(model: MoETransformer, input_ids: Tensor, max_new_tokens: int, temp
         tokens = torch.cat([tokens, next_id.unsqueeze(-1)], dim=1)
         if eos_token_id is not None and bool((next_id == eos_token_id).all()):
             break
-        out = model(next_id.unsqueeze(-1), past_key_values=out.past_key_values, use_cache=True)
+        out = model(next_id.unsqueeze(-1), past_key_values=out.past_key_values, use_cache=True, router_stats=False)
     return tokens

@@ -109,12 +109,13 @@ class DecoderLayer(nn.Module):
         self.mlp: nn.Module = MoELayer(config.moe) if self.is_moe else DenseMLP(config.hidden_size,
                                                                                  config.intermediate_size)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, past: tuple[Tensor, Tensor] | None = None):
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, past: tuple[Tensor, Tensor] | None = None,
+                router_stats: bool = True):
         attn, present = self.self_attn(self.input_layernorm(x), cos, sin, past)
         x = x + attn
         h = self.post_attention_layernorm(x)
         if self.is_moe:
-            out = self.mlp(h)
+            out = self.mlp(h, compute_stats=router_stats)
             return x + out.hidden_states, present, out
         return x + self.mlp(h), present, None
 
@@ -156,11 +157,12 @@ class MoETransformer(nn.Module):
                 param.fill_(1.0)
 
     def forward(self, input_ids: Tensor, targets: Tensor | None = None, past_key_values: KVCache | None = None,
-                use_cache: bool = False, logits_to_keep: int = 0) -> LMOutput:
+                use_cache: bool = False, logits_to_keep: int = 0, router_stats: bool = True) -> LMOutput:
         """input_ids [B, T] -> logits; with `targets` [B, T] the mean next-token cross-entropy.
 
         `logits_to_keep` > 0 computes logits for the last that many positions only (as transformers'
-        argument of that name): a prefill before decoding needs just the last one.
+        argument of that name): a prefill before decoding needs just the last one. `router_stats=False`
+        skips the MoE layers' balancing terms and statistics in eval mode (generation needs neither).
         """
         if logits_to_keep and targets is not None:
             raise ValueError("logits_to_keep needs every position's logits for the loss: pass 0 with targets")
@@ -177,11 +179,12 @@ class MoETransformer(nn.Module):
         presents: KVCache = []
         for i, layer in enumerate(self.layers):
             past = past_key_values[i] if past_key_values else None
-            x, present, moe_out = layer(x, cos, sin, past)
+            x, present, moe_out = layer(x, cos, sin, past, router_stats)
             presents.append(present)
             if moe_out is not None:
                 aux_loss = aux_loss + moe_out.aux_loss
-                stats[i] = moe_out.stats
+                if moe_out.stats:
+                    stats[i] = moe_out.stats
         logits = self.lm_head(self.norm(x[:, -logits_to_keep:] if logits_to_keep else x))
         loss = None
         if targets is not None:
