@@ -68,9 +68,6 @@ class GroupedExperts(nn.Module):
         h = activate(h, self.gated)
         return h if scale is None else h * scale.unsqueeze(-1)
 
-    def _ffn(self, x: Tensor, w_in: Tensor, w_out: Tensor, scale: Tensor | None = None) -> Tensor:
-        return F.linear(self._activate(F.linear(x, w_in), scale), w_out)
-
     def resolve_backend(self, x: Tensor, group_sizes: list[int]) -> str:
         """The backend that runs these rows: `expert_backend` unless it is "auto".
 
@@ -146,7 +143,7 @@ class GroupedExperts(nn.Module):
 
     def expert_forward(self, x: Tensor, expert: int) -> Tensor:
         """Run one expert on `x: [n, H]` (for references and analysis, not the hot path)."""
-        return self._ffn(x, self.in_proj[expert], self.down_proj[expert])
+        return F.linear(activate(F.linear(x, self.in_proj[expert]), self.gated), self.down_proj[expert])
 
     @torch.no_grad()
     def segment(self, m: int) -> GroupedExperts:
