@@ -68,6 +68,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     overrides = list(args.set or [])
     if args.max_steps is not None:
         overrides.append(f"train.max_steps={args.max_steps}")
+    if args.ep is not None:
+        overrides.append(f"train.expert_parallel={args.ep}")
     if args.init_from:
         values["train"] = {**(values.get("train") or {}), "init_from": args.init_from}  # --set still wins
     # a new run with train.init_from takes its model section from the checkpoint folder
@@ -79,20 +81,33 @@ def cmd_train(args: argparse.Namespace) -> int:
         run_dir = Path(args.out) if args.out else Path("runs") / run.name
     trainer = Trainer(run, run_dir, resume=bool(args.resume), overwrite=args.overwrite,
                       progress=not args.no_progress)
-    if args.resume:  # training fields may change on resume (e.g. more steps): keep the config current
+    main = trainer.is_main  # under torchrun only rank 0 prints and writes the report
+    if args.resume and main:  # training fields may change on resume (e.g. more steps): keep the config current
         (run_dir / "config.json").write_text(json.dumps(run.to_dict(), indent=2) + "\n")
-    total, active = trainer.model.num_parameters(), trainer.model.num_parameters(active=True)
-    print(f"moekit train: {run.name} -> {run_dir} ({total:,} parameters, {active:,} active per token, "
-          f"device {trainer.device})")
+    total, active = trainer.num_parameters
+    layout = ""
+    if trainer.parallel is not None:
+        groups = trainer.parallel.groups
+        layout = f", {groups.world_size} ranks: expert parallel {groups.ep_size} x data parallel {groups.dp_size}"
+    if main:
+        print(f"moekit train: {run.name} -> {run_dir} ({total:,} parameters, {active:,} active per token, "
+              f"device {trainer.device}{layout})")
     extra = {"parameters (total / active)": f"{total:,} / {active:,}"}
-    if run.train.init_from is not None:
+    if layout:
+        extra["layout"] = layout.removeprefix(", ")
+    if run.train.init_from is not None and main:
         print(f"initialised from {run.train.init_from} (weights and tokenizer.json)")
         extra["initialised from"] = f"`{run.train.init_from}`"
-    result = trainer.train()
-    report = write_report(run_dir, extra)
-    state = "interrupted at" if result.interrupted else "finished"
-    val = f", val loss {result.val_loss:.4f}" if result.val_loss is not None else ""
-    print(f"{state} step {result.step}{val}; checkpoint in {run_dir / 'checkpoint'}, report {report}")
+    try:
+        result = trainer.train()
+    finally:
+        if trainer.parallel is not None:
+            trainer.parallel.close()
+    if main:
+        report = write_report(run_dir, extra)
+        state = "interrupted at" if result.interrupted else "finished"
+        val = f", val loss {result.val_loss:.4f}" if result.val_loss is not None else ""
+        print(f"{state} step {result.step}{val}; checkpoint in {run_dir / 'checkpoint'}, report {report}")
     return 130 if result.interrupted else 0
 
 
@@ -144,7 +159,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"{path / 'config.json'} not found; pass a run directory written by `moekit train`")
     values = json.loads((path / "config.json").read_text())
-    run = RunConfig.from_dict(apply_overrides(values, [f"train.eval_batches={args.batches}"]))
+    # one process evaluates any run, whatever --ep trained it (its checkpoint joins the expert slices)
+    run = RunConfig.from_dict(apply_overrides(values, [f"train.eval_batches={args.batches}",
+                                                       "train.expert_parallel=1"]))
     trainer = Trainer(run, path, resume=True, progress=False)
     record = trainer.evaluate()
     print(f"val loss {record['val_loss']:.4f}, perplexity {record['val_ppl']:.2f}")
@@ -300,6 +317,10 @@ def build_parser() -> argparse.ArgumentParser:
                             "config and tokenizer.json (same as --set train.init_from=HF_DIR)")
     train.add_argument("--set", action="append", metavar="KEY=VALUE",
                        help="override any field, e.g. --set model.moe.num_local_experts=16 (repeatable)")
+    train.add_argument("--ep", type=int, metavar="N",
+                       help="expert parallelism under torchrun: every N ranks share each layer's experts, the rest is "
+                            "data parallel (same as --set train.expert_parallel=N); e.g. torchrun --nproc-per-node 4 "
+                            "-m moekit train --ep 2")
     train.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
     train.add_argument("--no-progress", action="store_true", help="no progress bar")
     train.set_defaults(func=cmd_train)

@@ -21,6 +21,8 @@ EXPERT_BACKENDS = ("auto", "loop", "bmm", "grouped_mm")
 
 # Routers whose top-k selection can use the aux-loss-free bias (the bias only selects).
 _BIAS_ROUTERS = ("topk", "switch", "deepseek_v3")
+# Routers that can limit each token's experts to a few devices (DeepSeek-V3's node-limited routing).
+_DEVICE_LIMITED_ROUTERS = ("topk", "deepseek_v3")
 # Routers whose every output mixes several tokens of a sequence (not causal as such).
 _TOKEN_MIXING_ROUTERS = ("expert_choice", "soft")
 
@@ -72,6 +74,11 @@ class MoEConfig(_DictMixin):
     `topk` (Mixtral) and `deepseek_v3`, never for `switch` (Switch scales by the raw probability).
     `shared_expert_intermediate_size=None` means `n_shared_experts * moe_intermediate_size`
     (DeepSeekMoE fuses its shared experts into one FFN of that width).
+
+    Device-limited routing (DeepSeek-V3's node-limited routing): with `max_devices_per_token=M`, the
+    experts are seen as `expert_devices` contiguous blocks (one per expert-parallel rank) and each token
+    picks its k experts inside the M blocks whose best ceil(k / M) selection scores sum highest, so
+    expert parallelism sends a token to at most M ranks.
     """
 
     hidden_size: int = 512
@@ -98,6 +105,8 @@ class MoEConfig(_DictMixin):
     seq_aux_loss_coef: float = 0.0
     aux_free_bias_update_rate: float = 0.0
     expert_backend: str = "auto"
+    expert_devices: int = 1
+    max_devices_per_token: int | None = None
 
     def __post_init__(self) -> None:
         self.validate()
@@ -171,6 +180,22 @@ class MoEConfig(_DictMixin):
             if k // self.topk_group > E // self.n_group:
                 _fail("num_experts_per_tok", k,
                       f"at most topk_group * experts per group = {self.topk_group * (E // self.n_group)}")
+
+        if not isinstance(self.expert_devices, int) or isinstance(self.expert_devices, bool) \
+                or self.expert_devices < 1 or E % self.expert_devices:
+            _fail("expert_devices", self.expert_devices, f"a positive divisor of num_local_experts={E} (the "
+                  "expert-parallel size the experts are split over)")
+        if self.max_devices_per_token is not None:
+            M, D = self.max_devices_per_token, self.expert_devices
+            if self.router not in _DEVICE_LIMITED_ROUTERS:
+                _fail("max_devices_per_token", M, f"None for router={self.router!r}; device-limited routing "
+                      f"applies to {_DEVICE_LIMITED_ROUTERS}")
+            if not isinstance(M, int) or isinstance(M, bool) or not 1 <= M <= D:
+                _fail("max_devices_per_token", M, f"None or an integer in [1, expert_devices={D}]; set "
+                      "expert_devices to the expert-parallel size first")
+            if k > M * (E // D):
+                _fail("max_devices_per_token", M, f"at least {math.ceil(k / (E // D))}: M devices hold "
+                      f"M * {E // D} experts, fewer than num_experts_per_tok={k}")
 
         if self.router == "switch":
             if k != 1:
@@ -365,6 +390,7 @@ class TrainConfig:
     checkpoint_interval: int = 100
     dtype: str = "auto"  # "auto" (bf16 autocast where the device supports it well), "float32", "bfloat16"
     device: str = "auto"  # "auto", "cpu", "cuda"
+    expert_parallel: int = 1  # ranks that share each layer's experts (`--ep`, under torchrun); the rest is DP
 
     def __post_init__(self) -> None:
         self.validate()
@@ -376,7 +402,7 @@ class TrainConfig:
             raise ValueError(f"TrainConfig.{name}={value!r} is not allowed: {allowed}")
 
         for name in ("block_size", "batch_size", "grad_accum", "max_steps", "eval_interval", "eval_batches",
-                     "log_interval", "checkpoint_interval", "bpe_vocab_size"):
+                     "log_interval", "checkpoint_interval", "bpe_vocab_size", "expert_parallel"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 fail(name, value, "a positive integer")

@@ -29,7 +29,8 @@ class MoEOutput:
             capacity dropping), `dropped_fraction`, `max_violation` (MaxVio), and each balancing
             term that applies to the router, by name (`router_aux_loss`, `router_z_loss`,
             `importance_loss`, `load_loss`, `seq_aux_loss`): in training mode whatever its
-            coefficient, in eval mode only those with a coefficient > 0.
+            coefficient, in eval mode only those with a coefficient > 0. Under expert parallelism also
+            `all_to_all_bytes` and `all_to_all_rows`: what this rank sent to other ranks in this forward.
     """
 
     hidden_states: Tensor
@@ -102,9 +103,13 @@ class MoELayer(nn.Module):
             plan = plan_dispatch(routing.expert_index, cfg.num_local_experts, routing.weights,
                                  routing.num_experts_per_tok or 1, capacity)
             # the combine weights ride along with the rows: the experts apply them where it is cheapest
-            expert_out = self.experts(flat, plan.group_sizes, row_scale=routing.weights[plan.order],
-                                      row_index=routing.token_index[plan.order])
-            out = combine(expert_out, routing.token_index, None, plan, flat.shape[0])
+            row_scale, row_index = routing.weights[plan.order], routing.token_index[plan.order]
+            exchange = getattr(self.experts, "dispatch_and_combine", None)
+            if exchange is not None:  # experts held elsewhere (expert parallelism): they return token rows
+                out = exchange(flat, plan.group_sizes, row_scale, row_index)
+            else:
+                expert_out = self.experts(flat, plan.group_sizes, row_scale=row_scale, row_index=row_index)
+                out = combine(expert_out, routing.token_index, None, plan, flat.shape[0])
             num_dropped = plan.num_dropped
         if self.shared_experts is not None:
             out = out + self.shared_experts(flat)
@@ -115,6 +120,9 @@ class MoELayer(nn.Module):
             aux_loss, stats = routing.logits.new_zeros((), dtype=torch.float32), {}
         if self.training and cfg.aux_free_bias_update_rate > 0:
             self.load_since_update += stats["tokens_per_expert"]
+        if stats and not routing.is_soft and getattr(self.experts, "exchange_stats", None):
+            # experts on other ranks report what reaching them cost (expert parallelism)
+            stats.update({name: torch.tensor(value) for name, value in self.experts.exchange_stats.items()})
 
         router_logits = routing.logits
         if kept_rows is not None:

@@ -116,7 +116,24 @@ class TopKRouter(Router):
 
     def _select(self, scores: Tensor) -> Tensor:
         choice = scores if self.e_score_correction_bias is None else scores + self.e_score_correction_bias
-        return choice.topk(self.top_k, dim=-1).indices
+        return self._limit_devices(choice).topk(self.top_k, dim=-1).indices
+
+    def _limit_devices(self, choice: Tensor) -> Tensor:
+        """Device-limited routing: -inf outside each token's `max_devices_per_token` best device blocks.
+
+        Experts are `expert_devices` contiguous blocks (one per expert-parallel rank); a block's score is the sum
+        of its best ceil(k / M) selection scores (DeepSeek-V3's node-limited routing).
+        """
+        limit, devices = self.config.max_devices_per_token, self.config.expert_devices
+        if limit is None or limit >= devices:
+            return choice
+        num_tokens, per_device = choice.shape[0], self.num_experts // devices
+        blocks = choice.view(num_tokens, devices, per_device)
+        best = min(per_device, -(-self.top_k // limit))
+        block_scores = blocks.topk(best, dim=-1).values.sum(dim=-1)  # [T, D]
+        keep = torch.zeros_like(block_scores, dtype=torch.bool)
+        keep.scatter_(1, block_scores.topk(limit, dim=-1).indices, True)
+        return blocks.masked_fill(~keep.unsqueeze(-1), float("-inf")).view(num_tokens, self.num_experts)
 
     #: compute the logits in float32 whatever the input dtype (DeepSeek-V3 does; Mixtral does not)
     fp32_logits: bool = False
@@ -155,6 +172,7 @@ class DeepSeekV3Router(TopKRouter):
 
     def _select(self, scores: Tensor) -> Tensor:
         choice = scores if self.e_score_correction_bias is None else scores + self.e_score_correction_bias
+        choice = self._limit_devices(choice)
         n_group, topk_group = self.config.n_group, self.config.topk_group
         if n_group > 1 and topk_group < n_group:
             num_tokens = choice.shape[0]

@@ -883,6 +883,12 @@ class BatchSampler:
         self.step += 1
         return _windows(self.data, starts, self.block_size)
 
+    def skip_batch(self) -> None:
+        """Advance past the next batch without building it (data parallelism: another rank's batch)."""
+        high = self.data.numel() - self.block_size
+        torch.randint(0, high, (self.batch_size,), generator=self.generator)
+        self.step += 1
+
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Endless batches (the same as calling :meth:`next_batch` repeatedly)."""
         while True:

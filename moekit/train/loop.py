@@ -21,6 +21,7 @@ from ..layer import update_aux_free_biases
 from ..model import MoETransformer
 from . import checkpoint as ckpt
 from .data import BatchSampler, TokenDataset, build_tokenizer, iter_eval_batches, load_tokenizer
+from .parallel import TrainParallel, wants_parallel
 
 
 @dataclass
@@ -192,6 +193,10 @@ class Trainer:
     With `train.init_from` set, a new run starts from that Hugging Face checkpoint's weights and tokenizer (its
     model section must be the checkpoint's: see :func:`init_from_values`); a resumed run reads only its own
     checkpoint, never the folder again.
+
+    Launched by torchrun on several processes, every rank runs a Trainer: the experts are split over
+    `train.expert_parallel` ranks and the rest is data parallel (`moekit.train.parallel`); `batch_size` is per
+    rank, and rank 0 writes the logs. Checkpoints are saved per rank and resume at any layout.
     """
 
     def __init__(self, run: RunConfig, run_dir: Path, resume: bool = False, overwrite: bool = False,
@@ -207,6 +212,21 @@ class Trainer:
             warnings.warn("router='expert_choice' lets each expert pick tokens across the whole batch, future "
                           "tokens included: in a causal LM this leaks the future and lowers the loss for the wrong "
                           "reason; do not compare its loss with token-choice runs", stacklevel=2)
+        self.parallel: TrainParallel | None = None
+        if wants_parallel(t.expert_parallel):
+            if moe is None and t.expert_parallel > 1:
+                raise ValueError(f"--ep {t.expert_parallel} shards MoE experts, but this model is dense (model.moe is "
+                                 "null); train it data parallel with --ep 1, or pick an MoE preset")
+            if moe is not None and moe.max_devices_per_token is not None and moe.expert_devices != t.expert_parallel:
+                raise ValueError(f"model.moe.max_devices_per_token={moe.max_devices_per_token} limits each token to a "
+                                 f"few of model.moe.expert_devices={moe.expert_devices} expert blocks, but --ep is "
+                                 f"{t.expert_parallel}; set --set model.moe.expert_devices={t.expert_parallel} so the "
+                                 "blocks are the ranks")
+            self.parallel = TrainParallel.start(t.expert_parallel, resolve_device(t.device).type,
+                                                moe.num_local_experts if moe is not None else None)
+        elif t.expert_parallel > 1:  # pragma: no cover - wants_parallel is True then
+            raise AssertionError
+        main = self.parallel is None or self.parallel.is_main
         init_model, init_tokenizer = None, None
         if t.init_from is not None and not resume:  # before the run directory is touched: errors lose nothing
             init_model = _model_from_checkpoint(run.model, t.init_from)
@@ -224,20 +244,35 @@ class Trainer:
             if not overwrite:
                 raise FileExistsError(f"{self.run_dir} already exists and is not empty; pass --overwrite to replace "
                                       "it, --resume to continue it, or --out to choose another directory")
-            shutil.rmtree(self.run_dir)
-        self.run_dir.mkdir(parents=True, exist_ok=True)
+            self._barrier()  # every rank has looked before rank 0 removes it
+            if main:
+                shutil.rmtree(self.run_dir)
+        if main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
 
         torch.manual_seed(t.seed)
         self.device = resolve_device(t.device)
+        if self.parallel is not None and self.device.type == "cuda":
+            self.device = torch.device("cuda", torch.cuda.current_device())
         self.amp_dtype = autocast_dtype(t.dtype, self.device)
-        self.tokenizer = self._tokenizer(resume, init_tokenizer)
-        self.dataset = TokenDataset.build(t.data, self.tokenizer, self.run_dir / "data", val_fraction=t.val_fraction,
-                                           block_size=t.block_size)
+        # rank 0 writes the tokenizer and the token cache; the others read what it wrote
+        for turn in (True, False):
+            if main == turn:
+                self.tokenizer = self._tokenizer(resume, init_tokenizer) if main else load_tokenizer(
+                    self.run_dir / "tokenizer")
+                self.dataset = TokenDataset.build(t.data, self.tokenizer, self.run_dir / "data",
+                                                   val_fraction=t.val_fraction, block_size=t.block_size)
+            self._barrier()
         if run.model.vocab_size < self.tokenizer.vocab_size:
             raise ValueError(f"model.vocab_size={run.model.vocab_size} is smaller than the tokenizer's "
                              f"{self.tokenizer.vocab_size}; set --set model.vocab_size={self.tokenizer.vocab_size}")
         self.model = (init_model if init_model is not None else MoETransformer(run.model)).to(self.device)
+        self.num_parameters = (self.model.num_parameters(), self.model.num_parameters(active=True))
+        # under torchrun: this rank's slice of the experts, the rest wrapped in DDP (every rank built the same model)
+        self.forward_model = self.model if self.parallel is None else self.parallel.wrap(self.model, self.device)
         self.optimizer = build_optimizer(self.model, run)
+        names = {id(p): name for name, p in self.model.named_parameters()}
+        self._param_names = [names[id(p)] for group in self.optimizer.param_groups for p in group["params"]]
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda s: lr_factor(s, t.warmup_steps, t.max_steps, t.min_lr_ratio))
         self.sampler = BatchSampler(self.dataset.train, t.batch_size, t.block_size, seed=t.seed)
@@ -245,8 +280,17 @@ class Trainer:
         self._tensorboard = _tensorboard_writer(self.run_dir / "tensorboard")
         if resume:
             self._restore()
-        else:
+        elif main:
             (self.run_dir / "config.json").write_text(json.dumps(run.to_dict(), indent=2) + "\n")
+
+    def _barrier(self) -> None:
+        if self.parallel is not None:
+            self.parallel.barrier()
+
+    @property
+    def is_main(self) -> bool:
+        """True on the process that writes logs and reports (the only one without torchrun)."""
+        return self.parallel is None or self.parallel.is_main
 
     # ------------------------------------------------------------------ setup helpers
     def _tokenizer(self, resume: bool, tokenizer=None):
@@ -266,10 +310,16 @@ class Trainer:
             "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
             "step": self.step,
             "tokens": self.tokens,
+            "param_names": self._param_names,
         }
 
     def _restore(self) -> None:
-        state, _ = ckpt.load_checkpoint(self.run_dir, self.model, self._hashed_config())
+        if self.parallel is None:
+            state, _ = ckpt.load_checkpoint(self.run_dir, self.model, self._hashed_config())
+        else:
+            state, _ = ckpt.load_training_state(self.run_dir, self.model, self._hashed_config(), self.parallel.rank,
+                                                self.parallel.world_size, self.parallel.expert_slices,
+                                                self._param_names)
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.sampler.load_state_dict(state["sampler"])
@@ -286,17 +336,29 @@ class Trainer:
         return config
 
     def save(self) -> Path:
-        """Write an atomic checkpoint of everything needed to continue exactly."""
-        return ckpt.save_checkpoint(self.run_dir, self.model, self._hashed_config(), self._state(),
-                                    {"step": self.step, "tokens": self.tokens, "name": self.run.name})
+        """Write an atomic checkpoint of everything needed to continue exactly (under torchrun: every rank)."""
+        meta = {"step": self.step, "tokens": self.tokens, "name": self.run.name}
+        if self.parallel is None:
+            return ckpt.save_checkpoint(self.run_dir, self.model, self._hashed_config(), self._state(), meta)
+        return ckpt.save_sharded_checkpoint(self.run_dir, self.model, self._hashed_config(), self._state(), meta,
+                                            expert_slices=self.parallel.expert_slices, barrier=self.parallel.barrier,
+                                            **self.parallel.layout())
 
     def _log(self, record: dict[str, Any]) -> None:
+        if not self.is_main:
+            return
         with open(self.run_dir / "metrics.jsonl", "a") as f:
             f.write(json.dumps(record) + "\n")
         if self._tensorboard is not None:
             for key, value in record.items():
                 if isinstance(value, (int, float)) and key not in ("step", "kind"):
                     self._tensorboard.add_scalar(f"{record['kind']}/{key}", value, record["step"])
+
+    def _sync(self, last_micro_batch: bool):
+        """DDP reduces the dense gradients only after a step's last micro-batch."""
+        if self.parallel is None:
+            return contextlib.nullcontext()
+        return self.parallel.no_sync(last_micro_batch)
 
     def _autocast(self):
         if self.amp_dtype is None:
@@ -333,7 +395,8 @@ class Trainer:
         """
         t = self.run.train
         last = min(t.max_steps, stop_at) if stop_at is not None else t.max_steps
-        bar = _progress(self.progress, t.max_steps, self.step)
+        bar = _progress(self.progress and self.is_main, t.max_steps, self.step)
+        world = 1 if self.parallel is None else self.parallel.world_size
         val_loss = None
         mid_step, step_start = False, None
         self.model.train()
@@ -343,33 +406,51 @@ class Trainer:
                 # where this step starts: an interrupt mid-step rewinds here so the resume is exact
                 step_start = (self.sampler.state_dict(), torch.get_rng_state())
                 mid_step = True
-                loss_sum, aux_sum, last_stats = 0.0, 0.0, {}
-                for _ in range(t.grad_accum):
-                    inputs, targets = self.sampler.next_batch()
+                loss_sum, aux_sum, exchanged, last_stats = 0.0, 0.0, 0.0, {}
+                for micro in range(t.grad_accum):
+                    if self.parallel is None:
+                        inputs, targets = self.sampler.next_batch()
+                    else:  # every rank draws the same batches and keeps every world_size-th one
+                        inputs, targets = self.parallel.next_batch(self.sampler)
                     inputs, targets = inputs.to(self.device), targets.to(self.device)
-                    with self._autocast():
-                        out = self.model(inputs, targets=targets)
-                    ((out.loss + out.aux_loss) / t.grad_accum).backward()
+                    with self._sync(micro == t.grad_accum - 1):
+                        with self._autocast():
+                            out = self.forward_model(inputs, targets=targets)
+                        ((out.loss + out.aux_loss) / t.grad_accum).backward()
                     loss_sum += float(out.loss.detach()) / t.grad_accum
                     aux_sum += float(out.aux_loss.detach()) / t.grad_accum
+                    exchanged += sum(float(s.get("all_to_all_bytes", 0.0)) for s in out.moe_stats.values())
                     last_stats = out.moe_stats
-                grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), t.grad_clip)
+                if self.parallel is None:
+                    grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), t.grad_clip)
+                else:  # experts reduced over their replicas, one norm over the whole model
+                    grad_norm = self.parallel.finish_gradients(t.grad_clip)
                 self.optimizer.step()
                 self.scheduler.step()
                 self.optimizer.zero_grad(set_to_none=True)
-                update_aux_free_biases(self.model)
+                if self.parallel is None:
+                    update_aux_free_biases(self.model)
+                else:
+                    self.parallel.update_router_biases(self.model)
                 self.step += 1
-                step_tokens = t.grad_accum * t.batch_size * t.block_size
+                step_tokens = t.grad_accum * t.batch_size * t.block_size * world
                 self.tokens += step_tokens
                 mid_step = False
                 tokens_per_s = step_tokens / max(time.perf_counter() - started, 1e-9)
                 logging = self.step % t.log_interval == 0 or self.step == 1
+                if logging and self.parallel is not None:  # the same steps on every rank: collectives line up
+                    loss_sum, aux_sum, exchanged = self.parallel.mean(loss_sum, aux_sum, exchanged)
+                    exchanged *= world
+                    last_stats = self.parallel.summarise(last_stats)
                 summary = _moe_summary(last_stats, with_load=logging) if logging or bar is not None else {}
                 if logging:
                     origin = {"init_from": t.init_from} if self.step == 1 and t.init_from is not None else {}
+                    parallel = {} if self.parallel is None else {"world_size": world,
+                                                                 "all_to_all_bytes": exchanged}
                     self._log({"kind": "train", "step": self.step, "tokens": self.tokens, "loss": loss_sum,
                                "aux_loss": aux_sum, "lr": self.scheduler.get_last_lr()[0],
-                               "grad_norm": float(grad_norm), "tokens_per_s": tokens_per_s, **summary, **origin})
+                               "grad_norm": float(grad_norm), "tokens_per_s": tokens_per_s, **summary, **origin,
+                               **parallel})
                 if self.step % t.eval_interval == 0 or self.step == t.max_steps:
                     record = self.evaluate()
                     val_loss = record["val_loss"]

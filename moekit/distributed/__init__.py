@@ -1,0 +1,11 @@
+"""Expert parallelism over torch.distributed: experts sharded over an EP group, everything else data parallel.
+
+The layer package never imports torch.distributed; this package swaps each MoE layer's experts for a slice
+reached by all-to-all (`shard_experts`), lays ranks out on a DeviceMesh (`init_parallel`), and reduces
+gradients over the right groups (`grads`).
+"""
+
+from .exchange import all_to_all, exchange_counts
+from .expert_parallel import ExpertParallelExperts, expert_parameter_names, shard_experts
+
+__all__ = ["ExpertParallelExperts", "all_to_all", "exchange_counts", "expert_parameter_names", "shard_experts"]

@@ -1,0 +1,159 @@
+"""What `Trainer` does differently under torchrun: data parallel over every rank, experts sharded over `--ep`.
+
+One object, `TrainParallel`, holds the process groups and the trainer's few distributed steps, so the loop
+reads the same with one process or many:
+
+- every rank builds the whole model from the same seed, then keeps its slice of the experts
+  (`shard_experts`), so together the ranks hold exactly the single-process model;
+- the dense parameters are wrapped in DDP (its own process group; expert tensors ignored by it), the expert
+  gradients are summed over the ranks that hold the same slice, and the clipping norm is the whole model's;
+- every rank draws the same sequence of micro-batches and keeps every `world_size`-th one, so a step at
+  `batch_size` B on W ranks sees the batches one process sees at `grad_accum` W (and trains the same way);
+- router-choice counts are summed before the aux-loss-free bias update; logs are written by rank 0.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import os
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from ..distributed import ExpertParallelExperts, shard_experts
+from ..distributed.grads import all_reduce_router_loads, clip_grad_norm_, reduce_expert_grads
+from ..distributed.mesh import ParallelGroups, check_sizes, init_parallel, launched_by_torchrun
+from ..layer import update_aux_free_biases
+from ..layer.balance import max_violation
+
+
+def wants_parallel(expert_parallel: int) -> bool:
+    """True when this process is one of several (torchrun set WORLD_SIZE > 1) or `--ep` asks for several."""
+    return expert_parallel > 1 or (launched_by_torchrun() and int(os.environ["WORLD_SIZE"]) > 1)
+
+
+class TrainParallel:
+    """The process groups of one training process and the distributed steps of the training loop."""
+
+    def __init__(self, groups: ParallelGroups) -> None:
+        self.groups = groups
+        self.expert_slices: dict[str, slice] = {}
+        self.expert_params: list[nn.Parameter] = []
+        self.dense_params: list[nn.Parameter] = []
+        self.ddp: nn.Module | None = None
+
+    @classmethod
+    def start(cls, expert_parallel: int, device_type: str, num_experts: int | None) -> TrainParallel:
+        """Join torchrun's process group and lay the ranks out; errors name the fix."""
+        if launched_by_torchrun():
+            check_sizes(int(os.environ["WORLD_SIZE"]), expert_parallel, num_experts if expert_parallel > 1 else None)
+        return cls(init_parallel(expert_parallel, device_type))
+
+    # ------------------------------------------------------------------ who does what
+    @property
+    def rank(self) -> int:
+        return self.groups.rank
+
+    @property
+    def world_size(self) -> int:
+        return self.groups.world_size
+
+    @property
+    def is_main(self) -> bool:
+        return self.groups.is_main
+
+    def barrier(self) -> None:
+        dist.barrier(group=self.groups.dense_group)
+
+    def agree(self, ok: bool) -> bool:
+        """True only when every rank passes True (so an error on one rank stops them all together)."""
+        flag = torch.tensor([0 if ok else 1])
+        dist.all_reduce(flag, group=self.groups.dense_group)
+        return int(flag) == 0
+
+    # ------------------------------------------------------------------ the model
+    def wrap(self, model: nn.Module, device: torch.device) -> nn.Module:
+        """Shard `model`'s experts over the EP group and wrap the rest in DDP; returns the module to call."""
+        from torch.nn.parallel import DistributedDataParallel
+
+        g = self.groups
+        if g.ep_size > 1:
+            shard_experts(model, g.ep_group, g.ep_rank, g.ep_size)
+            for name, module in model.named_modules():
+                if isinstance(module, ExpertParallelExperts):
+                    rows = slice(module.expert_offset, module.expert_offset + module.num_experts)
+                    for param, _ in module.named_parameters():
+                        self.expert_slices[f"{name}.{param}"] = rows
+        params = dict(model.named_parameters())
+        self.expert_params = [params[name] for name in self.expert_slices]
+        self.dense_params = [p for name, p in params.items() if name not in self.expert_slices]
+        ignored = list(self.expert_slices) + [name for name, _ in model.named_buffers()]
+        DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, ignored)
+        # buffers (router bias, choice counts) are kept equal by the trainer, never by DDP
+        no_buffer_sync = ({"forward_sync_buffers": False} if "forward_sync_buffers" in
+                          inspect.signature(DistributedDataParallel).parameters else {"broadcast_buffers": False})
+        self.ddp = DistributedDataParallel(model, process_group=g.dense_group,
+                                           device_ids=[device.index] if device.type == "cuda" else None,
+                                           **no_buffer_sync)
+        return self.ddp
+
+    def no_sync(self, last_micro_batch: bool):
+        """DDP's all-reduce only after the last micro-batch of a step."""
+        if last_micro_batch or self.ddp is None:
+            return contextlib.nullcontext()
+        return self.ddp.no_sync()
+
+    # ------------------------------------------------------------------ the step
+    def next_batch(self, sampler) -> tuple[torch.Tensor, torch.Tensor]:
+        """This rank's micro-batch: every rank draws the same `world_size` batches and keeps its own."""
+        batch = None
+        for index in range(self.world_size):
+            if index == self.rank:
+                batch = sampler.next_batch()
+            else:
+                sampler.skip_batch()
+        return batch
+
+    def finish_gradients(self, max_norm: float) -> torch.Tensor:
+        """Reduce the expert gradients and clip by the global norm (DDP has reduced the dense ones)."""
+        if self.expert_params:
+            reduce_expert_grads(self.expert_params, self.groups)
+        return clip_grad_norm_(self.dense_params, self.expert_params, max_norm, self.groups)
+
+    def update_router_biases(self, model: nn.Module) -> None:
+        all_reduce_router_loads(model, self.groups)
+        update_aux_free_biases(model)
+
+    def mean(self, *values: float) -> list[float]:
+        """The mean over ranks of each value (for logs)."""
+        flat = torch.tensor(values, dtype=torch.float64)
+        dist.all_reduce(flat, group=self.groups.dense_group)
+        return (flat / self.world_size).tolist()
+
+    def summarise(self, stats: dict[int, dict[str, torch.Tensor]]) -> dict[int, dict[str, torch.Tensor]]:
+        """Per-layer stats over all ranks: token counts summed (MaxVio recomputed), drops averaged, bytes summed."""
+        if not stats:
+            return stats
+        layers = sorted(stats)
+        loads = torch.stack([stats[i]["tokens_per_expert"].double().cpu() for i in layers])
+        scalars = torch.tensor([[float(stats[i]["dropped_fraction"]), float(stats[i].get("all_to_all_bytes", 0.0))]
+                                for i in layers], dtype=torch.float64)
+        dist.all_reduce(loads, group=self.groups.dense_group)
+        dist.all_reduce(scalars, group=self.groups.dense_group)
+        out = {}
+        for row, i in enumerate(layers):
+            out[i] = {"tokens_per_expert": loads[row], "max_violation": max_violation(loads[row]),
+                      "dropped_fraction": scalars[row, 0] / self.world_size, "all_to_all_bytes": scalars[row, 1]}
+        return out
+
+    # ------------------------------------------------------------------ checkpoints
+    def layout(self) -> dict[str, Any]:
+        return {"rank": self.rank, "world_size": self.world_size, "ep_rank": self.groups.ep_rank,
+                "ep_size": self.groups.ep_size, "dp_rank": self.groups.dp_rank}
+
+    def close(self) -> None:
+        if dist.is_initialized():
+            dist.destroy_process_group()

@@ -1,0 +1,254 @@
+"""Expert parallelism on gloo with spawned processes: layer, training, checkpoints, routing, errors.
+
+Every comparison is against the single-process code on the same global batch: the EP layer against
+`MoELayer`, EP training against one process accumulating the same micro-batches.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+from dist_workers import layer_global_batch, layer_worker, sizes_worker, spawn, train_worker
+
+from moekit.config import ModelConfig, MoEConfig, RunConfig
+from moekit.distributed.mesh import check_sizes
+from moekit.layer import MoELayer
+from moekit.train.checkpoint import find_checkpoint, load_weights
+from moekit.train.loop import Trainer
+
+pytestmark = pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
+                                reason="this torch build has no torch.distributed gloo backend")
+
+MIXTRAL = MoEConfig(hidden_size=16, moe_intermediate_size=24, num_local_experts=8, num_experts_per_tok=2)
+DEEPSEEK = MoEConfig(hidden_size=16, moe_intermediate_size=8, num_local_experts=16, num_experts_per_tok=4,
+                     n_shared_experts=1, router="deepseek_v3", scoring_func="sigmoid", n_group=4, topk_group=2,
+                     routed_scaling_factor=2.5)
+
+
+def _reference(config: MoEConfig, tokens: int, bias: list[float] | None = None):
+    layer, x, upstream = layer_global_batch(config, tokens)
+    if bias is not None:
+        layer.router.e_score_correction_bias.copy_(torch.tensor(bias))
+    x.requires_grad_()
+    out = layer(x)
+    (out.hidden_states * upstream).sum().backward()
+    return layer, x, out
+
+
+def _run_layer(tmp_path, config: MoEConfig, world: int, ep: int, tokens: int, bias=None):
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    spawn(layer_worker, world, ep, config.to_dict(), tokens, str(tmp_path), bias)
+    return [torch.load(tmp_path / f"rank{r}.pt") for r in range(world)]
+
+
+def _assert_layer_matches(config: MoEConfig, results, tokens: int, bias=None) -> None:
+    layer, x, out = _reference(config, tokens, bias)
+    torch.testing.assert_close(torch.cat([r["out"] for r in results]), out.hidden_states.detach(), atol=1e-5, rtol=0)
+    torch.testing.assert_close(torch.cat([r["x_grad"] for r in results]), x.grad, atol=1e-5, rtol=0)
+    for r in results:
+        torch.testing.assert_close(r["router_grad"], layer.router.weight.grad, atol=1e-5, rtol=0)
+        for name, grad in r["expert_grads"].items():
+            full = getattr(layer.experts, name).grad
+            torch.testing.assert_close(grad, full[r["offset"]:r["offset"] + grad.shape[0]], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize(("world", "ep"), [(2, 2), (4, 4), (4, 2)])
+def test_ep_layer_equals_single_process(tmp_path, world, ep):
+    """Outputs, input grads, router grads and every expert slice's grads equal the one-process layer's."""
+    results = _run_layer(tmp_path, MIXTRAL, world, ep, tokens=48)
+    assert [r["offset"] for r in results] == [(rank % ep) * (8 // ep) for rank in range(world)]
+    _assert_layer_matches(MIXTRAL, results, tokens=48)
+
+
+def test_ep_layer_fine_grained_shared_deepseek(tmp_path):
+    """DeepSeek-V3 routing (sigmoid, groups, bias) with a shared expert and 16 small experts over 2 ranks."""
+    _assert_layer_matches(DEEPSEEK, _run_layer(tmp_path, DEEPSEEK, 2, 2, tokens=40), tokens=40)
+
+
+def test_rank_with_no_tokens(tmp_path):
+    """A selection bias sends every token to experts 0-3 (rank 0's): rank 1 receives nothing and its experts get
+    zero gradients, rank 0's experts 1 and 3 (biased lower) get no tokens either; all still equals one process."""
+    config = MoEConfig(hidden_size=16, moe_intermediate_size=24, num_local_experts=8, num_experts_per_tok=2,
+                       router="deepseek_v3", scoring_func="sigmoid")
+    bias = [100.0, 0.0, 100.0, 0.0, -100.0, -100.0, -100.0, -100.0]  # only experts 0 and 2 can be picked
+    results = _run_layer(tmp_path, config, 2, 2, tokens=32, bias=bias)
+    _assert_layer_matches(config, results, tokens=32, bias=bias)
+    rank1 = results[1]
+    assert all(float(g.abs().max()) == 0.0 for g in rank1["expert_grads"].values())
+    assert results[0]["stats"]["tokens_per_expert"].tolist() == [16, 0, 16, 0, 0, 0, 0, 0]
+    # rank 0 keeps its tokens at home; rank 1 sends each of its 16 tokens once (two experts, one rank)
+    assert float(results[0]["stats"]["all_to_all_rows"]) == 0.0
+    assert float(results[1]["stats"]["all_to_all_rows"]) == 16.0
+
+
+def _remote_pairs(config: MoEConfig, tokens: int, world: int) -> list[int]:
+    """Per rank: the (token, other rank) pairs its routing needs, counted from the single-process routing."""
+    layer, x, _ = layer_global_batch(config, tokens)
+    with torch.no_grad():
+        routing = layer.router(x, torch.zeros(tokens, dtype=torch.long), 1)
+    per_rank = config.num_local_experts // world
+    holder = routing.expert_index.view(tokens, -1) // per_rank
+    share = tokens // world
+    counts = []
+    for rank in range(world):
+        rows = holder[rank * share:(rank + 1) * share]
+        counts.append(sum(len(set(row.tolist()) - {rank}) for row in rows))
+    return counts
+
+
+def test_device_limited_routing_cuts_traffic(tmp_path):
+    """With max_devices_per_token=1 every token reaches one rank: rows sent are the hand-counted (token, remote rank)
+    pairs, fewer than without the limit, and the layer still equals one process."""
+    free = MoEConfig(hidden_size=16, moe_intermediate_size=24, num_local_experts=16, num_experts_per_tok=4,
+                     expert_devices=4)
+    limited = free.replace(max_devices_per_token=1)
+    sent = {}
+    for name, config in (("free", free), ("limited", limited)):
+        results = _run_layer(tmp_path / name, config, 4, 4, tokens=64)
+        _assert_layer_matches(config, results, tokens=64)
+        rows = [int(r["stats"]["all_to_all_rows"]) for r in results]
+        assert rows == _remote_pairs(config, 64, 4)
+        sent[name] = (sum(rows), sum(float(r["stats"]["all_to_all_bytes"]) for r in results))
+    assert sent["limited"][0] <= 64 and sent["limited"][0] < sent["free"][0] / 2
+    assert sent["limited"][1] < sent["free"][1]
+
+
+def test_device_limited_routing_reference():
+    """The router's device limit against a per-token reference: blocks scored by their best ceil(k/M) scores."""
+    config = MoEConfig(hidden_size=8, moe_intermediate_size=8, num_local_experts=12, num_experts_per_tok=4,
+                       expert_devices=3, max_devices_per_token=2)
+    torch.manual_seed(1)
+    layer = MoELayer(config)
+    x = torch.randn(50, 8)
+    with torch.no_grad():
+        routing = layer.router(x, torch.zeros(50, dtype=torch.long), 1)
+        scores = torch.softmax(x @ layer.router.weight.t(), dim=-1)
+    for t in range(50):
+        blocks = [sorted(scores[t, d * 4:(d + 1) * 4].tolist(), reverse=True) for d in range(3)]
+        block_score = [sum(b[:2]) for b in blocks]  # ceil(4 / 2) = 2 best per block
+        kept = sorted(range(3), key=lambda d: -block_score[d])[:2]
+        eligible = [e for e in range(12) if e // 4 in kept]
+        want = sorted(eligible, key=lambda e: -float(scores[t, e]))[:4]
+        assert sorted(routing.expert_index.view(50, 4)[t].tolist()) == sorted(want)
+        assert len({e // 4 for e in want}) <= 2
+
+
+def test_device_limited_routing_config_errors():
+    with pytest.raises(ValueError, match="expert_devices"):
+        MoEConfig(num_local_experts=8, expert_devices=3)
+    with pytest.raises(ValueError, match="max_devices_per_token"):
+        MoEConfig(num_local_experts=8, num_experts_per_tok=4, expert_devices=4, max_devices_per_token=1)  # 2 < k
+    with pytest.raises(ValueError, match="max_devices_per_token"):
+        MoEConfig(num_local_experts=8, expert_devices=2, max_devices_per_token=3)
+    with pytest.raises(ValueError, match="device-limited routing applies"):
+        MoEConfig(num_local_experts=8, router="noisy_topk", expert_devices=2, max_devices_per_token=1)
+
+
+def test_bad_sizes_error_clearly(tmp_path):
+    with pytest.raises(ValueError, match="--ep 3 does not divide the world size 4"):
+        check_sizes(4, 3)
+    with pytest.raises(ValueError, match="--ep 4 does not divide num_local_experts=6"):
+        check_sizes(4, 4, num_experts=6)
+    spawn(sizes_worker, 2, 4, str(tmp_path))  # two processes asked for ep 4
+    for rank in range(2):
+        assert "--ep 4 does not divide the world size 2" in torch.load(tmp_path / f"rank{rank}.pt")["error"]
+
+
+def test_ep_without_torchrun_errors(tmp_path, monkeypatch):
+    for name in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(name, raising=False)
+    run = RunConfig.from_dict(_run_dict(steps=1) | {"train": {**_run_dict(steps=1)["train"], "expert_parallel": 2}})
+    with pytest.raises(ValueError, match="torchrun --nproc-per-node 2 -m moekit train --ep 2"):
+        Trainer(run, tmp_path / "run", progress=False)
+    assert not (tmp_path / "run").exists()
+
+
+# ---------------------------------------------------------------------------------------------- training
+def _run_dict(steps: int, ep: int = 1, batch_size: int = 2, grad_accum: int = 1, router: str = "topk") -> dict:
+    moe = MoEConfig(hidden_size=32, moe_intermediate_size=32, num_local_experts=8, num_experts_per_tok=2,
+                    router_aux_loss_coef=0.01, router_z_loss_coef=0.001)
+    if router == "deepseek_v3":
+        moe = moe.replace(router="deepseek_v3", scoring_func="sigmoid", n_shared_experts=1,
+                          aux_free_bias_update_rate=0.01, router_aux_loss_coef=0.0, seq_aux_loss_coef=0.01)
+    model = ModelConfig(vocab_size=257, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=64, max_position_embeddings=64, moe=moe)
+    train = {"seed": 3, "block_size": 16, "batch_size": batch_size, "grad_accum": grad_accum, "max_steps": steps,
+             "warmup_steps": 2, "eval_interval": 100, "eval_batches": 2, "log_interval": 1,
+             "checkpoint_interval": 100, "device": "cpu", "dtype": "float32", "expert_parallel": ep}
+    return {"name": "ep-test", "model": model.to_dict(), "train": train}
+
+
+def _curve(run_dir) -> list[float]:
+    return [json.loads(line)["loss"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()
+            if json.loads(line)["kind"] == "train"]
+
+
+def _single(run_dict: dict, run_dir, resume: bool = False) -> Trainer:
+    trainer = Trainer(RunConfig.from_dict(run_dict), run_dir, resume=resume, progress=False)
+    trainer.train()
+    return trainer
+
+
+@pytest.mark.parametrize("router", ["topk", "deepseek_v3"])
+def test_ep2_training_equals_single_process(tmp_path, router):
+    """5 steps at EP=2 (batch 2 per rank) give the loss curve of one process accumulating the same 2 micro-batches,
+    aux losses, clipping and (deepseek_v3) the aux-free bias update included."""
+    spawn(train_worker, 2, _run_dict(5, ep=2, router=router), str(tmp_path / "ep2"), False)
+    single = _single(_run_dict(5, grad_accum=2, router=router), tmp_path / "one")
+    ep_curve, one_curve = _curve(tmp_path / "ep2"), _curve(tmp_path / "one")
+    assert len(ep_curve) == 5
+    assert max(abs(a - b) for a, b in zip(ep_curve, one_curve, strict=True)) < 1e-4
+    assert ep_curve[-1] < ep_curve[0]
+    record = [json.loads(line) for line in (tmp_path / "ep2" / "metrics.jsonl").read_text().splitlines()][-2]
+    assert record["world_size"] == 2 and record["all_to_all_bytes"] > 0
+    # the sharded checkpoint loads in one process and holds the single-process model's weights
+    joined = single.model.__class__(single.model.config)
+    load_weights(find_checkpoint(tmp_path / "ep2"), joined)
+    for name, tensor in single.model.state_dict().items():
+        torch.testing.assert_close(joined.state_dict()[name], tensor, atol=1e-4, rtol=1e-4, msg=name)
+
+
+def test_checkpoint_reshards_across_ep_sizes(tmp_path):
+    """3 of 5 steps at EP=2 on 2 ranks (2 micro-batches each), then resumed at EP=4 on 4 ranks and, separately, in one
+    process: both continue the one-process curve, whose batches they draw in the same order."""
+    spawn(train_worker, 2, _run_dict(5, ep=2, grad_accum=2), str(tmp_path / "ep"), False, 3)
+    shutil.copytree(tmp_path / "ep", tmp_path / "one-resumed")
+    spawn(train_worker, 4, _run_dict(5, ep=4), str(tmp_path / "ep"), True)
+    _single(_run_dict(5, grad_accum=4), tmp_path / "one-resumed", resume=True)
+    _single(_run_dict(5, grad_accum=4), tmp_path / "one")
+    reference = _curve(tmp_path / "one")
+    for run in ("ep", "one-resumed"):
+        curve = _curve(tmp_path / run)
+        assert len(curve) == 5 and max(abs(a - b) for a, b in zip(curve, reference, strict=True)) < 1e-4, run
+    files = sorted(p.name for p in find_checkpoint(tmp_path / "ep").iterdir())
+    assert [f for f in files if f.startswith("experts-")] == [f"experts-{j:05d}-of-00004.safetensors" for j in range(4)]
+    assert len([f for f in files if f.startswith("state-rank")]) == 4
+
+
+def test_torchrun_cli(tmp_path):
+    """The documented launch: torchrun -m moekit train --ep 2, then one-process eval and generate on its run."""
+    preset = tmp_path / "tiny.json"
+    preset.write_text(json.dumps(_run_dict(4)))
+    run_dir = tmp_path / "run"
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+              "-m", "moekit", "train", "--config", str(preset), "--ep", "2", "--out", str(run_dir), "--no-progress"]
+    done = subprocess.run(launch, capture_output=True, text=True, timeout=300, env=_env())
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "expert parallel 2 x data parallel 1" in done.stdout
+    assert (run_dir / "report.md").is_file()
+    for command in (["eval", str(run_dir), "--batches", "2"], ["generate", str(run_dir), "--prompt", "To",
+                                                                "--max-new-tokens", "5"]):
+        done = subprocess.run([sys.executable, "-m", "moekit", *command], capture_output=True, text=True,
+                              timeout=120, env=_env())
+        assert done.returncode == 0, done.stderr[-2000:]
+
+
+def _env() -> dict:
+    import os
+
+    return {**os.environ, "OMP_NUM_THREADS": "1"}
