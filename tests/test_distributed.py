@@ -231,7 +231,7 @@ def test_checkpoint_reshards_across_ep_sizes(tmp_path):
 
 
 def test_torchrun_cli(tmp_path):
-    """The documented launch: torchrun -m moekit train --ep 2, then one-process eval and generate on its run."""
+    """The documented launch: torchrun -m moekit train --ep 2, then one-process eval, generate and export."""
     preset = tmp_path / "tiny.json"
     preset.write_text(json.dumps(_run_dict(4)))
     run_dir = tmp_path / "run"
@@ -241,11 +241,13 @@ def test_torchrun_cli(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     assert "expert parallel 2 x data parallel 1" in done.stdout
     assert (run_dir / "report.md").is_file()
-    for command in (["eval", str(run_dir), "--batches", "2"], ["generate", str(run_dir), "--prompt", "To",
-                                                                "--max-new-tokens", "5"]):
+    for command in (["eval", str(run_dir), "--batches", "2"],
+                    ["generate", str(run_dir), "--prompt", "To", "--max-new-tokens", "5"],
+                    ["export", str(run_dir), str(tmp_path / "hf")]):
         done = subprocess.run([sys.executable, "-m", "moekit", *command], capture_output=True, text=True,
                               timeout=120, env=_env())
         assert done.returncode == 0, done.stderr[-2000:]
+    assert (tmp_path / "hf" / "model.safetensors").is_file()
 
 
 def _env() -> dict:

@@ -254,6 +254,9 @@ def test_other_refusals_explain_why(tmp_path):
     capacity = MoETransformer(_config(_moe(num_experts_per_tok=1, router="switch", capacity_factor=1.25)))
     with pytest.raises(ValueError, match=r"capacity_factor=1\.25 drops"):
         export_hf(capacity, tmp_path / "a")
+    limited = MoETransformer(_config(_moe(num_experts_per_tok=2, expert_devices=2, max_devices_per_token=1)))
+    with pytest.raises(ValueError, match=r"max_devices_per_token=1 \(device-limited routing"):
+        export_hf(limited, tmp_path / "a")
     sigmoid = MoETransformer(CASES["glm4_moe"][0])
     with pytest.raises(ValueError, match="multi-head latent attention"):
         export_hf(sigmoid, tmp_path / "b", format="deepseek_v3")

@@ -138,6 +138,12 @@ def _refuse_unexportable(moe: MoEConfig) -> None:
             "expert's capacity; no transformers architecture computes that dropping, so the export could not "
             "match. Export a dropless model (capacity_factor=None)."
         )
+    if moe.max_devices_per_token is not None and moe.max_devices_per_token < moe.expert_devices:
+        raise ValueError(
+            f"export_hf: max_devices_per_token={moe.max_devices_per_token} (device-limited routing over "
+            f"expert_devices={moe.expert_devices} blocks) changes which experts a token gets, and no transformers "
+            "architecture computes it; train without it (or with max_devices_per_token=expert_devices) to export."
+        )
     if moe.hidden_act != "silu":
         raise ValueError(
             f"export_hf: hidden_act={moe.hidden_act!r} experts (a plain GELU FFN) have no transformers MoE "

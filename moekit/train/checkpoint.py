@@ -159,7 +159,7 @@ def _read_meta(path: Path) -> dict[str, Any]:
 
 def _torch_load(file: Path) -> dict[str, Any]:
     try:
-        return torch.load(file, weights_only=False)
+        return torch.load(file, weights_only=False, map_location="cpu")  # the optimiser moves state to its params
     except Exception as error:  # torch raises several types for a damaged or missing pickle
         raise ValueError(f"checkpoint {file.parent} is corrupt or incomplete ({file.name}: {error}); "
                          "delete it or resume another run") from error

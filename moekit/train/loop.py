@@ -217,11 +217,13 @@ class Trainer:
             if moe is None and t.expert_parallel > 1:
                 raise ValueError(f"--ep {t.expert_parallel} shards MoE experts, but this model is dense (model.moe is "
                                  "null); train it data parallel with --ep 1, or pick an MoE preset")
-            if moe is not None and moe.max_devices_per_token is not None and moe.expert_devices != t.expert_parallel:
+            if moe is not None and moe.max_devices_per_token is not None \
+                    and t.expert_parallel % moe.expert_devices:
                 raise ValueError(f"model.moe.max_devices_per_token={moe.max_devices_per_token} limits each token to a "
-                                 f"few of model.moe.expert_devices={moe.expert_devices} expert blocks, but --ep is "
-                                 f"{t.expert_parallel}; set --set model.moe.expert_devices={t.expert_parallel} so the "
-                                 "blocks are the ranks")
+                                 f"few of model.moe.expert_devices={moe.expert_devices} expert blocks, but --ep "
+                                 f"{t.expert_parallel} does not split into {moe.expert_devices} groups of ranks; set "
+                                 f"--set model.moe.expert_devices={t.expert_parallel} (one block per rank) or to the "
+                                 "number of nodes (node-limited routing)")
             self.parallel = TrainParallel.start(t.expert_parallel, resolve_device(t.device).type,
                                                 moe.num_local_experts if moe is not None else None)
         elif t.expert_parallel > 1:  # pragma: no cover - wants_parallel is True then
@@ -240,14 +242,14 @@ class Trainer:
             if not (self.run_dir / "config.json").is_file():
                 raise FileNotFoundError(f"cannot resume: {self.run_dir} has no config.json; pass a run directory "
                                         "written by `moekit train`")
-        elif self.run_dir.exists() and any(self.run_dir.iterdir()):
-            if not overwrite:
-                raise FileExistsError(f"{self.run_dir} already exists and is not empty; pass --overwrite to replace "
-                                      "it, --resume to continue it, or --out to choose another directory")
-            self._barrier()  # every rank has looked before rank 0 removes it
-            if main:
-                shutil.rmtree(self.run_dir)
+        occupied = not resume and self.run_dir.exists() and any(self.run_dir.iterdir())
+        if occupied and not overwrite:
+            raise FileExistsError(f"{self.run_dir} already exists and is not empty; pass --overwrite to replace "
+                                  "it, --resume to continue it, or --out to choose another directory")
+        self._barrier()  # every rank has looked before rank 0 changes anything
         if main:
+            if occupied:
+                shutil.rmtree(self.run_dir)
             self.run_dir.mkdir(parents=True, exist_ok=True)
 
         torch.manual_seed(t.seed)
@@ -331,6 +333,9 @@ class Trainer:
     def _hashed_config(self) -> dict[str, Any]:
         """What the checkpoint's config hash covers: the model, and the checkpoint it started from if any."""
         config = self.run.model.to_dict()
+        moe = config.get("moe")
+        if moe is not None and moe.get("max_devices_per_token") is None and moe.get("expert_devices") == 1:
+            del moe["max_devices_per_token"], moe["expert_devices"]  # their defaults: runs saved before them resume
         if self.run.train.init_from is not None:  # absent otherwise, so older checkpoints still resume
             config["init_from"] = self.run.train.init_from
         return config

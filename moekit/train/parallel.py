@@ -44,6 +44,7 @@ class TrainParallel:
         self.expert_params: list[nn.Parameter] = []
         self.dense_params: list[nn.Parameter] = []
         self.ddp: nn.Module | None = None
+        self.device = torch.device("cpu")  # where small reductions live (the model's device: NCCL needs CUDA)
 
     @classmethod
     def start(cls, expert_parallel: int, device_type: str, num_experts: int | None) -> TrainParallel:
@@ -68,18 +69,13 @@ class TrainParallel:
     def barrier(self) -> None:
         dist.barrier(group=self.groups.dense_group)
 
-    def agree(self, ok: bool) -> bool:
-        """True only when every rank passes True (so an error on one rank stops them all together)."""
-        flag = torch.tensor([0 if ok else 1])
-        dist.all_reduce(flag, group=self.groups.dense_group)
-        return int(flag) == 0
-
     # ------------------------------------------------------------------ the model
     def wrap(self, model: nn.Module, device: torch.device) -> nn.Module:
         """Shard `model`'s experts over the EP group and wrap the rest in DDP; returns the module to call."""
         from torch.nn.parallel import DistributedDataParallel
 
         g = self.groups
+        self.device = device
         if g.ep_size > 1:
             shard_experts(model, g.ep_group, g.ep_rank, g.ep_size)
             for name, module in model.named_modules():
@@ -129,7 +125,7 @@ class TrainParallel:
 
     def mean(self, *values: float) -> list[float]:
         """The mean over ranks of each value (for logs)."""
-        flat = torch.tensor(values, dtype=torch.float64)
+        flat = torch.tensor(values, dtype=torch.float64, device=self.device)
         dist.all_reduce(flat, group=self.groups.dense_group)
         return (flat / self.world_size).tolist()
 
@@ -138,11 +134,12 @@ class TrainParallel:
         if not stats:
             return stats
         layers = sorted(stats)
-        loads = torch.stack([stats[i]["tokens_per_expert"].double().cpu() for i in layers])
+        loads = torch.stack([stats[i]["tokens_per_expert"].double() for i in layers]).to(self.device)
         scalars = torch.tensor([[float(stats[i]["dropped_fraction"]), float(stats[i].get("all_to_all_bytes", 0.0))]
-                                for i in layers], dtype=torch.float64)
+                                for i in layers], dtype=torch.float64, device=self.device)
         dist.all_reduce(loads, group=self.groups.dense_group)
         dist.all_reduce(scalars, group=self.groups.dense_group)
+        loads, scalars = loads.cpu(), scalars.cpu()
         out = {}
         for row, i in enumerate(layers):
             out[i] = {"tokens_per_expert": loads[row], "max_violation": max_violation(loads[row]),
