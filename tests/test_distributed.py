@@ -213,6 +213,17 @@ def test_ep2_training_equals_single_process(tmp_path, router):
         torch.testing.assert_close(joined.state_dict()[name], tensor, atol=1e-4, rtol=1e-4, msg=name)
 
 
+def test_dp2_x_ep2_training_equals_single_process(tmp_path):
+    """4 ranks as 2 data-parallel replicas of an EP=2 pair: expert gradients are summed over the replicas, dense
+    ones averaged by DDP, and 3 steps give the curve of one process accumulating the 4 micro-batches."""
+    spawn(train_worker, 4, _run_dict(3, ep=2), str(tmp_path / "dpep"), False)
+    _single(_run_dict(3, grad_accum=4), tmp_path / "one")
+    curve, reference = _curve(tmp_path / "dpep"), _curve(tmp_path / "one")
+    assert len(curve) == 3 and max(abs(a - b) for a, b in zip(curve, reference, strict=True)) < 1e-4
+    layout = json.loads((find_checkpoint(tmp_path / "dpep") / "meta.json").read_text())["layout"]
+    assert layout == {"world_size": 4, "expert_parallel": 2}
+
+
 def test_checkpoint_reshards_across_ep_sizes(tmp_path):
     """3 of 5 steps at EP=2 on 2 ranks (2 micro-batches each), then resumed at EP=4 on 4 ranks and, separately, in one
     process: both continue the one-process curve, whose batches they draw in the same order."""

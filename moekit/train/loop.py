@@ -226,8 +226,6 @@ class Trainer:
                                  "number of nodes (node-limited routing)")
             self.parallel = TrainParallel.start(t.expert_parallel, resolve_device(t.device).type,
                                                 moe.num_local_experts if moe is not None else None)
-        elif t.expert_parallel > 1:  # pragma: no cover - wants_parallel is True then
-            raise AssertionError
         main = self.parallel is None or self.parallel.is_main
         init_model, init_tokenizer = None, None
         if t.init_from is not None and not resume:  # before the run directory is touched: errors lose nothing
@@ -257,14 +255,17 @@ class Trainer:
         if self.parallel is not None and self.device.type == "cuda":
             self.device = torch.device("cuda", torch.cuda.current_device())
         self.amp_dtype = autocast_dtype(t.dtype, self.device)
-        # rank 0 writes the tokenizer and the token cache; the others read what it wrote
-        for turn in (True, False):
-            if main == turn:
-                self.tokenizer = self._tokenizer(resume, init_tokenizer) if main else load_tokenizer(
-                    self.run_dir / "tokenizer")
-                self.dataset = TokenDataset.build(t.data, self.tokenizer, self.run_dir / "data",
-                                                   val_fraction=t.val_fraction, block_size=t.block_size)
-            self._barrier()
+        # rank 0 writes the tokenizer and the token cache; the other ranks then read what it wrote
+        if main:
+            self.tokenizer = self._tokenizer(resume, init_tokenizer)
+        self._barrier()
+        if not main:
+            self.tokenizer = load_tokenizer(self.run_dir / "tokenizer")
+        if main:
+            self.dataset = self._dataset()
+        self._barrier()
+        if not main:
+            self.dataset = self._dataset()
         if run.model.vocab_size < self.tokenizer.vocab_size:
             raise ValueError(f"model.vocab_size={run.model.vocab_size} is smaller than the tokenizer's "
                              f"{self.tokenizer.vocab_size}; set --set model.vocab_size={self.tokenizer.vocab_size}")
@@ -279,11 +280,16 @@ class Trainer:
             self.optimizer, lambda s: lr_factor(s, t.warmup_steps, t.max_steps, t.min_lr_ratio))
         self.sampler = BatchSampler(self.dataset.train, t.batch_size, t.block_size, seed=t.seed)
         self.step, self.tokens = 0, 0
-        self._tensorboard = _tensorboard_writer(self.run_dir / "tensorboard")
+        self._tensorboard = _tensorboard_writer(self.run_dir / "tensorboard") if main else None
         if resume:
             self._restore()
         elif main:
             (self.run_dir / "config.json").write_text(json.dumps(run.to_dict(), indent=2) + "\n")
+
+    def _dataset(self) -> TokenDataset:
+        t = self.run.train
+        return TokenDataset.build(t.data, self.tokenizer, self.run_dir / "data", val_fraction=t.val_fraction,
+                                  block_size=t.block_size)
 
     def _barrier(self) -> None:
         if self.parallel is not None:
