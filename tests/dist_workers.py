@@ -54,8 +54,11 @@ def layer_global_batch(config, tokens: int, seed: int = 0):
 
 
 def layer_worker(rank: int, world: int, port: int, ep: int, config_dict: dict, tokens: int, out_dir: str,
-                 bias: list[float] | None) -> None:
-    """Each rank runs the EP layer on its slice of one global batch; saves outputs and gradients."""
+                 bias: list[float] | None, autocast: bool = False) -> None:
+    """Each rank runs the EP layer on its slice of one global batch (under CPU bf16 autocast if asked); saves
+    outputs and gradients."""
+    import contextlib
+
     from moekit.config import MoEConfig
     from moekit.distributed import shard_experts
     from moekit.distributed.grads import reduce_expert_grads
@@ -69,17 +72,23 @@ def layer_worker(rank: int, world: int, port: int, ep: int, config_dict: dict, t
     share = tokens // world
     mine = slice(rank * share, (rank + 1) * share)
     x_mine = x[mine].clone().requires_grad_()
-    out = layer(x_mine)
-    (out.hidden_states * upstream[mine]).sum().backward()
+    with torch.autocast("cpu", dtype=torch.bfloat16) if autocast else contextlib.nullcontext():
+        if autocast:  # inference first: ranks pick expert backends by their own row counts
+            with torch.no_grad():
+                inference = layer.eval()(x_mine).hidden_states.float()
+            layer.train()
+        out = layer(x_mine)
+    (out.hidden_states.float() * upstream[mine]).sum().backward()
     expert_params = list(layer.experts.parameters())
     for p in expert_params:  # undo the mean reduce_expert_grads takes: this test sums over ranks
         p.grad.mul_(world)
     reduce_expert_grads(expert_params, groups)
     router_grad = layer.router.weight.grad.clone()
     dist.all_reduce(router_grad)  # replicated parameter: the sum over ranks is the global batch's gradient
-    torch.save({"out": out.hidden_states.detach(), "x_grad": x_mine.grad, "router_grad": router_grad,
+    torch.save({"out": out.hidden_states.detach().float(), "x_grad": x_mine.grad, "router_grad": router_grad,
                 "expert_grads": {n: p.grad for n, p in layer.experts.named_parameters()},
-                "offset": layer.experts.expert_offset, "stats": out.stats},
+                "offset": layer.experts.expert_offset, "stats": out.stats,
+                "inference": inference if autocast else None},
                Path(out_dir) / f"rank{rank}.pt")
 
 

@@ -86,6 +86,30 @@ def test_rank_with_no_tokens(tmp_path):
     assert float(results[1]["stats"]["all_to_all_rows"]) == 16.0
 
 
+@pytest.mark.parametrize("bias", [None, [100.0, 0.0, 100.0, 0.0, -100.0, -100.0, -100.0, -100.0]])
+def test_ep_layer_under_bf16_autocast(tmp_path, bias):
+    """Under CPU bf16 autocast (train.dtype=bfloat16) the experts compute in bf16 while tokens travel in their own
+    dtype: every rank must agree on each exchange's dtype, a rank without tokens included (it used to abort)."""
+    config = MoEConfig(hidden_size=16, moe_intermediate_size=24, num_local_experts=8, num_experts_per_tok=2,
+                       router="deepseek_v3", scoring_func="sigmoid")
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    spawn(layer_worker, 2, 2, config.to_dict(), 32, str(tmp_path), bias, True)
+    results = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    layer, x, upstream = layer_global_batch(config, 32)
+    if bias is not None:
+        layer.router.e_score_correction_bias.copy_(torch.tensor(bias))
+    x.requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = layer(x)
+    (out.hidden_states.float() * upstream).sum().backward()
+    # bf16 products: the grouping of rows differs, so compare at bf16 precision
+    torch.testing.assert_close(torch.cat([r["out"] for r in results]), out.hidden_states.detach().float(),
+                               atol=2e-2, rtol=2e-2)
+    torch.testing.assert_close(torch.cat([r["x_grad"] for r in results]), x.grad, atol=2e-2, rtol=2e-2)
+    torch.testing.assert_close(torch.cat([r["inference"] for r in results]), out.hidden_states.detach().float(),
+                               atol=2e-2, rtol=2e-2)
+
+
 def _remote_pairs(config: MoEConfig, tokens: int, world: int) -> list[int]:
     """Per rank: the (token, other rank) pairs its routing needs, counted from the single-process routing."""
     layer, x, _ = layer_global_batch(config, tokens)
@@ -211,6 +235,19 @@ def test_ep2_training_equals_single_process(tmp_path, router):
     load_weights(find_checkpoint(tmp_path / "ep2"), joined)
     for name, tensor in single.model.state_dict().items():
         torch.testing.assert_close(joined.state_dict()[name], tensor, atol=1e-4, rtol=1e-4, msg=name)
+
+
+def test_ep2_training_under_bf16_autocast(tmp_path):
+    """train.dtype=bfloat16 at EP=2: the exchanges keep one dtype per role on every rank (a mismatch aborted gloo),
+    and the losses follow one process's at bf16 precision."""
+    run = _run_dict(3, ep=2)
+    run["train"]["dtype"] = "bfloat16"
+    spawn(train_worker, 2, run, str(tmp_path / "ep2"), False)
+    single = _run_dict(3, grad_accum=2)
+    single["train"]["dtype"] = "bfloat16"
+    _single(single, tmp_path / "one")
+    curve, reference = _curve(tmp_path / "ep2"), _curve(tmp_path / "one")
+    assert len(curve) == 3 and max(abs(a - b) for a, b in zip(curve, reference, strict=True)) < 2e-2
 
 
 def test_dp2_x_ep2_training_equals_single_process(tmp_path):

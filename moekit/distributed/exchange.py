@@ -15,12 +15,15 @@ from torch import Tensor
 class _AllToAll(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, out_splits: list[int], in_splits: list[int], group) -> Tensor:
-        ctx.out_splits, ctx.in_splits, ctx.group = out_splits, in_splits, group
+        ctx.out_splits, ctx.in_splits, ctx.group, ctx.dtype = out_splits, in_splits, group, x.dtype
         return _exchange(x, out_splits, in_splits, group)
 
     @staticmethod
     def backward(ctx, grad: Tensor):
-        return _exchange(grad.contiguous(), ctx.in_splits, ctx.out_splits, ctx.group), None, None, None
+        # every rank sends and receives this exchange's gradient in the forward's dtype: under autocast a rank's
+        # gradient may come back in another precision, and the peers size their buffers by the dtype they expect
+        grad = grad.to(ctx.dtype).contiguous()
+        return _exchange(grad, ctx.in_splits, ctx.out_splits, ctx.group), None, None, None
 
 
 def _exchange(x: Tensor, out_splits: list[int], in_splits: list[int], group) -> Tensor:

@@ -91,7 +91,8 @@ class ExpertParallelExperts(GroupedExperts):
         plan = plan_dispatch(recv_meta[:, 1], local)
         grouped_rows = recv_row[plan.order]
         expert_out = super().forward(rows, plan.group_sizes, row_scale=recv_scale[plan.order], row_index=grouped_rows)
-        summed = expert_out.new_zeros(rows.shape[0], hidden).index_add(0, grouped_rows, expert_out)
+        # results travel in the tokens' dtype on every rank (under autocast the experts may compute in another)
+        summed = x.new_zeros(rows.shape[0], hidden).index_add(0, grouped_rows, expert_out.to(x.dtype))
 
         returned = all_to_all(summed, out_rows, in_rows, self.group)
         out = returned.new_zeros(num_tokens, hidden).index_add(0, send_tokens, returned)
