@@ -192,6 +192,19 @@ def test_ep_without_torchrun_errors(tmp_path, monkeypatch):
     assert not (tmp_path / "run").exists()
 
 
+def test_trainer_refuses_layouts_that_cannot_work(tmp_path):
+    """Checked before any process group or file: a dense model with --ep, and device blocks that --ep cannot hold."""
+    dense = _run_dict(1, ep=2)
+    dense["model"]["moe"] = None
+    with pytest.raises(ValueError, match="this model is dense"):
+        Trainer(RunConfig.from_dict(dense), tmp_path / "a", progress=False)
+    blocks = _run_dict(1, ep=2)
+    blocks["model"]["moe"].update(expert_devices=4, max_devices_per_token=2)
+    with pytest.raises(ValueError, match="does not split into 4 groups of ranks"):
+        Trainer(RunConfig.from_dict(blocks), tmp_path / "b", progress=False)
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
 # ---------------------------------------------------------------------------------------------- training
 def _run_dict(steps: int, ep: int = 1, batch_size: int = 2, grad_accum: int = 1, router: str = "topk") -> dict:
     moe = MoEConfig(hidden_size=32, moe_intermediate_size=32, num_local_experts=8, num_experts_per_tok=2,
