@@ -6,6 +6,6 @@ gradients over the right groups (`grads`).
 """
 
 from .exchange import all_to_all, exchange_counts
-from .expert_parallel import ExpertParallelExperts, expert_parameter_names, shard_experts
+from .expert_parallel import ExpertParallelExperts, shard_experts
 
-__all__ = ["ExpertParallelExperts", "all_to_all", "exchange_counts", "expert_parameter_names", "shard_experts"]
+__all__ = ["ExpertParallelExperts", "all_to_all", "exchange_counts", "shard_experts"]

@@ -120,31 +120,22 @@ class ExpertParallelExperts(GroupedExperts):
                 f"of {self.num_global_experts}, ep_rank={self.ep_rank}, ep_size={self.ep_size}")
 
 
-def shard_experts(model: nn.Module, group, ep_rank: int, ep_size: int) -> list[str]:
+def shard_experts(model: nn.Module, group, ep_rank: int, ep_size: int) -> dict[str, slice]:
     """Replace the experts of every `MoELayer` in `model` by this rank's `ExpertParallelExperts` slice.
 
     Call it on every rank of the expert-parallel group, on a model built identically on each (same seed), so
-    the slices together are the single-process model. Returns the names of the expert parameters (sharded,
-    reduced over the data-parallel replicas of the slice, not the whole world).
+    the slices together are the single-process model. Returns each sharded parameter's name with the rows of
+    the full tensor this rank holds (what checkpoints and gradient reduction need to know).
     """
-    names = []
+    slices = {}
     for name, module in model.named_modules():
         if not isinstance(module, MoELayer):
             continue
         if module.config.router == "soft":
             raise ValueError("expert parallelism does not support router='soft': Soft MoE sends every token to "
                              "every expert's slots; train it without --ep (data parallel only)")
-        module.experts = ExpertParallelExperts(module.experts, group, ep_rank, ep_size)
+        module.experts = experts = ExpertParallelExperts(module.experts, group, ep_rank, ep_size)
+        rows = slice(experts.expert_offset, experts.expert_offset + experts.num_experts)
         prefix = f"{name}.experts." if name else "experts."
-        names += [prefix + param for param, _ in module.experts.named_parameters()]
-    return names
-
-
-def expert_parameter_names(model: nn.Module) -> list[str]:
-    """Names of the routed experts' parameters (the tensors expert parallelism shards) in `model`."""
-    names = []
-    for name, module in model.named_modules():
-        if isinstance(module, MoELayer):
-            prefix = f"{name}.experts." if name else "experts."
-            names += [prefix + param for param, _ in module.experts.named_parameters()]
-    return names
+        slices.update({prefix + param: rows for param, _ in experts.named_parameters()})
+    return slices

@@ -32,8 +32,6 @@ from torch import nn
 from .._files import swap_in, write_json
 
 CHECKPOINT_DIR = "checkpoint"
-#: the expert-parallel layout of a checkpoint: None for a single process
-Layout = dict[str, int]
 
 
 def expert_shard_name(ep_rank: int, ep_size: int) -> str:
@@ -80,15 +78,6 @@ def find_checkpoint(run_dir: Path) -> Path:
                             "train first with `moekit train --out DIR`, or pass the run directory it wrote")
 
 
-def checkpoint_layout(path: Path) -> Layout | None:
-    """The expert-parallel layout a checkpoint was saved with, or None for a single-process checkpoint."""
-    try:
-        return json.loads((Path(path) / "meta.json").read_text()).get("layout")
-    except json.JSONDecodeError as error:
-        raise ValueError(f"checkpoint {path} is corrupt (meta.json: {error}); "
-                         "delete it or resume another run") from error
-
-
 def _damaged(path: Path, error: Exception) -> ValueError:
     first = str(error).strip().splitlines()[0][:300] if str(error).strip() else type(error).__name__
     return ValueError(f"checkpoint {path} does not fit this model or is corrupt ({first}); "
@@ -102,7 +91,7 @@ def read_model_state(path: Path) -> dict[str, torch.Tensor]:
     path = Path(path)
     try:
         state = load_file(str(path / "model.safetensors"))
-        layout = checkpoint_layout(path)
+        layout = _read_meta(path).get("layout")
         if layout is not None:
             ep = layout["expert_parallel"]
             slices = [load_file(str(path / expert_shard_name(j, ep))) for j in range(ep)]

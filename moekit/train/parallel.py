@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ..distributed import ExpertParallelExperts, shard_experts
+from ..distributed import shard_experts
 from ..distributed.grads import all_reduce_router_loads, clip_grad_norm_, reduce_expert_grads
 from ..distributed.mesh import ParallelGroups, check_sizes, init_parallel, launched_by_torchrun
 from ..layer import update_aux_free_biases
@@ -77,12 +77,7 @@ class TrainParallel:
         g = self.groups
         self.device = device
         if g.ep_size > 1:
-            shard_experts(model, g.ep_group, g.ep_rank, g.ep_size)
-            for name, module in model.named_modules():
-                if isinstance(module, ExpertParallelExperts):
-                    rows = slice(module.expert_offset, module.expert_offset + module.num_experts)
-                    for param, _ in module.named_parameters():
-                        self.expert_slices[f"{name}.{param}"] = rows
+            self.expert_slices = shard_experts(model, g.ep_group, g.ep_rank, g.ep_size)
         params = dict(model.named_parameters())
         self.expert_params = [params[name] for name in self.expert_slices]
         self.dense_params = [p for name, p in params.items() if name not in self.expert_slices]
