@@ -86,7 +86,7 @@ class ExpertParallelExperts(GroupedExperts):
 
         sender = torch.repeat_interleave(torch.arange(ranks, device=device), torch.tensor(in_assign, device=device),
                                          output_size=recv_meta.shape[0])
-        in_first = torch.tensor(in_rows, device=device).cumsum(0) - torch.tensor(in_rows, device=device)
+        in_first = torch.tensor([0, *in_rows[:-1]], device=device).cumsum(0)  # first received row of each sender
         recv_row = recv_meta[:, 0] + in_first[sender]
         plan = plan_dispatch(recv_meta[:, 1], local)
         grouped_rows = recv_row[plan.order]
