@@ -166,10 +166,14 @@ class _HiddenStates(torch.nn.Module):
 def test_auto_backend_choice():
     experts = GroupedExperts(8, 16, 32)
     few, many = torch.randn(16, 16), torch.randn(4096, 16)
-    with torch.no_grad():  # inference: padded bmm for small busy groups, the loop for large ones
+    with torch.no_grad():  # inference: padded bmm for small busy groups, grouped_mm for mid-size, loop for large
         assert experts.resolve_backend(few, [2] * 8) == "bmm"
         assert experts.resolve_backend(many, [512] * 8) == "loop"
         assert experts.resolve_backend(few, [2, 0, 0, 0, 0, 0, 0, 0]) == "loop"  # one busy expert: no padding
+        mid = torch.randn(600, 16)  # 100 rows per expert: too many for the padded batch, few for the loop
+        assert experts.resolve_backend(mid, [100] * 6 + [0, 0]) == ("grouped_mm" if hasattr(F, "grouped_mm")
+                                                                    else "loop")
+        assert experts.resolve_backend(mid, [300, 300] + [0] * 6) == "loop"  # 300 rows each: the loop again
     assert experts.resolve_backend(few, [2] * 8) == "loop"  # gradients needed: the lean backward
     assert GroupedExperts(8, 16, 32, backend="bmm").resolve_backend(many, [512] * 8) == "bmm"  # forced
     assert {*BACKENDS, "auto"} == set(EXPERT_BACKENDS)  # every backend the config accepts is tested above

@@ -18,6 +18,9 @@ from .grouped_ffn import activate, grouped_ffn
 
 #: the padded `bmm` backend is chosen automatically only when no expert has more rows than this
 PADDED_MAX_ROWS = 64
+#: CPU inference runs `grouped_mm` when a busy expert has on average more rows than the first and at most the
+#: second (prefill and eval batches of a few hundred tokens); outside that range the loop is as fast or faster
+GROUPED_MM_CPU_ROWS = (8, 128)
 
 
 def _activation(name: str):
@@ -72,9 +75,11 @@ class GroupedExperts(nn.Module):
         """The backend that runs these rows: `expert_backend` unless it is "auto".
 
         "auto" picks `grouped_mm` on CUDA in bf16/fp16. Otherwise it picks the per-expert `loop` (whose
-        hand-written backward keeps the least memory) whenever gradients are needed, and for inference
-        the padded `bmm` when every expert's group fits in a small padded batch that wastes little
-        (few tokens per expert, most experts busy: decoding steps and small batches), else the loop.
+        hand-written backward keeps the least memory) whenever gradients are needed. For inference it picks
+        the padded `bmm` when every expert's group fits in a small padded batch that wastes little (few tokens
+        per expert, most experts busy: decoding steps and small batches); else torch's CPU `grouped_mm` when
+        busy experts average 9 to 128 rows (prefill: 1.1-2x faster than the loop there, measured on 2 cores
+        at hidden 128 and 512); else the loop (one token's few experts, or large groups).
         """
         if self.backend != "auto":
             return self.backend
@@ -86,6 +91,9 @@ class GroupedExperts(nn.Module):
         busy = sum(1 for size in group_sizes if size > 0)
         if most <= PADDED_MAX_ROWS and 2 * busy >= self.num_experts and self.num_experts * most <= 8 * rows:
             return "bmm"
+        low, high = GROUPED_MM_CPU_ROWS
+        if hasattr(F, "grouped_mm") and busy and low * busy < rows <= high * busy:
+            return "grouped_mm"
         return "loop"
 
     def forward(self, x: Tensor, group_sizes: list[int], row_scale: Tensor | None = None,
