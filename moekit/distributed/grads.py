@@ -20,19 +20,24 @@ def _flat_grads(params: list[nn.Parameter]) -> list[Tensor]:
     return [p.grad for p in params if p.grad is not None]
 
 
+def _all_reduce_in_place(tensors: list[Tensor], group, size: int) -> None:
+    """Sum `tensors` over `group` with one all-reduce of their concatenation (skipped when `size` is 1)."""
+    if not tensors or size == 1:
+        return
+    flat = torch.cat([t.reshape(-1) for t in tensors])
+    dist.all_reduce(flat, group=group)
+    offset = 0
+    for t in tensors:
+        t.copy_(flat[offset:offset + t.numel()].view_as(t))
+        offset += t.numel()
+
+
 def reduce_expert_grads(expert_params: list[nn.Parameter], groups: ParallelGroups) -> None:
     """Sum the expert gradients over `expert_dp_group` (one all-reduce) and divide by the world size."""
     grads = _flat_grads(expert_params)
-    if not grads:
-        return
-    flat = torch.cat([g.reshape(-1) for g in grads])
-    if groups.dp_size > 1:
-        dist.all_reduce(flat, group=groups.expert_dp_group)
-    flat.div_(groups.world_size)
-    offset = 0
+    _all_reduce_in_place(grads, groups.expert_dp_group, groups.dp_size)
     for g in grads:
-        g.copy_(flat[offset:offset + g.numel()].view_as(g))
-        offset += g.numel()
+        g.div_(groups.world_size)
 
 
 def clip_grad_norm_(dense_params: list[nn.Parameter], expert_params: list[nn.Parameter], max_norm: float,
@@ -40,10 +45,9 @@ def clip_grad_norm_(dense_params: list[nn.Parameter], expert_params: list[nn.Par
     """Clip every gradient by the norm of the whole model's gradient (dense ones counted once, each expert slice
     once), as `torch.nn.utils.clip_grad_norm_` does in one process; returns that total norm."""
     dense, experts = _flat_grads(dense_params), _flat_grads(expert_params)
-    reference = (dense or experts)[0] if (dense or experts) else None
-    if reference is None:
+    if not dense + experts:
         return torch.zeros(())
-    zero = torch.zeros((), dtype=torch.float32, device=reference.device)
+    zero = torch.zeros((), dtype=torch.float32, device=(dense + experts)[0].device)
     dense_sq = sum((g.float().pow(2).sum() for g in dense), zero)
     expert_sq = sum((g.float().pow(2).sum() for g in experts), zero.clone())
     if groups.ep_size > 1:
@@ -59,11 +63,4 @@ def all_reduce_router_loads(model: nn.Module, groups: ParallelGroups) -> None:
     """Sum every MoE layer's router-choice count over all ranks, before the aux-loss-free bias update, so the
     replicated biases move identically everywhere (as one process counting every micro-batch would)."""
     loads = [m.load_since_update for m in model.modules() if isinstance(m, MoELayer)]
-    if not loads or groups.world_size == 1:
-        return
-    flat = torch.cat(loads)
-    dist.all_reduce(flat, group=groups.dense_group)
-    offset = 0
-    for load in loads:
-        load.copy_(flat[offset:offset + load.numel()])
-        offset += load.numel()
+    _all_reduce_in_place(loads, groups.dense_group, groups.world_size)
