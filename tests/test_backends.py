@@ -74,12 +74,19 @@ def _plain_loop(x, row_index, sizes, w_in, w_out, scale, gated):
     return torch.cat(outs)
 
 
+#: both hand-written functions: experts one by one, and one grouped_mm call per projection
+MATMULS = ["loop", pytest.param("grouped_mm", marks=pytest.mark.skipif(
+    not hasattr(F, "grouped_mm"), reason="this torch has no torch.nn.functional.grouped_mm"))]
+
+
+@pytest.mark.parametrize("matmul", MATMULS)
 @pytest.mark.parametrize("gated", [True, False], ids=["swiglu", "gelu"])
 @pytest.mark.parametrize("gather", [True, False], ids=["row_index", "grouped_input"])
 @pytest.mark.parametrize("with_scale", [True, False], ids=["scale", "no_scale"])
-def test_grouped_ffn_matches_autograd_of_the_plain_loop(gated, gather, with_scale, orientation):
+def test_grouped_ffn_matches_autograd_of_the_plain_loop(gated, gather, with_scale, matmul, orientation):
     torch.manual_seed(0)
-    hidden, inter, sizes = 12, 10, [3, 0, 5, 1]  # an expert with no rows
+    # an expert with no rows; grouped_mm needs 16-byte rows (fp32: widths divisible by 4), the loop takes any
+    hidden, inter, sizes = 12, 10 if matmul == "loop" else 8, [3, 0, 5, 1]
     rows, tokens = sum(sizes), 6
     w_in = torch.randn(len(sizes), (2 if gated else 1) * inter, hidden, requires_grad=True)
     w_out = torch.randn(len(sizes), hidden, inter, requires_grad=True)
@@ -89,7 +96,7 @@ def test_grouped_ffn_matches_autograd_of_the_plain_loop(gated, gather, with_scal
     upstream = torch.randn(rows, hidden)
     inputs = [x, w_in, w_out] + ([scale] if with_scale else [])
 
-    got = grouped_ffn(x, row_index, sizes, w_in, w_out, scale, gated)
+    got = grouped_ffn(x, row_index, sizes, w_in, w_out, scale, gated, matmul=matmul)
     got_grads = torch.autograd.grad(got, inputs, upstream)
     want = _plain_loop(x, row_index, sizes, w_in, w_out, scale, gated)
     want_grads = torch.autograd.grad(want, inputs, upstream)
@@ -100,27 +107,46 @@ def test_grouped_ffn_matches_autograd_of_the_plain_loop(gated, gather, with_scal
     assert not got_grads[1][1].any() and not got_grads[2][1].any()  # the idle expert gets exact zeros
 
 
-def test_grouped_ffn_computes_only_the_gradients_asked_for():
+@pytest.mark.parametrize("matmul", MATMULS)
+def test_grouped_ffn_computes_only_the_gradients_asked_for(matmul):
     torch.manual_seed(0)
     w_in, w_out = torch.randn(2, 8, 4), torch.randn(2, 4, 4, requires_grad=True)
     x = torch.randn(5, 4)  # no gradient wanted for x or w_in
-    out = grouped_ffn(x, None, [2, 3], w_in, w_out)
+    out = grouped_ffn(x, None, [2, 3], w_in, w_out, matmul=matmul)
     (grad,) = torch.autograd.grad(out.sum(), [w_out])
     (want,) = torch.autograd.grad(_plain_loop(x, None, [2, 3], w_in, w_out, None, True).sum(), [w_out])
     torch.testing.assert_close(grad, want)
 
 
-def test_grouped_ffn_with_no_rows_is_still_in_the_graph():
+@pytest.mark.skipif(not hasattr(F, "grouped_mm"), reason="this torch has no torch.nn.functional.grouped_mm")
+def test_grouped_mm_refuses_widths_it_cannot_stride_and_auto_avoids_them():
+    x = torch.randn(6, 12, requires_grad=True)
+    w_in, w_out = torch.randn(2, 20, 12, requires_grad=True), torch.randn(2, 12, 10, requires_grad=True)
+    with pytest.raises(ValueError, match=r"multiples of 4 in torch.float32 .* intermediate 10; use matmul='loop'"):
+        grouped_ffn(x, None, [3, 3], w_in, w_out, matmul="grouped_mm")
+    experts = GroupedExperts(2, 12, 10)
+    assert experts.resolve_backend(x, [3, 3]) == "loop"  # auto: small groups, but widths grouped_mm refuses
+    with pytest.raises(ValueError, match="use expert_backend='auto' or 'loop'"):
+        GroupedExperts(2, 12, 10, backend="grouped_mm")(x, [3, 3])
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # bf16 rows need widths divisible by 8
+        assert GroupedExperts(2, 12, 8).resolve_backend(x, [3, 3]) == "loop"
+        assert GroupedExperts(2, 16, 8).resolve_backend(x, [3, 3]) == "grouped_mm"
+
+
+@pytest.mark.parametrize("matmul", MATMULS)
+def test_grouped_ffn_with_no_rows_is_still_in_the_graph(matmul):
     w_in, w_out = torch.randn(2, 8, 4, requires_grad=True), torch.randn(2, 4, 4, requires_grad=True)
     x = torch.randn(3, 4, requires_grad=True)
-    out = grouped_ffn(x, torch.empty(0, dtype=torch.long), [0, 0], w_in, w_out)
+    out = grouped_ffn(x, torch.empty(0, dtype=torch.long), [0, 0], w_in, w_out, matmul=matmul)
     assert out.shape == (0, 4)
     out.sum().backward()
     assert not x.grad.any() and not w_in.grad.any() and not w_out.grad.any()
 
 
-def test_grouped_ffn_saves_only_its_input_and_the_projection():
+@pytest.mark.parametrize("matmul", MATMULS)
+def test_grouped_ffn_saves_only_its_input_and_the_projection(matmul):
     # hand-computed: x [T, H] + h [N, 2I] (float32) + row_index [N] (int64) + scale [N] (float32)
+    # (+ grouped_mm: the E int32 group offsets)
     tokens, rows, hidden, inter = 7, 9, 16, 24
     x = torch.randn(tokens, hidden, requires_grad=True)
     w_in, w_out = torch.randn(3, 2 * inter, hidden, requires_grad=True), torch.randn(3, hidden, inter)
@@ -133,8 +159,9 @@ def test_grouped_ffn_saves_only_its_input_and_the_projection():
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        grouped_ffn(x, row_index, [4, 0, 5], w_in, w_out, scale)
+        grouped_ffn(x, row_index, [4, 0, 5], w_in, w_out, scale, matmul=matmul)
     expected = 4 * tokens * hidden + 4 * rows * 2 * inter + 8 * rows + 4 * rows + 4 * hidden * 3 * inter
+    expected += 4 * 3 if matmul == "grouped_mm" else 0
     assert sum(saved.values()) == expected  # w_out does not require grad here, so it counts as a tensor
 
 
@@ -174,7 +201,12 @@ def test_auto_backend_choice():
         assert experts.resolve_backend(mid, [100] * 6 + [0, 0]) == ("grouped_mm" if hasattr(F, "grouped_mm")
                                                                     else "loop")
         assert experts.resolve_backend(mid, [300, 300] + [0] * 6) == "loop"  # 300 rows each: the loop again
-    assert experts.resolve_backend(few, [2] * 8) == "loop"  # gradients needed: the lean backward
+    # gradients needed: a hand-written backward, grouped_mm for small groups (rows x hidden <= 65,536), else the loop
+    small_groups = "grouped_mm" if hasattr(F, "grouped_mm") else "loop"
+    assert experts.resolve_backend(few, [2] * 8) == small_groups
+    assert experts.resolve_backend(many, [4096] * 8) == small_groups  # 4096 x 16 = 65,536
+    assert experts.resolve_backend(many, [4097] * 8) == "loop"
+    assert experts.resolve_backend(many, [8192] * 4 + [0] * 4) == "loop"  # the average over busy experts
     assert GroupedExperts(8, 16, 32, backend="bmm").resolve_backend(many, [512] * 8) == "bmm"  # forced
     assert {*BACKENDS, "auto"} == set(EXPERT_BACKENDS)  # every backend the config accepts is tested above
 

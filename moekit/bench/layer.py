@@ -3,8 +3,9 @@
 For each config it times, on the same input and (for the MoE rows) the same weights and routing:
 
 * ``moekit``: ``MoELayer`` with ``expert_backend="auto"`` (what users get: grouped_mm on CUDA bf16; on
-  CPU the loop with its hand-written backward when gradients are needed, the padded bmm for small
-  inference batches), and ``moekit[loop]``, ``moekit[bmm]``, ``moekit[grouped_mm]`` forcing each backend;
+  CPU a hand-written backward when gradients are needed, grouped_mm for small groups and the loop for
+  large ones, and for inference the padded bmm, grouped_mm or the loop by group size), and
+  ``moekit[loop]``, ``moekit[bmm]``, ``moekit[grouped_mm]`` forcing each backend;
 * ``transformers[<impl>]``: ``MixtralSparseMoeBlock`` with every experts implementation registered in
   ``transformers.integrations.moe`` ("eager" plus the registered ones); those that raise on the device
   are skipped with a note, and so is any whose estimated memory would not fit. transformers is imported

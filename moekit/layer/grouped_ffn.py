@@ -14,6 +14,11 @@ recomputes the gather and the activation in backward (cheap elementwise work nex
 and writes every expert's weight gradient straight into one [E, ...] buffer. The combine weights
 `scale` are applied to the [N, I] activation, where their gradient needs no extra saved tensor
 (scale * (a @ W.T) = (scale * a) @ W.T).
+
+Two functions compute this with the same saved tensors: `_GroupedFFN` walks the experts in Python and
+finishes each expert's work before the next (best for large groups), `_GroupedMMFFN` makes every
+matmul one `grouped_mm` call and the elementwise work one pass over all rows (best for small groups,
+where the per-expert Python costs more than the matmuls). `grouped_ffn(..., matmul=...)` picks one.
 """
 
 from __future__ import annotations
@@ -42,6 +47,33 @@ def _slices(group_sizes: list[int]):
         if size > 0:
             yield expert, start, start + size
         start += size
+
+
+def grouped_mm_fits(hidden_size: int, intermediate_size: int, dtype: torch.dtype) -> bool:
+    """True when torch's `grouped_mm` accepts these widths: every row stride a multiple of 16 bytes."""
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    return hasattr(F, "grouped_mm") and (hidden_size * itemsize) % 16 == 0 and (intermediate_size * itemsize) % 16 == 0
+
+
+def check_grouped_mm(hidden_size: int, intermediate_size: int, dtype: torch.dtype, what: str, fix: str) -> None:
+    """Raise a ValueError naming `fix` when `grouped_mm_fits` is False for these widths."""
+    if not hasattr(F, "grouped_mm"):
+        raise ValueError(f"{what} needs torch.nn.functional.grouped_mm, which this torch lacks; use {fix} or "
+                         "upgrade torch")
+    if not grouped_mm_fits(hidden_size, intermediate_size, dtype):
+        step = 16 // torch.empty((), dtype=dtype).element_size()
+        raise ValueError(f"{what}: torch's grouped_mm needs hidden and intermediate sizes that are multiples of "
+                         f"{step} in {dtype} (16-byte rows), got hidden {hidden_size} and intermediate "
+                         f"{intermediate_size}; use {fix}")
+
+
+def _weight_grad_buffer(weight: Tensor, group_sizes: list[int]) -> Tensor:
+    """An uninitialised gradient buffer for a stacked [E, ...] weight, zero at the experts without rows."""
+    grad = torch.empty_like(weight, memory_format=torch.contiguous_format)
+    for expert, size in enumerate(group_sizes):
+        if size == 0:
+            grad[expert].zero_()
+    return grad
 
 
 class _GroupedFFN(torch.autograd.Function):
@@ -79,9 +111,13 @@ class _GroupedFFN(torch.autograd.Function):
         need_x, _, need_w_in, need_w_out, need_scale = ctx.needs_input_grad[:5]
         grad_out = grad_out.contiguous()
         inner = w_out.shape[2]
-        grad_x = torch.zeros_like(x) if need_x else None
-        grad_w_in = torch.zeros_like(w_in) if need_w_in else None
-        grad_w_out = torch.zeros_like(w_out) if need_w_out else None
+        # the rows' input gradients go to one grouped [N, H] buffer, summed into token rows by one
+        # index_add_ at the end (one per expert costs ~10x more in total at small widths)
+        grad_xg = None if not need_x else (torch.empty(grad_out.shape[0], x.shape[1], dtype=x.dtype, device=x.device)
+                                           if row_index is not None else torch.zeros_like(x))
+        # every busy expert's slice is overwritten by an out= matmul: only idle experts need zeros
+        grad_w_in = _weight_grad_buffer(w_in, group_sizes) if need_w_in else None
+        grad_w_out = _weight_grad_buffer(w_out, group_sizes) if need_w_out else None
         grad_scale = torch.zeros_like(scale) if scale is not None and need_scale else None
         for (e, start, end), he in zip(_slices(group_sizes), projections, strict=True):
             go = grad_out[start:end]
@@ -110,16 +146,73 @@ class _GroupedFFN(torch.autograd.Function):
                 xe = x[start:end] if row_index is None else x.index_select(0, row_index[start:end])
                 torch.mm(grad_h.t(), xe, out=grad_w_in[e])
             if need_x:
-                grad_xe = torch.mm(grad_h, w_in[e])
-                if row_index is None:
-                    grad_x[start:end] = grad_xe
-                else:
-                    grad_x.index_add_(0, row_index[start:end], grad_xe)
+                torch.mm(grad_h, w_in[e], out=grad_xg[start:end])
+        grad_x = grad_xg
+        if need_x and row_index is not None:
+            grad_x = torch.zeros_like(x).index_add_(0, row_index, grad_xg)
+        return grad_x, None, grad_w_in, grad_w_out, grad_scale, None, None
+
+
+class _GroupedMMFFN(torch.autograd.Function):
+    # The same function and the same saved tensors as `_GroupedFFN`, with every matmul one `grouped_mm` call
+    # (torch walks the groups in C++) and the elementwise work done once over all rows. With small groups
+    # (fine-grained experts, short batches) the per-expert Python of the loop costs more than the matmuls.
+    @staticmethod
+    def forward(ctx, x: Tensor, row_index: Tensor | None, w_in: Tensor, w_out: Tensor, scale: Tensor | None,
+                group_sizes: list[int], gated: bool) -> Tensor:
+        offsets = torch.tensor(group_sizes, device=x.device).cumsum(0).to(torch.int32)
+        xg = x if row_index is None else x.index_select(0, row_index)
+        h = F.grouped_mm(xg, w_in.transpose(-2, -1), offs=offsets)  # [N, 2I] or [N, I]
+        a = activate(h, gated)
+        if scale is not None:
+            a.mul_(scale.unsqueeze(-1))
+        out = F.grouped_mm(a, w_out.transpose(-2, -1), offs=offsets)
+        ctx.save_for_backward(x, row_index, w_in, w_out, scale, offsets, h)
+        ctx.gated = gated
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out: Tensor):
+        x, row_index, w_in, w_out, scale, offsets, h = ctx.saved_tensors
+        need_x, _, need_w_in, need_w_out, need_scale = ctx.needs_input_grad[:5]
+        grad_out = grad_out.contiguous()  # grouped_mm rejects the stride-0 gradient of a plain .sum()
+        inner = w_out.shape[2]
+        grad_a = F.grouped_mm(grad_out, w_out, offs=offsets)  # [N, I]
+        if ctx.gated:
+            gate, up = h.chunk(2, dim=-1)
+            silu_gate = F.silu(gate)
+            a0 = silu_gate * up  # the unscaled activation, recomputed
+        else:
+            a0 = F.gelu(h)
+        se = scale.unsqueeze(-1) if scale is not None else None
+        grad_w_out = F.grouped_mm(grad_out.t(), a0 * se if se is not None else a0, offs=offsets) if need_w_out else None
+        grad_scale = None
+        if se is not None:
+            if need_scale:
+                grad_scale = (grad_a * a0).sum(-1)
+            grad_a.mul_(se)
+        del a0
+        if ctx.gated:
+            grad_h = torch.empty_like(h)
+            torch.ops.aten.silu_backward.grad_input(grad_a * up, gate, grad_input=grad_h[:, :inner])
+            torch.mul(grad_a, silu_gate, out=grad_h[:, inner:])
+        else:
+            grad_h = torch.ops.aten.gelu_backward(grad_a, h)
+        grad_w_in = None
+        if need_w_in:
+            xg = x if row_index is None else x.index_select(0, row_index)
+            grad_w_in = F.grouped_mm(grad_h.t(), xg, offs=offsets)
+        grad_x = None
+        if need_x:
+            grad_x = F.grouped_mm(grad_h, w_in, offs=offsets)
+            if row_index is not None:
+                grad_x = torch.zeros_like(x).index_add_(0, row_index, grad_x)
         return grad_x, None, grad_w_in, grad_w_out, grad_scale, None, None
 
 
 def grouped_ffn(x: Tensor, row_index: Tensor | None, group_sizes: list[int], w_in: Tensor, w_out: Tensor,
-                scale: Tensor | None = None, gated: bool = True) -> Tensor:
+                scale: Tensor | None = None, gated: bool = True, matmul: str = "loop") -> Tensor:
     """Expert FFNs on the rows `x[row_index]`, grouped by expert; returns [N, H] in the same order.
 
     Args:
@@ -131,15 +224,26 @@ def grouped_ffn(x: Tensor, row_index: Tensor | None, group_sizes: list[int], w_i
         w_out: [E, H, I].
         scale: optional [N] per-row factor (the combine weights), applied to the activation.
         gated: SwiGLU (`silu(gate) * up`) when True, GELU otherwise.
+        matmul: "loop" runs the experts one by one (each expert's rows stay in cache: best for large groups);
+            "grouped_mm" makes every projection one `torch.nn.functional.grouped_mm` call and the elementwise
+            work one pass over all rows (best for small groups). Both save the same tensors for backward.
 
     Under autocast the inputs are cast to the autocast dtype first (as autocast casts a matmul's inputs),
     so the result has that dtype.
     """
+    if matmul not in ("loop", "grouped_mm"):
+        raise ValueError(f"grouped_ffn: matmul must be 'loop' or 'grouped_mm', got {matmul!r}")
+    rows = x.shape[0] if row_index is None else row_index.numel()
+    # grouped_mm refuses empty operands; with no rows the loop does nothing (and keeps the graph)
+    function = _GroupedMMFFN if matmul == "grouped_mm" and rows > 0 else _GroupedFFN
     device_type = x.device.type
-    if torch.is_autocast_enabled(device_type):  # the function's out= matmuls need one dtype: autocast's
-        dtype = torch.get_autocast_dtype(device_type)
+    autocast = torch.is_autocast_enabled(device_type)
+    dtype = torch.get_autocast_dtype(device_type) if autocast else x.dtype
+    if matmul == "grouped_mm":
+        check_grouped_mm(x.shape[1], w_out.shape[2], dtype, "grouped_ffn: matmul='grouped_mm'", "matmul='loop'")
+    if autocast:  # the function's out= matmuls need one dtype: autocast's
         x, w_in, w_out = x.to(dtype), w_in.to(dtype), w_out.to(dtype)
         scale = scale.to(dtype) if scale is not None else None
         with torch.autocast(device_type, enabled=False):
-            return _GroupedFFN.apply(x, row_index, w_in, w_out, scale, group_sizes, gated)
-    return _GroupedFFN.apply(x, row_index, w_in, w_out, scale, group_sizes, gated)
+            return function.apply(x, row_index, w_in, w_out, scale, group_sizes, gated)
+    return function.apply(x, row_index, w_in, w_out, scale, group_sizes, gated)
