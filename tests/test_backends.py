@@ -12,6 +12,7 @@ from test_reference_parity import make_layer, random_input
 from moekit import GroupedExperts, MoEConfig, MoELayer
 from moekit.bench.layer import saved_activation_mib
 from moekit.config import EXPERT_BACKENDS
+from moekit.layer import experts as experts_module
 from moekit.layer import grouped_ffn as grouped_ffn_module
 from moekit.layer.grouped_ffn import grouped_ffn
 from moekit.model.transformer import DenseMLP
@@ -33,6 +34,7 @@ def orientation(request, monkeypatch):
     """Small groups multiply as W x^T, larger ones as x W^T: run every check both ways."""
     rows = 10**6 if request.param == "weight_left" else 0
     monkeypatch.setattr(grouped_ffn_module, "WEIGHT_LEFT_MAX_ROWS", rows)
+    monkeypatch.setattr(experts_module, "PADDED_WEIGHT_LEFT_MAX_ROWS", rows)  # the padded bmm's two orientations
     return request.param
 
 
@@ -193,8 +195,10 @@ class _HiddenStates(torch.nn.Module):
 def test_auto_backend_choice():
     experts = GroupedExperts(8, 16, 32)
     few, many = torch.randn(16, 16), torch.randn(4096, 16)
-    with torch.no_grad():  # inference: padded bmm for small busy groups, grouped_mm for mid-size, loop for large
-        assert experts.resolve_backend(few, [2] * 8) == "bmm"
+    with torch.no_grad():  # inference: loop for a few rows per expert, padded bmm for small busy groups,
+        # grouped_mm for mid-size, loop for large
+        assert experts.resolve_backend(few, [2] * 8) == "loop"  # <= 8 rows each: the weights streamed
+        assert experts.resolve_backend(torch.randn(96, 16), [12] * 8) == "bmm"
         assert experts.resolve_backend(many, [512] * 8) == "loop"
         assert experts.resolve_backend(few, [2, 0, 0, 0, 0, 0, 0, 0]) == "loop"  # one busy expert: no padding
         mid = torch.randn(600, 16)  # 100 rows per expert: too many for the padded batch, few for the loop

@@ -14,10 +14,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..config import MoEConfig
-from .grouped_ffn import activate, check_grouped_mm, grouped_ffn, grouped_mm_fits
+from .grouped_ffn import WEIGHT_LEFT_MAX_ROWS, activate, check_grouped_mm, grouped_ffn, grouped_mm_fits
 
 #: the padded `bmm` backend is chosen automatically only when no expert has more rows than this
 PADDED_MAX_ROWS = 64
+#: padded batches of at most this many rows per expert multiply with the weights as the left operand
+PADDED_WEIGHT_LEFT_MAX_ROWS = 4
 #: CPU inference runs `grouped_mm` when a busy expert has on average more rows than the first and at most the
 #: second (prefill and eval batches of a few hundred tokens); outside that range the loop is as fast or faster
 GROUPED_MM_CPU_ROWS = (8, 128)
@@ -100,6 +102,8 @@ class GroupedExperts(nn.Module):
             # training: both hand-written backwards save the least memory; grouped_mm for small groups
             small = busy and rows * self.hidden_size <= GROUPED_MM_CPU_TRAIN_ROW_ELEMENTS * busy
             return "grouped_mm" if fits and small else "loop"
+        if most <= WEIGHT_LEFT_MAX_ROWS:
+            return "loop"  # every expert a few rows: the loop streams just the busy experts' weights
         if most <= PADDED_MAX_ROWS and 2 * busy >= self.num_experts and self.num_experts * most <= 8 * rows:
             return "bmm"
         low, high = GROUPED_MM_CPU_ROWS
@@ -157,12 +161,18 @@ class GroupedExperts(nn.Module):
                                                 output_size=rows)
         first_row = sizes.cumsum(0) - sizes
         slot = expert_of_row * capacity + torch.arange(rows, device=x.device) - first_row[expert_of_row]
-        padded = x.new_zeros(num_experts * capacity, x.shape[1]).index_copy(0, slot, x)
-        h = torch.bmm(padded.view(num_experts, capacity, -1), self.in_proj.transpose(1, 2))
+        padded = x.new_zeros(num_experts * capacity, x.shape[1]).index_copy(0, slot, x).view(num_experts, capacity, -1)
         if scale is not None:
             scale = scale.new_zeros(num_experts * capacity).index_copy(0, slot, scale).view(num_experts, capacity)
-        out = torch.bmm(self._activate(h, scale), self.down_proj.transpose(1, 2))
-        return out.view(num_experts * capacity, -1).index_select(0, slot)
+        if capacity <= PADDED_WEIGHT_LEFT_MAX_ROWS:
+            # h^T = W x^T per expert: MKL streams each weight instead of packing it (see grouped_ffn)
+            h = torch.bmm(self.in_proj, padded.transpose(1, 2)).transpose(1, 2)
+            a = self._activate(h, scale).contiguous()  # row-major again, for the same fast path below
+            out = torch.bmm(self.down_proj, a.transpose(1, 2)).transpose(1, 2)
+        else:
+            h = torch.bmm(padded, self.in_proj.transpose(1, 2))
+            out = torch.bmm(self._activate(h, scale), self.down_proj.transpose(1, 2))
+        return out.reshape(num_experts * capacity, -1).index_select(0, slot)
 
     def _forward_grouped_mm(self, x: Tensor, group_sizes: list[int], scale: Tensor | None) -> Tensor:
         offsets = torch.tensor(group_sizes, device=x.device).cumsum(0).to(torch.int32)

@@ -40,6 +40,19 @@ def activate(h: Tensor, gated: bool) -> Tensor:
     return F.gelu(h)
 
 
+def _weight_left_mm(weight: Tensor, rows: Tensor) -> Tensor:
+    """rows @ weight.T for a few rows, computed as (weight @ rows.T).T; returns a row-major [n, out].
+
+    With the weight as the left operand MKL streams it instead of packing it. Its fast path needs the right
+    operand as a transposed view of row-major rows and at least two columns: a single row is doubled (one
+    matrix-vector product is ~1.7x slower than two columns on 2 cores). The result is made row-major so the
+    next projection gets its input as row-major rows again.
+    """
+    n = rows.shape[0]
+    rows = rows.contiguous() if n > 1 else rows.expand(2, -1).contiguous()
+    return torch.mm(weight, rows.t())[:, :n].t().contiguous()
+
+
 def _slices(group_sizes: list[int]):
     """(expert, start, end) for every expert that has rows."""
     start = 0
@@ -90,15 +103,16 @@ class _GroupedFFN(torch.autograd.Function):
             xe = x[start:end] if row_index is None else x.index_select(0, row_index[start:end])
             # one block per expert: malloc reuses blocks this size, while one [N, 2I] buffer would be
             # fresh pages (page faults) every call
-            if end - start <= WEIGHT_LEFT_MAX_ROWS:  # h^T = W x^T: MKL streams the weight, no packing
-                he = torch.mm(w_in[e], xe.t()).t()
-            else:
-                he = torch.mm(xe, w_in[e].t())
+            weight_left = end - start <= WEIGHT_LEFT_MAX_ROWS
+            he = _weight_left_mm(w_in[e], xe) if weight_left else torch.mm(xe, w_in[e].t())
             projections.append(he)
             a = activate(he, gated)
             if scale is not None:
                 a.mul_(scale[start:end].unsqueeze(-1))
-            torch.mm(a, w_out[e].t(), out=out[start:end])
+            if weight_left:
+                out[start:end] = _weight_left_mm(w_out[e], a)
+            else:
+                torch.mm(a, w_out[e].t(), out=out[start:end])
         ctx.save_for_backward(x, row_index, w_in, w_out, scale, *projections)
         ctx.group_sizes, ctx.gated = group_sizes, gated
         return out
