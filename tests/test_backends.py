@@ -197,7 +197,9 @@ def test_auto_backend_choice():
     few, many = torch.randn(16, 16), torch.randn(4096, 16)
     with torch.no_grad():  # inference: loop for a few rows per expert, padded bmm for small busy groups,
         # grouped_mm for mid-size, loop for large
-        assert experts.resolve_backend(few, [2] * 8) == "loop"  # <= 8 rows each: the weights streamed
+        assert experts.resolve_backend(few, [2] * 8) == "loop"  # <= 4 rows per busy expert: weights streamed
+        assert experts.resolve_backend(few, [9, 1, 1, 1, 1, 1, 1, 1]) == "loop"  # the average counts, not the max
+        assert experts.resolve_backend(torch.randn(40, 16), [5] * 8) == "bmm"
         assert experts.resolve_backend(torch.randn(96, 16), [12] * 8) == "bmm"
         assert experts.resolve_backend(many, [512] * 8) == "loop"
         assert experts.resolve_backend(few, [2, 0, 0, 0, 0, 0, 0, 0]) == "loop"  # one busy expert: no padding

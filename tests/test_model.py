@@ -88,6 +88,17 @@ def test_greedy_generation_matches_step_by_step_argmax():
     assert torch.equal(out, ids)
 
 
+@pytest.mark.parametrize("new_tokens", [1, 3])
+def test_generation_runs_one_forward_per_new_token(new_tokens):
+    # the prefill picks the first new token and each later token needs one cached step: N forwards in all
+    torch.manual_seed(0)
+    model = MoETransformer(tiny()).eval()
+    calls = []
+    model.register_forward_hook(lambda module, args, output: calls.append(1))
+    out = generate(model, torch.randint(0, 40, (2, 4)), max_new_tokens=new_tokens, temperature=0)
+    assert out.shape == (2, 4 + new_tokens) and len(calls) == new_tokens
+
+
 def test_top_k_and_top_p_only_sample_allowed_tokens():
     logits = torch.tensor([[4.0, 3.0, 1.0, 0.0, -1.0]])
     gen = torch.Generator().manual_seed(0)

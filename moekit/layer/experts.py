@@ -14,10 +14,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..config import MoEConfig
-from .grouped_ffn import WEIGHT_LEFT_MAX_ROWS, activate, check_grouped_mm, grouped_ffn, grouped_mm_fits
+from .grouped_ffn import activate, check_grouped_mm, grouped_ffn, grouped_mm_fits
 
 #: the padded `bmm` backend is chosen automatically only when no expert has more rows than this
 PADDED_MAX_ROWS = 64
+#: CPU inference keeps the loop while busy experts average at most this many rows (decoding, short batches)
+LOOP_MAX_AVERAGE_ROWS = 4
 #: padded batches of at most this many rows per expert multiply with the weights as the left operand
 PADDED_WEIGHT_LEFT_MAX_ROWS = 4
 #: CPU inference runs `grouped_mm` when a busy expert has on average more rows than the first and at most the
@@ -102,8 +104,8 @@ class GroupedExperts(nn.Module):
             # training: both hand-written backwards save the least memory; grouped_mm for small groups
             small = busy and rows * self.hidden_size <= GROUPED_MM_CPU_TRAIN_ROW_ELEMENTS * busy
             return "grouped_mm" if fits and small else "loop"
-        if most <= WEIGHT_LEFT_MAX_ROWS:
-            return "loop"  # every expert a few rows: the loop streams just the busy experts' weights
+        if rows <= LOOP_MAX_AVERAGE_ROWS * busy:
+            return "loop"  # a few rows per expert: the loop streams just the busy experts' weights
         if most <= PADDED_MAX_ROWS and 2 * busy >= self.num_experts and self.num_experts * most <= 8 * rows:
             return "bmm"
         low, high = GROUPED_MM_CPU_ROWS

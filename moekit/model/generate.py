@@ -42,12 +42,14 @@ def generate(model: MoETransformer, input_ids: Tensor, max_new_tokens: int, temp
     # prefill: only the last position is sampled; generation needs no balancing terms or router statistics
     out = model(input_ids, use_cache=True, logits_to_keep=1, router_stats=False)
     tokens = input_ids
-    for _ in range(max_new_tokens):
+    for step in range(max_new_tokens):
         if tokens.shape[1] >= limit:
             break
         next_id = sample_next(out.logits[:, -1], temperature, top_k, top_p, generator)
         tokens = torch.cat([tokens, next_id.unsqueeze(-1)], dim=1)
         if eos_token_id is not None and bool((next_id == eos_token_id).all()):
             break
-        out = model(next_id.unsqueeze(-1), past_key_values=out.past_key_values, use_cache=True, router_stats=False)
+        if step + 1 < max_new_tokens and tokens.shape[1] < limit:  # the last token needs no forward of its own
+            out = model(next_id.unsqueeze(-1), past_key_values=out.past_key_values, use_cache=True,
+                        router_stats=False)
     return tokens
