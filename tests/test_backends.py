@@ -29,12 +29,15 @@ def _with_backend(case: str, backend: str) -> MoELayer:
     return other
 
 
-@pytest.fixture(params=["weight_left", "weight_right"])
+@pytest.fixture(params=["weight_left_streamed", "weight_left_cached", "weight_right"])
 def orientation(request, monkeypatch):
-    """Small groups multiply as W x^T, larger ones as x W^T: run every check both ways."""
-    rows = 10**6 if request.param == "weight_left" else 0
+    """Small groups multiply as W x^T (large weights: both projections, single rows doubled), larger ones as
+    x W^T: run every check every way."""
+    rows = 0 if request.param == "weight_right" else 10**6
     monkeypatch.setattr(grouped_ffn_module, "WEIGHT_LEFT_MAX_ROWS", rows)
     monkeypatch.setattr(experts_module, "PADDED_WEIGHT_LEFT_MAX_ROWS", rows)  # the padded bmm's two orientations
+    stream_bytes = 0 if request.param == "weight_left_streamed" else 2**62
+    monkeypatch.setattr(grouped_ffn_module, "STREAM_WEIGHT_MIN_BYTES", stream_bytes)
     return request.param
 
 
@@ -195,11 +198,13 @@ class _HiddenStates(torch.nn.Module):
 def test_auto_backend_choice():
     experts = GroupedExperts(8, 16, 32)
     few, many = torch.randn(16, 16), torch.randn(4096, 16)
-    with torch.no_grad():  # inference: loop for a few rows per expert, padded bmm for small busy groups,
-        # grouped_mm for mid-size, loop for large
-        assert experts.resolve_backend(few, [2] * 8) == "loop"  # <= 4 rows per busy expert: weights streamed
-        assert experts.resolve_backend(few, [9, 1, 1, 1, 1, 1, 1, 1]) == "loop"  # the average counts, not the max
-        assert experts.resolve_backend(torch.randn(40, 16), [5] * 8) == "bmm"
+    large = GroupedExperts(8, 256, 512)  # 1 MiB per expert projection: streamed from memory
+    with torch.no_grad():  # inference: loop for a few rows per expert of large weights, padded bmm for small busy
+        # groups, grouped_mm for mid-size, loop for large
+        assert large.resolve_backend(torch.randn(16, 256), [2] * 8) == "loop"  # <= 4 rows per busy expert
+        assert large.resolve_backend(torch.randn(16, 256), [9, 1, 1, 1, 1, 1, 1, 1]) == "loop"  # the average counts
+        assert large.resolve_backend(torch.randn(40, 256), [5] * 8) == "bmm"
+        assert experts.resolve_backend(few, [2] * 8) == "bmm"  # cache-resident weights: one batched call
         assert experts.resolve_backend(torch.randn(96, 16), [12] * 8) == "bmm"
         assert experts.resolve_backend(many, [512] * 8) == "loop"
         assert experts.resolve_backend(few, [2, 0, 0, 0, 0, 0, 0, 0]) == "loop"  # one busy expert: no padding

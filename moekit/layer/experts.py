@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..config import MoEConfig
-from .grouped_ffn import activate, check_grouped_mm, grouped_ffn, grouped_mm_fits
+from .grouped_ffn import activate, check_grouped_mm, grouped_ffn, grouped_mm_fits, streams_weights
 
 #: the padded `bmm` backend is chosen automatically only when no expert has more rows than this
 PADDED_MAX_ROWS = 64
@@ -104,7 +104,7 @@ class GroupedExperts(nn.Module):
             # training: both hand-written backwards save the least memory; grouped_mm for small groups
             small = busy and rows * self.hidden_size <= GROUPED_MM_CPU_TRAIN_ROW_ELEMENTS * busy
             return "grouped_mm" if fits and small else "loop"
-        if rows <= LOOP_MAX_AVERAGE_ROWS * busy:
+        if rows <= LOOP_MAX_AVERAGE_ROWS * busy and streams_weights(self.in_proj):
             return "loop"  # a few rows per expert: the loop streams just the busy experts' weights
         if most <= PADDED_MAX_ROWS and 2 * busy >= self.num_experts and self.num_experts * most <= 8 * rows:
             return "bmm"

@@ -30,6 +30,15 @@ from torch.autograd.function import once_differentiable
 
 #: groups of at most this many rows multiply with the weight as the left operand (few tokens: decoding)
 WEIGHT_LEFT_MAX_ROWS = 8
+#: an expert's projection weight of at least this many bytes is streamed from memory in the few-row orientation
+#: for both projections, single rows doubled (see `_weight_left_mm`); smaller weights sit in cache, where the
+#: extra copies cost more than they save
+STREAM_WEIGHT_MIN_BYTES = 1 << 19
+
+
+def streams_weights(weights: Tensor) -> bool:
+    """True when one expert's slice of the stacked `weights` is large enough to stream (`STREAM_WEIGHT_MIN_BYTES`)."""
+    return weights.numel() // max(weights.shape[0], 1) * weights.element_size() >= STREAM_WEIGHT_MIN_BYTES
 
 
 def activate(h: Tensor, gated: bool) -> Tensor:
@@ -64,7 +73,7 @@ def _slices(group_sizes: list[int]):
 
 def grouped_mm_fits(hidden_size: int, intermediate_size: int, dtype: torch.dtype) -> bool:
     """True when torch's `grouped_mm` accepts these widths: every row stride a multiple of 16 bytes."""
-    itemsize = torch.empty((), dtype=dtype).element_size()
+    itemsize = dtype.itemsize
     return hasattr(F, "grouped_mm") and (hidden_size * itemsize) % 16 == 0 and (intermediate_size * itemsize) % 16 == 0
 
 
@@ -74,7 +83,7 @@ def check_grouped_mm(hidden_size: int, intermediate_size: int, dtype: torch.dtyp
         raise ValueError(f"{what} needs torch.nn.functional.grouped_mm, which this torch lacks; use {fix} or "
                          "upgrade torch")
     if not grouped_mm_fits(hidden_size, intermediate_size, dtype):
-        step = 16 // torch.empty((), dtype=dtype).element_size()
+        step = 16 // dtype.itemsize
         raise ValueError(f"{what}: torch's grouped_mm needs hidden and intermediate sizes that are multiples of "
                          f"{step} in {dtype} (16-byte rows), got hidden {hidden_size} and intermediate "
                          f"{intermediate_size}; use {fix}")
@@ -99,17 +108,23 @@ class _GroupedFFN(torch.autograd.Function):
         rows = x.shape[0] if row_index is None else row_index.numel()
         out = x.new_empty(rows, w_out.shape[1])  # [N, H]
         projections = []  # per busy expert [n_e, 2I] or [n_e, I]: the only activations saved for backward
+        stream_in, stream_out = streams_weights(w_in), streams_weights(w_out)
         for e, start, end in _slices(group_sizes):
             xe = x[start:end] if row_index is None else x.index_select(0, row_index[start:end])
             # one block per expert: malloc reuses blocks this size, while one [N, 2I] buffer would be
             # fresh pages (page faults) every call
-            weight_left = end - start <= WEIGHT_LEFT_MAX_ROWS
-            he = _weight_left_mm(w_in[e], xe) if weight_left else torch.mm(xe, w_in[e].t())
+            few = end - start <= WEIGHT_LEFT_MAX_ROWS
+            if few and stream_in:
+                he = _weight_left_mm(w_in[e], xe)
+            elif few:  # a cache-resident weight: the weight-left product without the copies
+                he = torch.mm(w_in[e], xe.t()).t()
+            else:
+                he = torch.mm(xe, w_in[e].t())
             projections.append(he)
             a = activate(he, gated)
             if scale is not None:
                 a.mul_(scale[start:end].unsqueeze(-1))
-            if weight_left:
+            if few and stream_out:
                 out[start:end] = _weight_left_mm(w_out[e], a)
             else:
                 torch.mm(a, w_out[e].t(), out=out[start:end])
