@@ -74,7 +74,8 @@ def test_switch_layer_zeroes_exactly_the_overflowing_tokens():
 @pytest.mark.parametrize("num_experts", [1, 3, 8, 64])
 @pytest.mark.parametrize("num_assignments", [0, 1, 2, 16, 64, 300])
 def test_counting_order_equals_the_stable_sort(num_assignments, num_experts):
-    # small plans take the counting path, large ones argsort: both must give argsort's stable order
+    # tiny plans are ordered in Python, small ones by counting, large ones by argsort: all must give argsort's
+    # stable order
     expert_index = torch.randint(0, num_experts, (num_assignments,), generator=torch.Generator().manual_seed(3))
     plan = plan_dispatch(expert_index, num_experts)
     assert torch.equal(plan.order, torch.argsort(expert_index, stable=True))

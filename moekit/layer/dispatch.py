@@ -37,6 +37,9 @@ def expert_capacity(num_assignments: int, num_experts: int, capacity_factor: flo
 
 #: with at most this many (assignment, expert) cells, the order comes from counting, not sorting
 COUNTING_SORT_MAX_CELLS = 4096
+#: with at most this many assignments (a decoding step) the order is worked out in Python: one read of the
+#: expert ids replaces a dozen tiny tensor ops
+PYTHON_ORDER_MAX_ASSIGNMENTS = 32
 
 
 def _counting_order(expert_index: Tensor, counts: Tensor, num_experts: int) -> Tensor:
@@ -65,6 +68,13 @@ def plan_dispatch(
     first choice beats any second choice (GShard), then the larger router weight wins, then the
     earlier token. `expert_index`/`weights` are token-major with `num_experts_per_tok` per token.
     """
+    if capacity is None and expert_index.numel() <= PYTHON_ORDER_MAX_ASSIGNMENTS:
+        experts = expert_index.tolist()
+        sizes = [0] * num_experts
+        for expert in experts:
+            sizes[expert] += 1
+        order = sorted(range(len(experts)), key=experts.__getitem__)  # Python's sort is stable
+        return DispatchPlan(torch.tensor(order, dtype=torch.long, device=expert_index.device), sizes, 0)
     counts = torch.bincount(expert_index, minlength=num_experts)
     if capacity is None:
         if expert_index.numel() * num_experts <= COUNTING_SORT_MAX_CELLS:
