@@ -178,6 +178,31 @@ def test_checkpoint_swap_leaves_no_temporary_directories(corpus, tmp_path):
     assert "checkpoint" in names and not any(n.startswith("checkpoint.") for n in names)
 
 
+def test_optimizer_is_the_fused_adamw_and_steps_like_the_plain_one():
+    # the fused kernel is an implementation choice: its updates must equal the default AdamW's
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Linear(16, 4))
+    twin = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Linear(16, 4))
+    twin.load_state_dict(model.state_dict())
+    run = RunConfig()
+    fused = loop_module.build_optimizer(model, run)
+    assert fused.defaults["fused"] is True  # the torch these tests run on has the CPU kernel
+    t = run.train
+    matrices = [p for p in twin.parameters() if p.dim() >= 2]
+    vectors = [p for p in twin.parameters() if p.dim() < 2]
+    plain = torch.optim.AdamW([{"params": matrices, "weight_decay": t.weight_decay},
+                               {"params": vectors, "weight_decay": 0.0}], lr=t.lr, betas=(t.beta1, t.beta2),
+                              foreach=False)
+    for step in range(3):
+        x = torch.randn(5, 8, generator=torch.Generator().manual_seed(step))
+        for net, opt in ((model, fused), (twin, plain)):
+            net(x).square().mean().backward()
+            opt.step()
+            opt.zero_grad()
+    for got, want in zip(model.parameters(), twin.parameters(), strict=True):
+        torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
+
+
 def test_lr_schedule_warms_up_then_decays_to_the_floor():
     assert loop_module.lr_factor(0, 10, 100, 0.1) == pytest.approx(0.1)
     assert loop_module.lr_factor(9, 10, 100, 0.1) == pytest.approx(1.0)

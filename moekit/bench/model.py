@@ -46,6 +46,7 @@ from ..config import RunConfig
 from ..interop.hf import export_hf
 from ..layer import update_aux_free_biases
 from ..model.transformer import MoETransformer
+from ..train.loop import make_adamw
 from .layer import (
     WARMUP,
     Env,
@@ -80,8 +81,9 @@ LOSS_RULE = (
     "moekit adds MoEOutput.aux_loss (what `moekit train` minimises: every term whose coefficient is > 0) and "
     "updates the aux-free router bias after the optimiser step; transformers adds its load-balancing loss where "
     "its architecture has one and router_aux_loss_coef > 0 (Mixtral, via output_router_logits=True; "
-    "Glm4-MoE and DeepSeek-V3 compute none in transformers). Both sides: plain torch.optim.AdamW with the "
-    "preset's lr, betas and weight decay, no clipping, zero_grad(set_to_none=True)."
+    "Glm4-MoE and DeepSeek-V3 compute none in transformers). Both sides: the same torch.optim.AdamW as "
+    "`moekit train` (fused=True where torch has the kernel) with the preset's lr, betas and weight decay, no "
+    "clipping, zero_grad(set_to_none=True)."
 )
 
 
@@ -338,8 +340,9 @@ def training_loss(candidate: Candidate, x: Tensor, y: Tensor, router_loss: bool 
 
 
 def build_optimizer(model: nn.Module, run: RunConfig) -> torch.optim.AdamW:
+    """The same AdamW for every row: what `moekit train` uses (fused where torch has the kernel)."""
     t = run.train
-    return torch.optim.AdamW(model.parameters(), lr=t.lr, betas=(t.beta1, t.beta2), weight_decay=t.weight_decay)
+    return make_adamw(model.parameters(), lr=t.lr, betas=(t.beta1, t.beta2), weight_decay=t.weight_decay)
 
 
 def training_step(candidate: Candidate, optimizer: torch.optim.Optimizer, x: Tensor,
