@@ -84,11 +84,13 @@ class GroupedExperts(nn.Module):
         "auto" picks `grouped_mm` on CUDA in bf16/fp16. When gradients are needed on the CPU it picks one of
         the two hand-written backwards (both keep the least memory): `grouped_mm` when the average busy
         expert's rows times the hidden size is at most 65,536 (fine-grained experts, small models: 0.64-0.96x
-        the loop's fwd+bwd time on 2 cores), else the per-expert `loop`. For inference it picks
-        the padded `bmm` when every expert's group fits in a small padded batch that wastes little (few tokens
-        per expert, most experts busy: decoding steps and small batches); else torch's CPU `grouped_mm` when
-        busy experts average 9 to 128 rows (prefill: 1.1-2x faster than the loop there, measured on 2 cores
-        at hidden 128 and 512); else the loop (one token's few experts, or large groups).
+        the loop's fwd+bwd time on 2 cores), else the per-expert `loop` (other devices: the loop). For
+        inference it picks the loop when busy experts average at most 4 rows and each expert's projection
+        weight is at least 512 KiB (decoding: the loop streams only the busy experts' weights); else the padded
+        `bmm` when every expert's group fits in a small padded batch that wastes little (few tokens per
+        expert, most experts busy: small batches, and decoding with cache-resident weights); else torch's CPU
+        `grouped_mm` when busy experts average 9 to 128 rows (prefill: 1.1-2x faster than the loop there,
+        measured on 2 cores at hidden 128 and 512); else the loop (one token's few experts, or large groups).
         """
         if self.backend == "grouped_mm":
             check_grouped_mm(self.hidden_size, self.intermediate_size, self._compute_dtype(x),
@@ -103,7 +105,7 @@ class GroupedExperts(nn.Module):
         if torch.is_grad_enabled() and (x.requires_grad or self.in_proj.requires_grad):
             # training: both hand-written backwards save the least memory; grouped_mm for small groups
             small = busy and rows * self.hidden_size <= GROUPED_MM_CPU_TRAIN_ROW_ELEMENTS * busy
-            return "grouped_mm" if fits and small else "loop"
+            return "grouped_mm" if fits and small and x.device.type == "cpu" else "loop"
         if rows <= LOOP_MAX_AVERAGE_ROWS * busy and streams_weights(self.in_proj):
             return "loop"  # a few rows per expert: the loop streams just the busy experts' weights
         if most <= PADDED_MAX_ROWS and 2 * busy >= self.num_experts and self.num_experts * most <= 8 * rows:
