@@ -102,7 +102,7 @@ class GroupedExperts(nn.Module):
             return "grouped_mm"
         rows, most = sum(group_sizes), max(group_sizes, default=0)
         busy = sum(1 for size in group_sizes if size > 0)
-        if torch.is_grad_enabled() and (x.requires_grad or self.in_proj.requires_grad):
+        if self._needs_grad(x):
             # training: both hand-written backwards save the least memory; grouped_mm for small groups
             small = busy and rows * self.hidden_size <= GROUPED_MM_CPU_TRAIN_ROW_ELEMENTS * busy
             return "grouped_mm" if fits and small and x.device.type == "cpu" else "loop"
@@ -114,6 +114,10 @@ class GroupedExperts(nn.Module):
         if fits and busy and low * busy < rows <= high * busy:
             return "grouped_mm"
         return "loop"
+
+    def _needs_grad(self, x: Tensor) -> bool:
+        """True when this call builds a graph: the input or the expert weights need gradients."""
+        return torch.is_grad_enabled() and (x.requires_grad or self.in_proj.requires_grad)
 
     @staticmethod
     def _compute_dtype(x: Tensor) -> torch.dtype:
@@ -139,8 +143,7 @@ class GroupedExperts(nn.Module):
             row_scale = row_scale.to(x.dtype)
         rows = x.shape[0] if row_index is None else row_index.numel()
         backend = self.resolve_backend(x, group_sizes) if rows > 0 else "loop"
-        if backend == "loop" or (backend == "grouped_mm" and not x.is_cuda and torch.is_grad_enabled()
-                                 and (x.requires_grad or self.in_proj.requires_grad)):
+        if backend == "loop" or (backend == "grouped_mm" and not x.is_cuda and self._needs_grad(x)):
             # CPU training: hand-written backward (CUDA keeps autograd through grouped_mm, tested there)
             return grouped_ffn(x, row_index, group_sizes, self.in_proj, self.down_proj, row_scale, self.gated,
                                matmul=backend)
