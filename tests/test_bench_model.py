@@ -84,6 +84,24 @@ def test_model_benchmark_structure(tmp_path):
             assert row["train_moekit_speedup"] == pytest.approx(row["train_ms"] / moekit["train_ms"])
             assert row["fwd_moekit_speedup"] == pytest.approx(row["fwd_ms"] / moekit["fwd_ms"])
             assert row["train_peak_mib"] is None and row["fwd_peak_mib"] is None  # CUDA only
+        # the floor: the same model with each MoE FFN one dense SwiGLU FFN of the active width, so its parameters
+        # are moekit's active parameters less the routers' (hand-counted); every row's time is put over its time
+        floor = next(row for row in rows if row["library"] == "floor")
+        moe = load_preset(res["preset"]).model.moe
+        shared = 24 if res["preset"] == "tiny-deepseek" else 0
+        width = 2 * 16 + shared
+        assert floor["label"] == f"floor (dense FFN {width})"
+        model = MoETransformer(tiny(res["preset"]).model)
+        routers = sum(p.numel() for name, p in model.named_parameters() if ".router." in name)
+        assert floor["parameters"] == model.num_parameters(active=True) - routers
+        moe_ffn = 8 * 3 * 16 * 32 + 3 * shared * 32  # routed + shared expert weights per MoE layer
+        assert floor["parameters"] == model.num_parameters() - 2 * (moe_ffn - 3 * width * 32) - routers
+        assert moe.router in ("topk", "deepseek_v3")
+        for row in rows:
+            assert row["train_vs_floor"] == pytest.approx(row["train_ms"] / floor["train_ms"])
+            assert row["fwd_vs_floor"] == pytest.approx(row["fwd_ms"] / floor["fwd_ms"])
+        for best in res["best"].values():
+            assert best["train_vs_floor"] > 0
         # every transformers row passed its check first, and each check compared something
         hf_rows = [row for row in rows if row["library"] == "transformers"]
         assert len(res["checks"]) == len(hf_rows)

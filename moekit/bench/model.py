@@ -8,6 +8,10 @@
   DeepSeek-V3 routing with standard attention is the exact twin), once per experts implementation that
   transformers registers (``eager`` plus `transformers.integrations.moe.ALL_EXPERTS_FUNCTIONS`); the logits and
   the cross-entropy are checked equal to moekit's (fp32, atol = rtol = 1e-4) before anything is timed;
+* ``floor``: the dense floor, moekit's `MoETransformer` with every MoE layer's FFN replaced by one dense SwiGLU FFN
+  of the active width (k x moe_intermediate_size + the shared experts' width): the same attention, embedding and
+  active FFN FLOPs with no router, balancing, dispatch or combine. Every row's time over the floor's is the
+  price of sparsity it pays (the issue's physical floor, at model scale);
 * for DeepSeek-V3-style presets also `DeepseekV3ForCausalLM` (what the speed issue names), built from a
   `DeepseekV3Config` with the preset's sizes and routing. Its attention is multi-head latent attention (MLA),
   which standard attention cannot be written into, so its weights are random and only a finite loss (and the
@@ -45,7 +49,7 @@ from .._files import write_json
 from ..config import RunConfig
 from ..interop.hf import export_hf
 from ..layer import update_aux_free_biases
-from ..model.transformer import MoETransformer
+from ..model.transformer import DenseMLP, MoETransformer
 from ..train.loop import make_adamw
 from .layer import (
     WARMUP,
@@ -205,7 +209,7 @@ class Candidate:
     """One model to time: moekit's, an exported transformers twin, or DeepseekV3 with random weights."""
 
     label: str
-    library: str  # "moekit" or "transformers"
+    library: str  # "moekit", "floor" (moekit's dense twin) or "transformers"
     architecture: str
     impl: str | None
     model: nn.Module
@@ -236,6 +240,33 @@ def build_moekit(run: RunConfig) -> MoETransformer:
     return MoETransformer(run.model)
 
 
+def floor_width(run: RunConfig) -> int:
+    """The active FFN width of one MoE layer: k routed experts' widths plus the shared experts' width.
+
+    Raises ValueError for routing with no fixed k per token (expert choice, Soft MoE): no dense FFN has its FLOPs.
+    """
+    moe = run.model.moe
+    if moe is None or moe.router in ("expert_choice", "soft"):
+        raise ValueError(f"preset {run.name!r}: the dense floor needs a token-choice MoE (a fixed k per token)")
+    return moe.num_experts_per_tok * moe.moe_intermediate_size + moe.resolved_shared_intermediate_size
+
+
+def build_floor(run: RunConfig) -> MoETransformer:
+    """The dense floor: the preset's model with each MoE layer's FFN a dense SwiGLU FFN of `floor_width`.
+
+    Attention, norms, embedding and the dense layers are the preset's; only the MoE FFNs change, so the step
+    does the MoE model's active FLOPs (routers aside) with no routing, balancing, dispatch or combine.
+    """
+    torch.manual_seed(SEED)
+    model = MoETransformer(run.model)
+    width = floor_width(run)
+    for layer in model.layers:
+        if layer.is_moe:
+            layer.mlp, layer.is_moe = DenseMLP(run.model.hidden_size, width), False
+    model.reset_parameters()
+    return model
+
+
 def prepare(run: RunConfig, tf: SimpleNamespace, workdir: Path) -> Prepared:
     """moekit's model, its exported transformers twin under every experts implementation that loads, and, for
     DeepSeek-V3-style routing, DeepseekV3ForCausalLM under each implementation (random weights), all fp32 on CPU.
@@ -249,7 +280,9 @@ def prepare(run: RunConfig, tf: SimpleNamespace, workdir: Path) -> Prepared:
     except ValueError as error:
         raise ValueError(f"preset {run.name!r} has no transformers twin to compare with: {error}") from error
     arch = str(tf.module.AutoConfig.from_pretrained(folder).architectures[0])
-    prepared = Prepared(run, arch, [Candidate("moekit", "moekit", "MoETransformer", None, model, True)])
+    prepared = Prepared(run, arch, [Candidate("moekit", "moekit", "MoETransformer", None, model, True),
+                                    Candidate(f"floor (dense FFN {floor_width(run)})", "floor", "MoETransformer",
+                                              None, build_floor(run), False)])
     for impl in tf.implementations:
         label = f"transformers {arch} [{impl}]"
         try:
@@ -306,7 +339,7 @@ def forward_logits(candidate: Candidate, ids: Tensor) -> Tensor:
     """Logits of every position, eval mode, no grad, no cache."""
     candidate.model.eval()
     with torch.no_grad():
-        if candidate.library == "moekit":
+        if candidate.library != "transformers":
             return candidate.model(ids).logits
         return candidate.model(input_ids=ids, use_cache=False).logits
 
@@ -321,7 +354,7 @@ def assert_logits_equal(actual: Tensor, expected: Tensor, what: str) -> float:
 
 def uses_router_loss(candidate: Candidate) -> bool:
     """True when transformers adds a load-balancing loss for this model in training (see `LOSS_RULE`)."""
-    if candidate.library == "moekit":
+    if candidate.library != "transformers":
         return False
     config = candidate.model.config
     coef = float(getattr(config, "router_aux_loss_coef", 0.0) or 0.0)
@@ -330,7 +363,7 @@ def uses_router_loss(candidate: Candidate) -> bool:
 
 def training_loss(candidate: Candidate, x: Tensor, y: Tensor, router_loss: bool | None = None) -> Tensor:
     """The step's loss (see `LOSS_RULE`); `router_loss=False` gives transformers' plain cross-entropy."""
-    if candidate.library == "moekit":
+    if candidate.library != "transformers":
         out = candidate.model(x, targets=y)
         return out.loss + out.aux_loss
     extra = {"output_router_logits": True} if (uses_router_loss(candidate) if router_loss is None
@@ -365,7 +398,7 @@ def inference_forward(candidate: Candidate, x: Tensor) -> Callable[[], None]:
 
     def run() -> None:
         with torch.no_grad():
-            if candidate.library == "moekit":
+            if candidate.library != "transformers":
                 model(x)
             else:
                 model(input_ids=x, use_cache=False)
@@ -454,6 +487,9 @@ def _check_candidates(prepared: Prepared, x: Tensor, y: Tensor, checks: list[dic
     kept = [reference]
     deepseek_reference: Tensor | None = None
     for candidate in prepared.candidates[1:]:
+        if candidate.library == "floor":  # a different (dense) function: nothing to compare its outputs with
+            kept.append(candidate)
+            continue
         try:
             logits = forward_logits(candidate, x)
             with torch.no_grad():
@@ -553,8 +589,8 @@ def _bench_preset(prepared: Prepared, env: Env, repeats: int, batch: int, block:
 
 
 def _skip(prepared: Prepared, candidate: Candidate, what: str, error: Exception, env: Env) -> None:
-    if candidate.library == "moekit":
-        raise error  # moekit is the baseline of every ratio: nothing to compare without it
+    if candidate.library != "transformers":
+        raise error  # moekit and its floor are the baselines of the ratios: nothing to compare without them
     prepared.notes.append(f"{candidate.label}: {what} skipped, it raised {type(error).__name__}: "
                           f"{_first_line(error)}")
     if env.cuda:  # e.g. out of memory: give the cached blocks back before the next row
@@ -562,13 +598,18 @@ def _skip(prepared: Prepared, candidate: Candidate, what: str, error: Exception,
 
 
 def _add_model_ratios(rows: list[ModelRow], tokens: int) -> None:
+    """Per row and kind (train, fwd): tokens/s, moekit's speed-up (row time / moekit's) and the row's time over
+    the dense floor's (`*_vs_floor`; 1.0 would be sparsity for free)."""
     moekit = rows[0]
+    floor = next((row for row in rows if row.library == "floor"), None)
     for row in rows:
         for kind in ("train", "fwd"):
             ms = getattr(row, f"{kind}_ms")
             ref = getattr(moekit, f"{kind}_ms")
+            base = getattr(floor, f"{kind}_ms") if floor is not None else None
             row.extra[f"{kind}_tokens_per_s"] = tokens / (ms / 1e3) if ms else None
             row.extra[f"{kind}_moekit_speedup"] = ms / ref if ms and ref else None
+            row.extra[f"{kind}_vs_floor"] = ms / base if ms and base else None
 
 
 def _row_dict(row: ModelRow) -> dict:
@@ -583,12 +624,13 @@ def _best(rows: list[ModelRow]) -> dict[str, dict]:
     speed-up over it (train and fwd)."""
     best: dict[str, dict] = {}
     for row in rows:
-        if row.library == "moekit" or row.train_ms is None:
+        if row.library != "transformers" or row.train_ms is None:
             continue
         current = best.get(row.architecture)
         if current is None or row.train_ms < current["train_ms"]:
             best[row.architecture] = {"experts_implementation": row.impl, "train_ms": row.train_ms,
                                       "moekit_speedup": row.extra["train_moekit_speedup"],
+                                      "train_vs_floor": row.extra["train_vs_floor"],
                                       "fwd_moekit_speedup": row.extra["fwd_moekit_speedup"]}
     return best
 
@@ -615,8 +657,8 @@ def print_rows(headers: list[str], table: list[list[str]], print_fn: Callable[..
 def _print_model_result(result: dict, env: Env, print_fn: Callable[..., Any]) -> None:
     print_fn(f"\nPreset {result['preset']}: batch {result['batch_size']} x block {result['block_size']} = "
              f"{result['tokens_per_step']:,} tokens per step (exported as {result['export_architecture']})")
-    headers = ["model", "params", "train ms", "train tok/s", "moekit speed-up", "fwd ms", "fwd tok/s",
-               "moekit speed-up (fwd)", "saved MiB"]
+    headers = ["model", "params", "train ms", "train tok/s", "moekit speed-up", "x floor", "fwd ms", "fwd tok/s",
+               "moekit speed-up (fwd)", "x floor (fwd)", "saved MiB"]
     if env.cuda:
         headers += ["train peak MiB", "fwd peak MiB"]
     table = []
@@ -624,15 +666,20 @@ def _print_model_result(result: dict, env: Env, print_fn: Callable[..., Any]) ->
         mark = " (timed once)" if row["timed_once"] else ""
         cells = [row["label"] + mark, f"{row['parameters'] / 1e6:.2f}M", _fmt(row["train_ms"]),
                  _fmt(row["train_tokens_per_s"], "{:,.0f}"), _fmt(row["train_moekit_speedup"], "{:.2f}x"),
-                 _fmt(row["fwd_ms"]), _fmt(row["fwd_tokens_per_s"], "{:,.0f}"),
-                 _fmt(row["fwd_moekit_speedup"], "{:.2f}x"), _fmt(row["saved_mib"])]
+                 _fmt(row["train_vs_floor"], "{:.2f}x"), _fmt(row["fwd_ms"]), _fmt(row["fwd_tokens_per_s"], "{:,.0f}"),
+                 _fmt(row["fwd_moekit_speedup"], "{:.2f}x"), _fmt(row["fwd_vs_floor"], "{:.2f}x"),
+                 _fmt(row["saved_mib"])]
         if env.cuda:
             cells += [_fmt(row["train_peak_mib"]), _fmt(row["fwd_peak_mib"])]
         table.append(cells)
     print_rows(headers, table, print_fn)
+    moekit = result["rows"][0]
     for arch, best in result["best"].items():
         print_fn(f"  best {arch}: [{best['experts_implementation']}], moekit training step "
                  f"{best['moekit_speedup']:.2f}x its speed (tokens/s)")
+        if best["train_vs_floor"] and moekit["train_vs_floor"]:
+            print_fn(f"    training step over the dense floor's: {arch} [{best['experts_implementation']}] "
+                     f"{best['train_vs_floor']:.2f}x, moekit {moekit['train_vs_floor']:.2f}x")
     for check in result["checks"]:
         print_fn(f"  check passed: {check['what']} (max |diff| {check['max_abs_diff']:.1e}, atol {check['atol']:g})")
     for note in result["notes"]:
@@ -736,6 +783,8 @@ def run_model_benchmark(presets: Iterable[str | RunConfig] | None = DEFAULT_PRES
         print_fn("  torch.no_grad() in eval mode, all logits, no cache. moekit speed-up = row time / moekit time")
         print_fn("  (> 1: moekit is faster; equals moekit tokens/s over the row's). saved MiB = activation memory")
         print_fn("  of the training step: tensors autograd keeps for backward, parameters and buffers excluded.")
+        print_fn("  floor = the preset with each MoE FFN replaced by a dense SwiGLU FFN of the active width (k x")
+        print_fn("  expert width + shared width): same active FLOPs, no routing; x floor = row time / floor time.")
         print_fn(f"  (timed once): a row over {SLOW_FACTOR:g}x moekit's time and {SLOW_SECONDS:g} s is not repeated;"
                  " its first call (after the checks) is its time.")
         print_fn(f"  {LOSS_RULE}")
