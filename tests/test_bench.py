@@ -12,6 +12,8 @@ from moekit.bench import run_layer_benchmark
 from moekit.bench.layer import resolve_configs
 
 HAS_TRANSFORMERS = importlib.util.find_spec("transformers") is not None
+HAS_TUTEL = importlib.util.find_spec("tutel") is not None
+NO_TUTEL = "tutel is not installed (it is not on PyPI; it builds from a clone of microsoft/tutel)"
 TINY = {"hidden": 32, "ffn": 32}  # tiny shapes: the harness runs in seconds
 
 
@@ -67,6 +69,28 @@ def test_layer_benchmark_without_transformers(monkeypatch, capsys):
     assert result["machine"]["transformers"] == "not installed"
     assert any("transformers is not installed" in note for note in result["results"][0]["notes"])
     assert "transformers is not installed" in capsys.readouterr().out
+
+
+def test_layer_benchmark_says_how_to_get_tutel(monkeypatch):
+    monkeypatch.setitem(sys.modules, "tutel", None)  # `from tutel import moe` now raises ImportError
+    result = run_layer_benchmark(configs=["mixtral"], tokens=[64], repeats=1, quick=True, small=False,
+                                 sizes={**TINY, "experts": 4})
+    assert not any(r["impl"].startswith("tutel") for r in result["results"][0]["rows"])
+    assert result["machine"]["tutel"] == "not installed"
+    assert any("NO_CUDA=1 pip install --no-build-isolation ." in note for note in result["results"][0]["notes"])
+
+
+@pytest.mark.skipif(not HAS_TUTEL, reason=NO_TUTEL)
+def test_layer_benchmark_has_tutel_rows_doing_the_same_work():
+    # the harness checks every row's outputs and gradients against moekit's before timing (an AssertionError
+    # otherwise), so a tutel row in the result means Tutel computed the same layer
+    result = run_layer_benchmark(configs=["mixtral", "deepseek"], tokens=[64], repeats=1, quick=True, small=False,
+                                 sizes={**TINY, "experts": 4, "top_k": 2, "shared": 16})
+    for res in result["results"]:
+        tutel = _row(res["rows"], "tutel")
+        assert tutel["fwd_ms"] > 0 and tutel["fwd_bwd_ms"] > 0
+        assert tutel["impl"] == ("tutel +shared" if res["config"]["shared"] else "tutel")
+    assert result["machine"]["tutel"] not in ("not installed", "")
 
 
 def test_config_names_and_aliases():

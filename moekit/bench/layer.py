@@ -10,6 +10,8 @@ For each config it times, on the same input and (for the MoE rows) the same weig
   ``transformers.integrations.moe`` ("eager" plus the registered ones); those that raise on the device
   are skipped with a note, and so is any whose estimated memory would not fit. transformers is imported
   only here, lazily: without it these rows are skipped with a note and the others still run;
+* ``tutel``: Microsoft's Tutel layer (dropless, SwiGLU experts, the same weights; see `moekit.bench.tutel`)
+  where tutel is installed (it is not on PyPI: it builds from source), with a note saying how otherwise;
 * ``floor``: a dense SwiGLU FFN with the same active width (k * ffn, plus the shared expert's width),
   i.e. the same active expert FLOPs without routing, dispatch or combine;
 * ``naive loop``: the hand-written pattern "for each expert, boolean-mask its tokens, F.linear with W[e]".
@@ -45,6 +47,7 @@ from torch import Tensor, nn
 from ..config import MoEConfig
 from ..layer import MoELayer
 from ..model.transformer import DenseMLP as DenseSwiGLU  # the floor: a dense SwiGLU FFN
+from .tutel import INSTALL_HINT, build_tutel, load_tutel, tutel_grads
 
 ATOL = RTOL = 1e-4  # fp32 equality
 # bf16 keeps 8 significant bits (rounding ~4e-3 relative) and the implementations round their intermediates
@@ -267,6 +270,8 @@ def assert_same_routing(layer: MoELayer, hf: HFWithShared, x: Tensor, env: Env) 
 
 def named_grads(module: nn.Module, kind: str) -> dict[str, Tensor]:
     """Gradients under common names, so moekit, transformers and the naive loop can be compared."""
+    if kind == "tutel":
+        return tutel_grads(module)
     if kind == "moekit":
         layer = module.layer
         router, gate_up, down = layer.router.weight, layer.experts.gate_up_proj, layer.experts.down_proj
@@ -504,6 +509,12 @@ def run_config(bc: BenchConfig, repeats: int, small: bool, env: Env,
         for impl in tf.implementations:
             label = f"transformers[{impl}]" + (" +shared" if bc.shared else "")
             candidates.append((label, "hf", impl, lambda impl=impl: put(build_hf(tf, bc, layer, impl))))
+    tutel = load_tutel()
+    if tutel is None:
+        notes.append(INSTALL_HINT)
+    else:
+        candidates.append(("tutel" + (" +shared" if bc.shared else ""), "tutel", "",
+                           lambda: put(build_tutel(tutel, layer))))
     candidates.append(("naive loop", "naive", "", lambda: put(NaiveLoopMoE(layer))))
     candidates.append((f"floor (dense {bc.floor_width})", "floor", "",
                        lambda: put(DenseSwiGLU(bc.hidden, bc.floor_width))))
@@ -641,6 +652,16 @@ def machine_info(threads: int, env: Env, tf: SimpleNamespace | None) -> dict:
     return info
 
 
+def _tutel_version() -> str:
+    if load_tutel() is None:
+        return "not installed"
+    from importlib.metadata import PackageNotFoundError, version
+    try:
+        return version("tutel")
+    except PackageNotFoundError:
+        return "installed (version unknown)"
+
+
 # ---------------------------------------------------------------------------------------------- entry points
 def resolve_configs(names: list[str] | None) -> list[str]:
     """Canonical config names (the former names a, b are accepted); ValueError for an unknown one."""
@@ -700,6 +721,7 @@ def _run(names: list[str], tokens: list[int], env: Env, threads: int, repeats: i
     torch.manual_seed(0)
     tf = load_transformers()
     info = machine_info(threads, env, tf)
+    info["tutel"] = _tutel_version()
     precision = "fp32, CPU" if not env.cuda else "bf16, CUDA"
     print_fn(f"MoE layer benchmark ({precision})")
     for key, value in info.items():
