@@ -43,10 +43,11 @@ def _reference(layer: MoELayer, x: torch.Tensor) -> torch.Tensor:
 
 @pytest.mark.parametrize("shared", [0, 12])
 def test_tutel_computes_the_moekit_layer(shared):
+    from moekit.bench.layer import WithShared, shared_copy
     from moekit.bench.tutel import build_tutel, load_tutel, tutel_grads
 
     layer = _layer(shared)
-    tutel = build_tutel(load_tutel(), layer)
+    tutel = WithShared(build_tutel(load_tutel(), layer), shared_copy(layer))
     x = torch.randn(10, 16)
     with torch.no_grad():
         expected = _reference(layer, x)
@@ -58,12 +59,12 @@ def test_tutel_computes_the_moekit_layer(shared):
     grad = torch.randn(10, 16)
     tutel(x).backward(grad)
     layer(x).hidden_states.backward(grad)
-    grads = tutel_grads(tutel)
+    grads = tutel_grads(tutel.block)
     torch.testing.assert_close(grads["router"], layer.router.weight.grad, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(grads["gate_up"], layer.experts.gate_up_proj.grad, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(grads["down"], layer.experts.down_proj.grad, atol=1e-5, rtol=1e-5)
     if shared:
-        torch.testing.assert_close(grads["shared_up"], layer.shared_experts.up_proj.weight.grad)
+        torch.testing.assert_close(tutel.shared.up_proj.weight.grad, layer.shared_experts.up_proj.weight.grad)
 
 
 def test_build_tutel_refuses_routing_tutel_does_not_have():

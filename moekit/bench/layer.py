@@ -138,14 +138,7 @@ class NaiveLoopMoE(nn.Module):
         self.router_weight = nn.Parameter(layer.router.weight.detach().clone())
         self.gate_up = nn.Parameter(layer.experts.gate_up_proj.detach().clone())
         self.down = nn.Parameter(layer.experts.down_proj.detach().clone())
-        self.shared = None
-        if layer.shared_experts is not None:
-            source = layer.shared_experts
-            self.shared = DenseSwiGLU(source.up_proj.in_features, source.up_proj.out_features)  # the floor's FFN
-            with torch.no_grad():
-                self.shared.gate_proj.weight.copy_(source.gate_proj.weight)
-                self.shared.up_proj.weight.copy_(source.up_proj.weight)
-                self.shared.down_proj.weight.copy_(source.down_proj.weight)
+        self.shared = shared_copy(layer)
 
     def forward(self, x: Tensor) -> Tensor:
         shape = x.shape
@@ -168,8 +161,19 @@ class NaiveLoopMoE(nn.Module):
         return out.view(shape)
 
 
-class HFWithShared(nn.Module):
-    """transformers' Mixtral block, plus an HF dense SwiGLU MLP (LlamaMLP) standing in for the shared expert."""
+def shared_copy(layer: MoELayer) -> DenseSwiGLU | None:
+    """The layer's shared expert as a plain dense SwiGLU FFN (the floor's module) with the same weights."""
+    if layer.shared_experts is None:
+        return None
+    source = layer.shared_experts
+    shared = DenseSwiGLU(source.up_proj.in_features, source.up_proj.out_features)
+    shared.load_state_dict({name: source.state_dict()[name] for name in shared.state_dict()})
+    return shared
+
+
+class WithShared(nn.Module):
+    """An MoE block without a shared expert (transformers' Mixtral block, Tutel's layer), plus a dense SwiGLU
+    MLP with the shared expert's weights, summed on the same input."""
 
     def __init__(self, block: nn.Module, shared: nn.Module | None) -> None:
         super().__init__()
@@ -209,7 +213,7 @@ def load_transformers() -> SimpleNamespace | None:
                            implementations=["eager", *[n for n in ALL_EXPERTS_FUNCTIONS if n != "eager"]])
 
 
-def build_hf(tf: SimpleNamespace, bc: BenchConfig, layer: MoELayer, impl: str) -> HFWithShared:
+def build_hf(tf: SimpleNamespace, bc: BenchConfig, layer: MoELayer, impl: str) -> WithShared:
     config = tf.MixtralConfig(hidden_size=bc.hidden, intermediate_size=bc.ffn, num_local_experts=bc.experts,
                               num_experts_per_tok=bc.top_k)
     config._experts_implementation = impl
@@ -226,7 +230,7 @@ def build_hf(tf: SimpleNamespace, bc: BenchConfig, layer: MoELayer, impl: str) -
             shared.gate_proj.weight.copy_(source.gate_proj.weight)
             shared.up_proj.weight.copy_(source.up_proj.weight)
             shared.down_proj.weight.copy_(source.down_proj.weight)
-    return HFWithShared(block, shared).eval()
+    return WithShared(block, shared).eval()
 
 
 # ---------------------------------------------------------------------------------------------- builders
@@ -255,7 +259,7 @@ def assert_close(actual: Tensor, expected: Tensor, env: Env, what: str = "") -> 
                                msg=lambda m: prefix + m)
 
 
-def assert_same_routing(layer: MoELayer, hf: HFWithShared, x: Tensor, env: Env) -> None:
+def assert_same_routing(layer: MoELayer, hf: WithShared, x: Tensor, env: Env) -> None:
     flat = x.reshape(-1, x.shape[-1])
     with torch.no_grad():
         _, hf_weights, hf_index = hf.block.gate(flat)
@@ -268,21 +272,22 @@ def assert_same_routing(layer: MoELayer, hf: HFWithShared, x: Tensor, env: Env) 
     assert_close(routing.weights.view(-1, k), hf_weights.float(), env, "routing weights")
 
 
-def named_grads(module: nn.Module, kind: str) -> dict[str, Tensor]:
-    """Gradients under common names, so moekit, transformers and the naive loop can be compared."""
-    if kind == "tutel":
-        return tutel_grads(module)
+def named_grads(module: nn.Module, kind: str) -> dict[str, Tensor | None]:
+    """Gradients under common names and moekit's layouts, so every implementation can be compared."""
     if kind == "moekit":
         layer = module.layer
-        router, gate_up, down = layer.router.weight, layer.experts.gate_up_proj, layer.experts.down_proj
+        params = {"router": layer.router.weight, "gate_up": layer.experts.gate_up_proj, "down": layer.experts.down_proj}
         shared = layer.shared_experts
     elif kind == "hf":
         block = module.block
-        router, gate_up, down = block.gate.weight, block.experts.gate_up_proj, block.experts.down_proj
+        params = {"router": block.gate.weight, "gate_up": block.experts.gate_up_proj, "down": block.experts.down_proj}
         shared = module.shared
+    elif kind == "tutel":
+        params, shared = {}, module.shared
     else:  # naive
-        router, gate_up, down, shared = module.router_weight, module.gate_up, module.down, module.shared
-    grads = {"router": router.grad, "gate_up": gate_up.grad, "down": down.grad}
+        params = {"router": module.router_weight, "gate_up": module.gate_up, "down": module.down}
+        shared = module.shared
+    grads = tutel_grads(module.block) if kind == "tutel" else {name: p.grad for name, p in params.items()}
     if shared is not None:  # every side's shared expert is a DenseMLP-like gate/up/down
         grads.update(shared_gate=shared.gate_proj.weight.grad, shared_up=shared.up_proj.weight.grad,
                      shared_down=shared.down_proj.weight.grad)
@@ -514,7 +519,7 @@ def run_config(bc: BenchConfig, repeats: int, small: bool, env: Env,
         notes.append(INSTALL_HINT)
     else:
         candidates.append(("tutel" + (" +shared" if bc.shared else ""), "tutel", "",
-                           lambda: put(build_tutel(tutel, layer))))
+                           lambda: put(WithShared(build_tutel(tutel, layer), shared_copy(layer)).eval())))
     candidates.append(("naive loop", "naive", "", lambda: put(NaiveLoopMoE(layer))))
     candidates.append((f"floor (dense {bc.floor_width})", "floor", "",
                        lambda: put(DenseSwiGLU(bc.hidden, bc.floor_width))))
