@@ -274,20 +274,20 @@ def assert_same_routing(layer: MoELayer, hf: WithShared, x: Tensor, env: Env) ->
 
 def named_grads(module: nn.Module, kind: str) -> dict[str, Tensor | None]:
     """Gradients under common names and moekit's layouts, so every implementation can be compared."""
-    if kind == "moekit":
-        layer = module.layer
-        params = {"router": layer.router.weight, "gate_up": layer.experts.gate_up_proj, "down": layer.experts.down_proj}
-        shared = layer.shared_experts
-    elif kind == "hf":
-        block = module.block
-        params = {"router": block.gate.weight, "gate_up": block.experts.gate_up_proj, "down": block.experts.down_proj}
-        shared = module.shared
-    elif kind == "tutel":
-        params, shared = {}, module.shared
-    else:  # naive
-        params = {"router": module.router_weight, "gate_up": module.gate_up, "down": module.down}
-        shared = module.shared
-    grads = tutel_grads(module.block) if kind == "tutel" else {name: p.grad for name, p in params.items()}
+    if kind == "tutel":
+        grads, shared = tutel_grads(module.block), module.shared
+    else:
+        if kind == "moekit":
+            layer = module.layer
+            router, gate_up, down = layer.router.weight, layer.experts.gate_up_proj, layer.experts.down_proj
+            shared = layer.shared_experts
+        elif kind == "hf":
+            block = module.block
+            router, gate_up, down = block.gate.weight, block.experts.gate_up_proj, block.experts.down_proj
+            shared = module.shared
+        else:  # naive
+            router, gate_up, down, shared = module.router_weight, module.gate_up, module.down, module.shared
+        grads = {"router": router.grad, "gate_up": gate_up.grad, "down": down.grad}
     if shared is not None:  # every side's shared expert is a DenseMLP-like gate/up/down
         grads.update(shared_gate=shared.gate_proj.weight.grad, shared_up=shared.up_proj.weight.grad,
                      shared_down=shared.down_proj.weight.grad)
