@@ -3,15 +3,31 @@
 `MoEConfig` is the single source of truth for one MoE layer. Every impossible combination is
 refused at construction time with a `ValueError` that names the field, the value seen and what is
 allowed, so a typo never turns into a silent shape error deep inside a forward pass.
+
+Every field of every config dataclass is checked twice: its type, generically from the dataclass
+annotation (`_check_fields`), then its range (the `_*_RULES` tables), before the checks that relate
+several fields. The type rules:
+
+- `int`: an `int`, not a `bool`;
+- `float`: an `int` or `float`, not a `bool`, and finite (NaN and infinities are refused everywhere);
+- `bool`: a real `bool` (the strings "false" or "abc" are refused: YAML and `--set` take true/false);
+- `str`: a `str`; `X | None`: None or X; `MoEConfig | None`: None, a mapping of its fields or a `MoEConfig`.
+
+Upper bounds on scales, coefficients and rates are far above any published setting; they exist so that an
+accepted value cannot overflow a float32 forward or optimiser step (a typo such as 1e30 is refused, not run).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import math
+import types
+import typing
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Union
 
 ROUTER_NAMES = ("topk", "noisy_topk", "switch", "expert_choice", "deepseek_v3", "soft", "hierarchical")
 TOKEN_CHOICE_ROUTERS = ("topk", "noisy_topk", "switch", "deepseek_v3", "hierarchical")
@@ -26,6 +42,13 @@ _DEVICE_LIMITED_ROUTERS = ("topk", "deepseek_v3")
 # Routers whose every output mixes several tokens of a sequence (not causal as such).
 _TOKEN_MIXING_ROUTERS = ("expert_choice", "soft")
 
+#: the largest accepted loss coefficient and routed scaling factor (published values: 1e-3 to 16)
+MAX_COEFFICIENT = 1000.0
+#: the accepted range of `TrainConfig.collective_timeout_s`: 1 ms (a `datetime.timedelta` rounds below 1 us to
+#: 0) to a week (it overflows near 1e14 s)
+MIN_COLLECTIVE_TIMEOUT_S = 0.001
+MAX_COLLECTIVE_TIMEOUT_S = 7 * 24 * 3600.0
+
 
 # Names users bring from other libraries, mapped to ours (difflib alone misses the short ones).
 _ALIASES = {"learning_rate": "lr", "num_experts": "num_local_experts", "n_routed_experts": "num_local_experts",
@@ -38,7 +61,7 @@ def _refuse_unknown(owner: str, values: dict[str, Any], known: list[str]) -> Non
     for key in values:
         if key not in known:
             guess = _ALIASES.get(key) if _ALIASES.get(key) in known else None
-            close = [guess] if guess else difflib.get_close_matches(key, sorted(known), n=1)
+            close = [guess] if guess else difflib.get_close_matches(str(key), sorted(known), n=1)
             hint = f"; did you mean {close[0]!r}?" if close else ""
             raise ValueError(f"{owner} has no field {key!r}{hint}")
 
@@ -53,12 +76,181 @@ class _DictMixin:
     @classmethod
     def from_dict(cls, values: dict[str, Any]):
         """Build from a dict, refusing unknown keys with the closest known name."""
+        if not isinstance(values, dict):
+            raise ValueError(f"{cls.__name__} needs a mapping of its fields, got {type(values).__name__} {values!r}")
         _refuse_unknown(cls.__name__, values, [f.name for f in dataclasses.fields(cls)])  # type: ignore[arg-type]
         return cls(**values)
 
 
+# ---------------------------------------------------------------------------------------------- field checks
+#: a range rule: (predicate on a value of the right type, what is allowed: text or a function of the value)
+_Rule = tuple[Callable[[Any], bool], str | Callable[[Any], str]]
+
+_BOOL_TEXT = "true or false"
+
+
+def _finite_number(value: Any) -> bool:
+    """An int or float (not a bool) whose float value is finite (huge ints overflow the conversion)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    try:
+        return math.isfinite(float(value))
+    except OverflowError:
+        return False
+
+
+@functools.cache
+def _field_types(cls: type) -> dict[str, Any]:
+    """The resolved annotations of a config dataclass (the module uses postponed annotations)."""
+    return typing.get_type_hints(cls)
+
+
+def _union_arms(hint: Any) -> tuple[Any, ...]:
+    if typing.get_origin(hint) in (Union, types.UnionType):
+        return typing.get_args(hint)
+    return (hint,)
+
+
+def _matches(value: Any, hint: Any) -> bool:
+    """Whether `value` has the type `hint` describes, under the module docstring's rules."""
+    if hint is Any:
+        return True
+    arms = _union_arms(hint)
+    if len(arms) > 1:
+        return any(_matches(value, arm) for arm in arms)
+    if hint is type(None):
+        return value is None
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        return _finite_number(value)
+    if hint is str:
+        return isinstance(value, str)
+    origin = typing.get_origin(hint)
+    if origin is list:
+        (item,) = typing.get_args(hint)
+        return isinstance(value, list) and all(_matches(v, item) for v in value)
+    if origin is dict:
+        key, item = typing.get_args(hint)
+        return isinstance(value, dict) and all(_matches(k, key) and _matches(v, item) for k, v in value.items())
+    if isinstance(hint, type):
+        return isinstance(value, hint)
+    raise TypeError(f"config field annotation {hint!r} has no type rule")  # pragma: no cover - a new kind of field
+
+
+def _type_text(hint: Any) -> str:
+    """What a type allows, in words (used when a field has no range rule)."""
+    arms = _union_arms(hint)
+    if len(arms) > 1:
+        named = [_type_text(arm) for arm in arms if arm is not type(None)]
+        return ("None or " if type(None) in arms else "") + " or ".join(named)
+    if hint is bool:
+        return _BOOL_TEXT
+    if hint is int:
+        return "an integer"
+    if hint is float:
+        return "a finite number"
+    if hint is str:
+        return "a string"
+    if typing.get_origin(hint) is list:
+        return "a list of " + _type_text(typing.get_args(hint)[0]).removeprefix("a ").removeprefix("an ") + "s"
+    if typing.get_origin(hint) is dict:
+        return "a mapping"
+    return f"a {getattr(hint, '__name__', hint)}"
+
+
+def _type_hint(value: Any, hint: Any) -> str:
+    """A hint for the usual ways a value of the wrong type arrives (YAML quoting, text numbers)."""
+    arms = _union_arms(hint)
+    if isinstance(value, str):
+        if bool in arms:
+            return (" (a real bool: write true or false unquoted in YAML and --set; any quoted or other text "
+                    "is a string)")
+        if int in arms or float in arms:
+            try:
+                float(value)
+            except ValueError:
+                return ""
+            return (f" ({value!r} is text, not a number: PyYAML reads exponent numbers without a dot, such as "
+                    "1e-3, as strings; write 1.0e-3 or 0.001)")
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and str in arms:
+        return " (a number here: quote it in YAML to use it as text)"
+    if isinstance(value, float) and int in arms and float not in arms and value.is_integer():
+        return " (an int: write it without a decimal point)"
+    if isinstance(value, bool) and bool not in arms:
+        return " (a bool is not a number here)"
+    return ""
+
+
+def _check_fields(config: Any, owner: str, rules: dict[str, _Rule], ints_to_float: bool = False) -> None:
+    """Type-check every field of a config dataclass from its annotation, then apply its range rule.
+
+    With `ints_to_float`, an int accepted by a `float` field is stored as a float (torch's optimisers refuse int
+    betas). Model fields keep the int: their dict is hashed to recognise a checkpoint's model.
+    """
+    hints = _field_types(type(config))
+    for field in dataclasses.fields(config):
+        value, hint, rule = getattr(config, field.name), hints[field.name], rules.get(field.name)
+        allowed: Any = rule[1] if rule is not None else _type_text(hint)
+        if callable(allowed):
+            allowed = allowed(value)
+        if not _matches(value, hint):
+            raise ValueError(f"{owner}.{field.name}={value!r} is not allowed: {allowed}{_type_hint(value, hint)}")
+        if rule is not None and value is not None and not rule[0](value):
+            raise ValueError(f"{owner}.{field.name}={value!r} is not allowed: {allowed}")
+        if ints_to_float and float in _union_arms(hint) and isinstance(value, int):
+            setattr(config, field.name, float(value))
+
+
+def _positive_int() -> _Rule:
+    return (lambda v: v >= 1, "a positive integer")
+
+
+def _close_hint(value: Any, names: tuple[str, ...]) -> str:
+    close = difflib.get_close_matches(str(value), names, n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
 def _fail(name: str, value: Any, allowed: str) -> None:
     raise ValueError(f"MoEConfig.{name}={value!r} is not allowed: {allowed}")
+
+
+_COEFFICIENT_RULE: _Rule = (lambda v: 0 <= v <= MAX_COEFFICIENT, f"a finite number >= 0 (at most {MAX_COEFFICIENT:g})")
+
+_MOE_RULES: dict[str, _Rule] = {
+    "hidden_size": _positive_int(),
+    "moe_intermediate_size": _positive_int(),
+    "num_local_experts": _positive_int(),
+    "num_experts_per_tok": _positive_int(),
+    "n_shared_experts": (lambda v: v >= 0, "an integer >= 0"),
+    "shared_expert_intermediate_size": (lambda v: v >= 1, "a positive integer, or None for n_shared_experts * "
+                                        "moe_intermediate_size"),
+    "hidden_act": (lambda v: v in HIDDEN_ACTS, "'silu' (SwiGLU experts) or 'gelu' (plain GELU FFN experts)"),
+    "router": (lambda v: v in ROUTER_NAMES,
+               lambda v: f"one of {', '.join(ROUTER_NAMES)}{_close_hint(v, ROUTER_NAMES)}"),
+    "scoring_func": (lambda v: v in SCORING_FUNCS, "'softmax' or 'sigmoid'"),
+    "norm_topk_prob": (lambda v: True, "true, false or None (None: the router's convention)"),
+    "routed_scaling_factor": (lambda v: 0 < v <= MAX_COEFFICIENT, f"a finite number > 0 (at most {MAX_COEFFICIENT:g})"),
+    "n_group": _positive_int(),
+    "topk_group": _positive_int(),
+    "capacity_factor": (lambda v: v > 0, "a finite number > 0, or None for dropless routing"),
+    "router_jitter_noise": (lambda v: 0 <= v < 1, "a number in [0, 1)"),
+    "slots_per_expert": _positive_int(),
+    "router_aux_loss_coef": _COEFFICIENT_RULE,
+    "router_z_loss_coef": _COEFFICIENT_RULE,
+    "importance_loss_coef": _COEFFICIENT_RULE,
+    "load_loss_coef": _COEFFICIENT_RULE,
+    "seq_aux_loss_coef": _COEFFICIENT_RULE,
+    "aux_free_bias_update_rate": (lambda v: 0 <= v <= 1, "a finite number in [0, 1] (the bias moves by this much "
+                                  "per update; router scores are in [0, 1])"),
+    "expert_backend": (lambda v: v in EXPERT_BACKENDS,
+                       lambda v: f"one of {', '.join(EXPERT_BACKENDS)}{_close_hint(v, EXPERT_BACKENDS)}"),
+    "expert_devices": (lambda v: v >= 1, "a positive integer dividing num_local_experts (the expert-parallel size "
+                       "the experts are split over)"),
+    "max_devices_per_token": (lambda v: v >= 1, "None or a positive integer, at most expert_devices"),
+}
 
 
 @dataclass
@@ -113,32 +305,11 @@ class MoEConfig(_DictMixin):
 
     # ------------------------------------------------------------------ validation
     def validate(self) -> None:
-        """Raise `ValueError` for any impossible combination of fields."""
-        for name in ("hidden_size", "moe_intermediate_size", "num_local_experts", "num_experts_per_tok",
-                     "n_group", "topk_group", "slots_per_expert"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                _fail(name, value, "a positive integer")
-        if not isinstance(self.n_shared_experts, int) or self.n_shared_experts < 0:
-            _fail("n_shared_experts", self.n_shared_experts, "an integer >= 0")
-        if self.shared_expert_intermediate_size is not None and (
-            not isinstance(self.shared_expert_intermediate_size, int) or self.shared_expert_intermediate_size < 1
-        ):
-            _fail("shared_expert_intermediate_size", self.shared_expert_intermediate_size,
-                  "a positive integer, or None for n_shared_experts * moe_intermediate_size")
+        """Raise `ValueError` for a field of the wrong type or range, or an impossible combination of fields."""
+        _check_fields(self, "MoEConfig", _MOE_RULES)
         if self.shared_expert_gate and self.n_shared_experts == 0:
             _fail("shared_expert_gate", self.shared_expert_gate,
                   "True only with n_shared_experts >= 1 (there is no shared expert to gate)")
-        if self.router not in ROUTER_NAMES:
-            close = difflib.get_close_matches(str(self.router), ROUTER_NAMES, n=1)
-            hint = f" (did you mean {close[0]!r}?)" if close else ""
-            _fail("router", self.router, f"one of {', '.join(ROUTER_NAMES)}{hint}")
-        if self.hidden_act not in HIDDEN_ACTS:
-            _fail("hidden_act", self.hidden_act, "'silu' (SwiGLU experts) or 'gelu' (plain GELU FFN experts)")
-        if self.scoring_func not in SCORING_FUNCS:
-            _fail("scoring_func", self.scoring_func, "'softmax' or 'sigmoid'")
-        if self.expert_backend not in EXPERT_BACKENDS:
-            _fail("expert_backend", self.expert_backend, f"one of {', '.join(EXPERT_BACKENDS)}")
 
         E, k = self.num_local_experts, self.num_experts_per_tok
         if k > E:
@@ -147,17 +318,6 @@ class MoEConfig(_DictMixin):
         if self.scoring_func == "sigmoid" and self.router not in _BIAS_ROUTERS:
             _fail("scoring_func", "sigmoid",
                   f"only with router in {_BIAS_ROUTERS}; router={self.router!r} needs 'softmax'")
-        if not self.routed_scaling_factor > 0:
-            _fail("routed_scaling_factor", self.routed_scaling_factor, "a number > 0")
-        if not 0.0 <= self.router_jitter_noise < 1.0:
-            _fail("router_jitter_noise", self.router_jitter_noise, "a number in [0, 1)")
-        if self.capacity_factor is not None and not self.capacity_factor > 0:
-            _fail("capacity_factor", self.capacity_factor, "a number > 0, or None for dropless routing")
-        for name in ("router_aux_loss_coef", "router_z_loss_coef", "importance_loss_coef", "load_loss_coef",
-                     "seq_aux_loss_coef", "aux_free_bias_update_rate"):
-            value = getattr(self, name)
-            if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
-                _fail(name, value, "a finite number >= 0")
 
         # groups: only the group-limited routers read them
         if self.router in ("deepseek_v3", "hierarchical"):
@@ -165,8 +325,11 @@ class MoEConfig(_DictMixin):
                 _fail("n_group", self.n_group, f"a divisor of num_local_experts={E}")
             if self.topk_group > self.n_group:
                 _fail("topk_group", self.topk_group, f"at most n_group={self.n_group}")
-        elif self.n_group != 1 or self.topk_group != 1:
+        elif self.n_group != 1:
             _fail("n_group", self.n_group, f"1 (with topk_group=1) for router={self.router!r}; "
+                  "groups are used by 'deepseek_v3' and 'hierarchical'")
+        elif self.topk_group != 1:
+            _fail("topk_group", self.topk_group, f"1 (with n_group=1) for router={self.router!r}; "
                   "groups are used by 'deepseek_v3' and 'hierarchical'")
         if self.router == "deepseek_v3":
             eligible = self.topk_group * (E // self.n_group)
@@ -181,8 +344,7 @@ class MoEConfig(_DictMixin):
                 _fail("num_experts_per_tok", k,
                       f"at most topk_group * experts per group = {self.topk_group * (E // self.n_group)}")
 
-        if not isinstance(self.expert_devices, int) or isinstance(self.expert_devices, bool) \
-                or self.expert_devices < 1 or E % self.expert_devices:
+        if E % self.expert_devices:
             _fail("expert_devices", self.expert_devices, f"a positive divisor of num_local_experts={E} (the "
                   "expert-parallel size the experts are split over)")
         if self.max_devices_per_token is not None:
@@ -190,7 +352,7 @@ class MoEConfig(_DictMixin):
             if self.router not in _DEVICE_LIMITED_ROUTERS:
                 _fail("max_devices_per_token", M, f"None for router={self.router!r}; device-limited routing "
                       f"applies to {_DEVICE_LIMITED_ROUTERS}")
-            if not isinstance(M, int) or isinstance(M, bool) or not 1 <= M <= D:
+            if M > D:
                 _fail("max_devices_per_token", M, f"None or an integer in [1, expert_devices={D}]; set "
                       "expert_devices to the expert-parallel size first")
             if k > M * (E // D):
@@ -286,6 +448,26 @@ def fine_grained(config: MoEConfig, m: int) -> MoEConfig:
     )
 
 
+_MODEL_RULES: dict[str, _Rule] = {
+    "vocab_size": _positive_int(),
+    "hidden_size": _positive_int(),
+    "num_hidden_layers": _positive_int(),
+    "num_attention_heads": _positive_int(),
+    "num_key_value_heads": (lambda v: v >= 1, "None or a positive integer dividing num_attention_heads"),
+    "intermediate_size": _positive_int(),
+    "max_position_embeddings": _positive_int(),
+    "rope_theta": (lambda v: v > 1, "a finite number > 1 (RoPE's wavelengths theta^(2i/d) grow with i only "
+                   "for theta > 1; 10000 is the usual value)"),
+    "rms_norm_eps": (lambda v: 0 < v < 1, "a finite number in (0, 1) (added to a mean square of order 1; "
+                     "1e-5 or 1e-6 usually)"),
+    "initializer_range": (lambda v: 0 < v <= 1, "a finite number in (0, 1] (the standard deviation of the "
+                          "initial weights; 0.02 usually)"),
+    "first_k_dense_replace": (lambda v: v >= 0, "an integer >= 0, at most num_hidden_layers"),
+    "moe_layer_freq": _positive_int(),
+    "moe": (lambda v: True, "None (a dense model), a mapping of MoEConfig fields or a MoEConfig"),
+}
+
+
 @dataclass
 class ModelConfig(_DictMixin):
     """A decoder-only language model whose FFNs are MoE layers (or dense when `moe` is None).
@@ -313,29 +495,28 @@ class ModelConfig(_DictMixin):
 
     def __post_init__(self) -> None:
         if isinstance(self.moe, dict):
-            self.moe = MoEConfig.from_dict(self.moe)
+            try:
+                self.moe = MoEConfig.from_dict(self.moe)
+            except ValueError as error:
+                raise ValueError(f"ModelConfig.moe: {error}") from None
         self.validate()
 
     def validate(self) -> None:
-        """Raise `ValueError` for any impossible combination of fields."""
+        """Raise `ValueError` for a field of the wrong type or range, or an impossible combination of fields."""
 
         def fail(name: str, value: Any, allowed: str) -> None:
             raise ValueError(f"ModelConfig.{name}={value!r} is not allowed: {allowed}")
 
-        for name in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
-                     "max_position_embeddings", "moe_layer_freq"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                fail(name, value, "a positive integer")
+        _check_fields(self, "ModelConfig", _MODEL_RULES)
         if self.hidden_size % self.num_attention_heads:
             fail("num_attention_heads", self.num_attention_heads, f"a divisor of hidden_size={self.hidden_size}")
         if (self.hidden_size // self.num_attention_heads) % 2:
             fail("num_attention_heads", self.num_attention_heads,
                  "a value giving an even head dimension (hidden_size / heads), which RoPE needs")
         kv = self.num_key_value_heads
-        if kv is not None and (not isinstance(kv, int) or kv < 1 or self.num_attention_heads % kv):
+        if kv is not None and self.num_attention_heads % kv:
             fail("num_key_value_heads", kv, f"None or a divisor of num_attention_heads={self.num_attention_heads}")
-        if not 0 <= self.first_k_dense_replace <= self.num_hidden_layers:
+        if self.first_k_dense_replace > self.num_hidden_layers:
             fail("first_k_dense_replace", self.first_k_dense_replace,
                  f"an integer in [0, num_hidden_layers={self.num_hidden_layers}]")
         if self.moe is not None and self.moe.hidden_size != self.hidden_size:
@@ -343,10 +524,12 @@ class ModelConfig(_DictMixin):
 
     @property
     def head_dim(self) -> int:
+        """Width of one attention head: hidden_size / num_attention_heads."""
         return self.hidden_size // self.num_attention_heads
 
     @property
     def kv_heads(self) -> int:
+        """Key/value heads: `num_key_value_heads`, or as many as query heads when None."""
         return self.num_key_value_heads or self.num_attention_heads
 
     def is_moe_layer(self, index: int) -> bool:
@@ -356,9 +539,43 @@ class ModelConfig(_DictMixin):
         return (index - self.first_k_dense_replace) % self.moe_layer_freq == 0
 
 
+_SEED_RULE: _Rule = (lambda v: 0 <= v < 2**63, "an integer in [0, 2**63)")
+
+_TRAIN_RULES: dict[str, _Rule] = {
+    "seed": _SEED_RULE,
+    "data": (lambda v: bool(v.strip()), "None (the embedded corpus) or the path of a text file or folder"),
+    "init_from": (lambda v: bool(v.strip()), "None or the path of a Hugging Face checkpoint folder"),
+    "tokenizer": (lambda v: v in ("byte", "bpe", "hf"), "'byte', 'bpe' or 'hf'"),
+    "bpe_vocab_size": (lambda v: v > 257, "an integer > 257 (the 256 bytes and the end-of-text token come first)"),
+    "val_fraction": (lambda v: 0 < v < 0.5, "a number in (0, 0.5)"),
+    "block_size": _positive_int(),
+    "batch_size": _positive_int(),
+    "grad_accum": _positive_int(),
+    "max_steps": _positive_int(),
+    "lr": (lambda v: 0 < v <= 1, "a finite number in (0, 1] (AdamW moves each weight by about lr per step)"),
+    "min_lr_ratio": (lambda v: 0 <= v <= 1, "a number in [0, 1]"),
+    "warmup_steps": (lambda v: v >= 0, "an integer >= 0"),
+    "weight_decay": (lambda v: v >= 0, "a finite number >= 0"),
+    "beta1": (lambda v: 0 <= v < 1, "a number in [0, 1)"),
+    "beta2": (lambda v: 0 <= v < 1, "a number in [0, 1)"),
+    "grad_clip": (lambda v: v > 0, "a finite number > 0 (the largest gradient norm; 1.0 usually)"),
+    "eval_interval": _positive_int(),
+    "eval_batches": _positive_int(),
+    "log_interval": _positive_int(),
+    "checkpoint_interval": _positive_int(),
+    "keep_checkpoints": (lambda v: v >= 1, "a positive integer (checkpoints kept, newest first)"),
+    "max_skipped_steps": (lambda v: v >= 0, "an integer >= 0 (0: stop at the first non-finite step)"),
+    "collective_timeout_s": (lambda v: MIN_COLLECTIVE_TIMEOUT_S <= v <= MAX_COLLECTIVE_TIMEOUT_S,
+                             f"a number of seconds in [{MIN_COLLECTIVE_TIMEOUT_S:g}, {MAX_COLLECTIVE_TIMEOUT_S:g}] "
+                             "(1 ms to a week)"),
+    "dtype": (lambda v: v in ("auto", "float32", "bfloat16"), "'auto', 'float32' or 'bfloat16'"),
+    "device": (lambda v: v in ("auto", "cpu", "cuda"), "'auto', 'cpu' or 'cuda'"),
+    "expert_parallel": _positive_int(),
+}
+
 
 @dataclass
-class TrainConfig:
+class TrainConfig(_DictMixin):
     """How `moekit train` trains: data, optimiser, schedule, evaluation and checkpointing.
 
     `init_from` names a Hugging Face checkpoint folder (what `moekit merge` or `moekit upcycle` writes, or any
@@ -367,27 +584,34 @@ class TrainConfig:
     it is the default; "bpe" is refused, because the model's embedding rows are the folder tokenizer's ids).
     """
 
-    seed: int = 0
+    seed: int = 0  # seeds torch and the batch sampler; an integer in [0, 2**63)
     data: str | None = None  # None = the embedded Shakespeare corpus; else a text file or folder
     init_from: str | None = None  # None = random initialisation; else an HF checkpoint folder (see above)
     tokenizer: str = "byte"  # "byte", "bpe" (trained locally with `tokenizers`) or "hf" (init_from's tokenizer.json)
-    bpe_vocab_size: int = 2048
-    val_fraction: float = 0.05
-    block_size: int = 128
-    batch_size: int = 16
-    grad_accum: int = 1
-    max_steps: int = 1000
-    lr: float = 3e-3
-    min_lr_ratio: float = 0.1
-    warmup_steps: int = 30
-    weight_decay: float = 0.1
-    beta1: float = 0.9
+    bpe_vocab_size: int = 2048  # ids of the "bpe" tokenizer, > 257 (the 256 bytes and end-of-text come first)
+    val_fraction: float = 0.05  # share of the corpus held out for evaluation, in (0, 0.5)
+    block_size: int = 128  # tokens per training sequence
+    batch_size: int = 16  # sequences per optimiser step (split into grad_accum micro-batches)
+    grad_accum: int = 1  # micro-batches per optimiser step
+    max_steps: int = 1000  # optimiser steps of the whole run (the cosine schedule ends there)
+    lr: float = 3e-3  # peak learning rate, in (0, 1]
+    min_lr_ratio: float = 0.1  # the cosine schedule ends at lr * min_lr_ratio, in [0, 1]
+    warmup_steps: int = 30  # linear warmup steps, >= 0
+    weight_decay: float = 0.1  # AdamW's decoupled decay of matrices, >= 0 with lr * weight_decay <= 1
+    beta1: float = 0.9  # AdamW's betas, each in [0, 1)
     beta2: float = 0.95
-    grad_clip: float = 1.0
-    eval_interval: int = 50
-    eval_batches: int = 8
-    log_interval: int = 10
-    checkpoint_interval: int = 100
+    grad_clip: float = 1.0  # the largest global gradient norm, > 0
+    eval_interval: int = 50  # steps between evaluations
+    eval_batches: int = 8  # batches per evaluation
+    log_interval: int = 10  # steps between log lines
+    checkpoint_interval: int = 100  # steps between checkpoints
+    keep_checkpoints: int = 2  # how many of the newest complete checkpoints a run keeps, >= 1
+    # how many steps with a non-finite loss or gradient norm may be skipped over the whole run before training
+    # stops with an error, >= 0 (0 = stop at the first)
+    max_skipped_steps: int = 0
+    # under torchrun: how long a rank waits for the others in one collective before it stops with an error naming
+    # a hung or lost peer, in seconds, > 0 (1 ms to a week)
+    collective_timeout_s: float = 300.0
     dtype: str = "auto"  # "auto" (bf16 autocast where the device supports it well), "float32", "bfloat16"
     device: str = "auto"  # "auto", "cpu", "cuda"
     expert_parallel: int = 1  # ranks that share each layer's experts (`--ep`, under torchrun); the rest is DP
@@ -396,62 +620,85 @@ class TrainConfig:
         self.validate()
 
     def validate(self) -> None:
-        """Raise `ValueError` for an impossible setting."""
+        """Raise `ValueError` for a field of the wrong type or range, or an impossible setting."""
 
         def fail(name: str, value: Any, allowed: str) -> None:
             raise ValueError(f"TrainConfig.{name}={value!r} is not allowed: {allowed}")
 
-        for name in ("block_size", "batch_size", "grad_accum", "max_steps", "eval_interval", "eval_batches",
-                     "log_interval", "checkpoint_interval", "bpe_vocab_size", "expert_parallel"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                fail(name, value, "a positive integer")
-        if self.warmup_steps < 0:
-            fail("warmup_steps", self.warmup_steps, "an integer >= 0")
+        _check_fields(self, "TrainConfig", _TRAIN_RULES, ints_to_float=True)
         if self.init_from is not None:
-            if not isinstance(self.init_from, str) or not self.init_from.strip():
-                fail("init_from", self.init_from, "None or the path of a Hugging Face checkpoint folder")
             if self.tokenizer == "bpe":
                 fail("tokenizer", self.tokenizer, "'hf' with init_from: the model's embedding rows are the ids of "
                      "the tokenizer.json in init_from, so a newly trained tokenizer cannot be used")
             self.tokenizer = "hf"  # the default "byte" means "whatever the model brings" here
-        if self.tokenizer not in ("byte", "bpe", "hf"):
-            fail("tokenizer", self.tokenizer, "'byte', 'bpe' or 'hf'")
         if self.tokenizer == "hf" and self.init_from is None:
             fail("tokenizer", self.tokenizer, "'byte' or 'bpe' ('hf' is the tokenizer.json of train.init_from; "
                  "set --set train.init_from=DIR)")
-        if self.dtype not in ("auto", "float32", "bfloat16"):
-            fail("dtype", self.dtype, "'auto', 'float32' or 'bfloat16'")
-        if self.device not in ("auto", "cpu", "cuda"):
-            fail("device", self.device, "'auto', 'cpu' or 'cuda'")
-        if not 0.0 < self.val_fraction < 0.5:
-            fail("val_fraction", self.val_fraction, "a number in (0, 0.5)")
-        if not self.lr > 0 or not 0.0 <= self.min_lr_ratio <= 1.0:
-            fail("lr", self.lr, "lr > 0 and min_lr_ratio in [0, 1]")
+        if self.lr * self.weight_decay > 1:
+            fail("weight_decay", self.weight_decay, f"at most 1 / lr = {1 / self.lr:g} with lr={self.lr!r} (AdamW "
+                 "multiplies every matrix by 1 - lr * weight_decay each step)")
+
+
+def _plain_file_name(name: str) -> bool:
+    """A name usable as one path component on every platform (it becomes `runs/<name>`)."""
+    return (bool(name) and name == name.strip() and name not in (".", "..") and not any(c in name for c in "/\\\0")
+            and not (len(name) >= 2 and name[0].isalpha() and name[1] == ":"))
+
+
+_RUN_RULES: dict[str, _Rule] = {
+    "name": (_plain_file_name, "a plain file name (the run is written to runs/<name>): not empty, not '.' or "
+             "'..', no '/', '\\\\' or NUL, no drive such as 'C:', no leading or trailing whitespace"),
+    "model": (lambda v: True, "a ModelConfig (RunConfig.from_dict takes a mapping of its fields)"),
+    "train": (lambda v: True, "a TrainConfig (RunConfig.from_dict takes a mapping of its fields)"),
+    "allow_token_mixing": (lambda v: True, _BOOL_TEXT),
+    "history": (lambda v: True, "a list of mappings (one per resume: what it changed)"),
+}
 
 
 @dataclass
-class RunConfig:
-    """Everything a training run needs: a name, the model and the training settings."""
+class RunConfig(_DictMixin):
+    """Everything a training run needs: a name, the model and the training settings.
 
-    name: str = "run"
+    `history` records what each resume changed (one mapping per resume, filled by the trainer); it travels
+    with `to_dict` / `from_dict` so a run's `config.json` keeps it.
+    """
+
+    name: str = "run"  # the run directory is runs/<name>: a plain file name
     model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
     allow_token_mixing: bool = False  # opt in to Soft MoE in a causal LM (it leaks future tokens)
+    history: list[dict[str, Any]] = dataclasses.field(default_factory=list)  # what each resume changed
 
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise `ValueError` for a field of the wrong type or value (the sections check themselves)."""
+        _check_fields(self, "RunConfig", _RUN_RULES)
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> RunConfig:
-        known = {"name", "model", "train", "allow_token_mixing"}
+        """Build from a run config mapping (`config.json`, a preset), checking every section and field."""
+        if not isinstance(values, dict):
+            raise ValueError(f"run config must be a mapping with 'model' and 'train' sections, got "
+                             f"{type(values).__name__} {values!r}")
+        known = [f.name for f in dataclasses.fields(cls)]
         for key in values:
             if key not in known:
                 raise ValueError(f"run config has no section {key!r}; expected {sorted(known)}")
-        train = dict(values.get("train") or {})
-        _refuse_unknown("TrainConfig", train, [f.name for f in dataclasses.fields(TrainConfig)])
-        return cls(name=str(values.get("name", "run")), model=ModelConfig.from_dict(dict(values.get("model") or {})),
-                   train=TrainConfig(**train), allow_token_mixing=bool(values.get("allow_token_mixing", False)))
+        sections: dict[str, Any] = {}
+        for key, section in (("model", ModelConfig), ("train", TrainConfig)):
+            given = values.get(key)
+            if given is None:
+                given = {}
+            if not isinstance(given, dict):
+                raise ValueError(f"RunConfig.{key}={given!r} is not allowed: a mapping of {section.__name__} fields")
+            sections[key] = section.from_dict(dict(given))
+        history = values.get("history", [])
+        if isinstance(history, list):
+            history = [dict(item) if isinstance(item, dict) else item for item in history]
+        return cls(name=values.get("name", "run"), model=sections["model"], train=sections["train"],
+                   allow_token_mixing=values.get("allow_token_mixing", False), history=history)
 
 
 def _parse_value(text: str) -> Any:

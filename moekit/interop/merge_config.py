@@ -32,6 +32,7 @@ download them.
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -56,6 +57,65 @@ _TOP_KEYS = ("base_model", "experts", "gate_mode", "dtype", "experts_per_token",
              "gate_dtype", "seed", "tokenizer_source", "tokenizer", "for_further_training")
 _EXPERT_KEYS = ("source_model", "positive_prompts", "negative_prompts", "noise_scale", "residual_scale")
 
+MAX_SCALE = 1000.0
+"""The largest accepted `noise_scale` and `residual_scale` (weights are of order 0.01 to 1; float16 overflows at
+65504)."""
+SEED_LIMIT = 2**32
+"""`seed` is an integer in [0, SEED_LIMIT): each tensor's noise seed is derived from it and must fit torch's
+64-bit seed."""
+
+
+def _refuse(where: str, value: Any, allowed: str) -> ValueError:
+    """The error for a value of the wrong type or range at YAML key `where`."""
+    return ValueError(f"merge config: {where}={value!r} is not allowed: {allowed}")
+
+
+def _finite_number(value: Any) -> bool:
+    """An int or float (not a bool) whose float value is finite."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    try:
+        return math.isfinite(float(value))
+    except OverflowError:
+        return False
+
+
+def _check_scale(value: Any, where: str) -> None:
+    """`noise_scale` (>= 0) or `residual_scale` (> 0): None or a finite number up to `MAX_SCALE`."""
+    if value is None:
+        return
+    if where.endswith("noise_scale"):
+        ok = _finite_number(value) and 0 <= value <= MAX_SCALE
+        allowed = (f"None or a finite number in [0, {MAX_SCALE:g}] (the standard deviation of the Gaussian noise "
+                   "added to the expert's weights)")
+    else:
+        ok = _finite_number(value) and 0 < value <= MAX_SCALE
+        allowed = (f"None or a finite number in (0, {MAX_SCALE:g}] (the factor on the expert's down_proj; 0 would "
+                   "silence it, a negative one flip its sign)")
+    if not ok:
+        if isinstance(value, str):
+            allowed += "; this is text: write the number unquoted (1.0e-3 rather than 1e-3, which YAML reads as text)"
+        raise _refuse(where, value, allowed)
+
+
+def _check_string(value: Any, where: str, what: str, optional: bool = False) -> None:
+    """A non-empty string (or None when `optional`)."""
+    if optional and value is None:
+        return
+    if not isinstance(value, str) or not value.strip():
+        raise _refuse(where, value, ("None or " if optional else "") + what)
+
+
+def _check_expert(spec: ExpertSpec, where: str) -> None:
+    """Types and ranges of one expert's fields, named by their YAML key under `where`."""
+    _check_string(spec.source_model, f"{where}.source_model", "a path to a model directory or .gguf file")
+    for key in ("positive_prompts", "negative_prompts"):
+        prompts = getattr(spec, key)
+        if not isinstance(prompts, list) or not all(isinstance(p, str) and p.strip() for p in prompts):
+            raise _refuse(f"{where}.{key}", prompts, "a list of non-empty strings")
+    for key in ("noise_scale", "residual_scale"):
+        _check_scale(getattr(spec, key), f"{where}.{key}")
+
 
 @dataclass
 class ExpertSpec:
@@ -75,6 +135,13 @@ class ExpertSpec:
     negative_prompts: list[str] = field(default_factory=list)
     noise_scale: float | None = None
     residual_scale: float | None = None
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self, where: str = "expert") -> None:
+        """Check every field's type and range; raise `ValueError` naming the YAML key (`where`.key)."""
+        _check_expert(self, where)
 
     def prompt_key(self) -> tuple[tuple[str, ...], tuple[str, ...]]:
         """The prompts as a hashable pair, to compare experts."""
@@ -122,15 +189,24 @@ class MergeConfig:
 
     def validate(self) -> None:
         """Check every value that does not need the models themselves; raise `ValueError` naming the problem."""
-        if self.gate_mode not in MERGE_GATE_MODES:
+        _check_string(self.base_model, "base_model", "a path to a model directory or .gguf file")
+        for key in ("experts", "shared_experts"):
+            specs = getattr(self, key)
+            if not isinstance(specs, list) or not all(isinstance(s, ExpertSpec) for s in specs):
+                raise _refuse(key, specs, "a list of experts (mappings with a source_model)")
+            for index, spec in enumerate(specs):
+                spec.validate(f"{key}[{index}]")
+        if not isinstance(self.gate_mode, str) or self.gate_mode not in MERGE_GATE_MODES:
             raise ValueError(f"merge config: gate_mode={self.gate_mode!r} is not known; use one of "
                              f"{', '.join(MERGE_GATE_MODES)}")
         for key in ("dtype", "gate_dtype"):
             value = getattr(self, key)
-            if value is not None and value not in _DTYPES:
+            if (value is not None or key == "gate_dtype") and value not in _DTYPES:
                 raise ValueError(f"merge config: {key}={value!r} is not allowed; use one of {', '.join(_DTYPES)}")
         if self.architecture is not None:
-            name = str(self.architecture).lower()
+            if not isinstance(self.architecture, str):
+                raise _refuse("architecture", self.architecture, f"None or one of {', '.join(ARCHITECTURES)}")
+            name = self.architecture.lower()
             if name not in _ARCHITECTURE_ALIASES:
                 raise ValueError(f"merge config: architecture={self.architecture!r} is not known; use one of "
                                  f"{', '.join(ARCHITECTURES)} (or mergekit's spellings qwen, qwen3, deepseek)")
@@ -138,6 +214,13 @@ class MergeConfig:
         if isinstance(self.experts_per_token, bool) or not isinstance(self.experts_per_token, int) \
                 or self.experts_per_token < 1:
             raise ValueError(f"merge config: experts_per_token={self.experts_per_token!r} must be an integer >= 1")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < SEED_LIMIT:
+            raise _refuse("seed", self.seed, "an integer in [0, 2**32) (the noise and random routers' seeds are "
+                          "derived from it)")
+        _check_string(self.tokenizer_source, "tokenizer_source", "a local directory holding tokenizer files",
+                      optional=True)
+        if not isinstance(self.for_further_training, bool):
+            raise _refuse("for_further_training", self.for_further_training, "true or false (unquoted)")
         if not self.experts:
             raise ValueError("merge config: experts is empty; list at least one expert with a source_model")
         if self.experts_per_token > len(self.experts):
@@ -207,13 +290,8 @@ def _prompts(value: Any, where: str) -> list[str]:
 
 
 def _optional_float(value: Any, where: str) -> float | None:
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ValueError(f"merge config: {where} must be a number, got {value!r}")
-    if where.endswith("noise_scale") and value < 0:
-        raise ValueError(f"merge config: {where}={value} must be >= 0")
-    return float(value)
+    _check_scale(value, where)
+    return None if value is None else float(value)
 
 
 def _expert(value: Any, where: str) -> ExpertSpec:
@@ -299,16 +377,16 @@ def load_merge_config(source: str | os.PathLike[str] | dict[str, Any], *,
         raise ValueError(f"{where}: seed={seed!r} must be an integer")
     further = data.get("for_further_training", False)
     if not isinstance(further, bool):
-        raise ValueError(f"{where}: for_further_training={further!r} must be true or false")
+        raise ValueError(f"{where}: for_further_training={further!r} must be true or false (unquoted)")
     return MergeConfig(
         base_model=_model_reference(data["base_model"], "base_model"),
         experts=[_expert(e, f"experts[{i}]") for i, e in enumerate(experts)],
-        gate_mode=str(data.get("gate_mode", "hidden")),
+        gate_mode=data.get("gate_mode", "hidden"),
         dtype=data.get("dtype"),
         experts_per_token=data.get("experts_per_token", 2),
         shared_experts=[_expert(e, f"shared_experts[{i}]") for i, e in enumerate(shared)],
         architecture=data.get("architecture"),
-        gate_dtype=str(data.get("gate_dtype", "float32")),
+        gate_dtype=data.get("gate_dtype", "float32"),
         seed=seed,
         tokenizer_source=_tokenizer_source(data),
         for_further_training=further or for_further_training,

@@ -31,8 +31,12 @@ class DispatchPlan:
 
 
 def expert_capacity(num_assignments: int, num_experts: int, capacity_factor: float) -> int:
-    """Slots per expert: ceil(capacity_factor * assignments / E); assignments = tokens * k."""
-    return math.ceil(capacity_factor * num_assignments / num_experts)
+    """Slots per expert: ceil(capacity_factor * assignments / E); assignments = tokens * k.
+
+    A factor above E gives a capacity above the number of assignments, which drops nothing; the factor is
+    capped at E first, so a huge factor cannot overflow and still drops nothing.
+    """
+    return math.ceil(min(capacity_factor, num_experts) * num_assignments / num_experts)
 
 
 #: with at most this many (assignment, expert) cells, the order comes from counting, not sorting
@@ -114,18 +118,73 @@ def combine(expert_out: Tensor, token_index: Tensor, weights: Tensor | None, pla
     return out.index_add_(0, token_index[plan.order], expert_out)
 
 
-def soft_dispatch(x: Tensor, dispatch: Tensor, num_experts: int, slots_per_expert: int) -> tuple[Tensor, list[int]]:
-    """Soft MoE slot inputs D^T X, regrouped expert-major: ([E * B * slots, H], group sizes)."""
+class _Sequences:
+    """Where each of T tokens sits in a zero-padded [B, L, ...] batch of its own sequence (L: the longest).
+
+    Soft MoE mixes the tokens of one sequence only. Computing each sequence's slots from its own rows (one batched
+    matmul over sequences) rather than one [T, B * slots] product with zeros outside a token's sequence keeps a NaN
+    or inf inside the sequence it came from: 0 * NaN is NaN, so the zeros would spread it to every sequence.
+    `seq_ids=None` means B equal-length sequences one after the other (a plain [B, S, H] input, no copy);
+    otherwise `seq_ids` gives each token's sequence, tokens grouped by sequence in order (`MoELayer` after
+    padding removal).
+    """
+
+    def __init__(self, num_tokens: int, num_sequences: int, seq_ids: Tensor | None, device: torch.device) -> None:
+        self.num_tokens, self.num_sequences, self.seq_ids = num_tokens, num_sequences, seq_ids
+        if seq_ids is None:
+            self.length = num_tokens // num_sequences if num_sequences else 0
+            self.position = None
+        else:
+            counts = torch.bincount(seq_ids, minlength=num_sequences)
+            self.position = torch.arange(num_tokens, device=device) - (counts.cumsum(0) - counts)[seq_ids]
+            self.length = int(counts.max()) if num_tokens else 0
+
+    def batch(self, rows: Tensor) -> Tensor:
+        """[T, C] token rows -> [B, L, C], zeros at padded positions."""
+        if self.position is None:
+            return rows.view(self.num_sequences, self.length, rows.shape[-1])
+        out = rows.new_zeros(self.num_sequences, self.length, rows.shape[-1])
+        return out.index_put((self.seq_ids, self.position), rows)
+
+    def unbatch(self, batched: Tensor) -> Tensor:
+        """[B, L, C] -> [T, C] token rows (padded positions left out)."""
+        if self.position is None:
+            return batched.reshape(self.num_tokens, batched.shape[-1])
+        return batched[self.seq_ids, self.position]
+
+    def own_block(self, weights: Tensor, slots: int) -> Tensor:
+        """[T, B * S] weights (zero outside each token's sequence) -> [B, L, S]: each token's own sequence's block."""
+        blocks = weights.view(self.num_tokens, self.num_sequences, slots)
+        if self.position is None:  # token t of sequence b is row b * L + t: the diagonal blocks, as a view
+            square = blocks.view(self.num_sequences, self.length, self.num_sequences, slots)
+            return square.diagonal(dim1=0, dim2=2).permute(2, 0, 1)
+        rows = torch.arange(self.num_tokens, device=weights.device)
+        return self.batch(blocks[rows, self.seq_ids])
+
+
+def soft_dispatch(x: Tensor, dispatch: Tensor, num_experts: int, slots_per_expert: int,
+                  seq_ids: Tensor | None = None) -> tuple[Tensor, list[int]]:
+    """Soft MoE slot inputs D^T X per sequence, regrouped expert-major: ([E * B * slots, H], group sizes).
+
+    `dispatch` is [T, B * E * slots] with zeros outside a token's own sequence; `seq_ids` as in `_Sequences`
+    (None: B equal-length sequences in order). A non-finite token affects only its own sequence's slots.
+    """
     hidden = x.shape[-1]
     num_sequences = dispatch.shape[1] // (num_experts * slots_per_expert)
-    slots = dispatch.t().to(x.dtype) @ x  # [B * E * p, H]
+    sequences = _Sequences(x.shape[0], num_sequences, seq_ids, x.device)
+    weights = sequences.own_block(dispatch.to(x.dtype), num_experts * slots_per_expert)  # [B, L, E * p]
+    slots = weights.transpose(1, 2) @ sequences.batch(x)  # [B, E * p, H]
     slots = slots.view(num_sequences, num_experts, slots_per_expert, hidden).transpose(0, 1)
     return slots.reshape(-1, hidden), [num_sequences * slots_per_expert] * num_experts
 
 
-def soft_combine(slot_out: Tensor, combine_weights: Tensor, num_experts: int, slots_per_expert: int) -> Tensor:
-    """Soft MoE token outputs C Y~: [T, H]."""
+def soft_combine(slot_out: Tensor, combine_weights: Tensor, num_experts: int, slots_per_expert: int,
+                 seq_ids: Tensor | None = None) -> Tensor:
+    """Soft MoE token outputs C Y~ per sequence: [T, H] (`seq_ids` as in `soft_dispatch`)."""
     hidden = slot_out.shape[-1]
     num_sequences = combine_weights.shape[1] // (num_experts * slots_per_expert)
+    sequences = _Sequences(combine_weights.shape[0], num_sequences, seq_ids, slot_out.device)
     slot_out = slot_out.view(num_experts, num_sequences, slots_per_expert, hidden).transpose(0, 1)
-    return combine_weights.to(slot_out.dtype) @ slot_out.reshape(-1, hidden)
+    slot_out = slot_out.reshape(num_sequences, num_experts * slots_per_expert, hidden)  # [B, E * p, H]
+    weights = sequences.own_block(combine_weights.to(slot_out.dtype), num_experts * slots_per_expert)
+    return sequences.unbatch(weights @ slot_out)

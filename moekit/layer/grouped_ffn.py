@@ -71,10 +71,15 @@ def _slices(group_sizes: list[int]):
         start += size
 
 
+#: the dtypes torch's `grouped_mm` takes (float64 layers use the other backends)
+GROUPED_MM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
 def grouped_mm_fits(hidden_size: int, intermediate_size: int, dtype: torch.dtype) -> bool:
-    """True when torch's `grouped_mm` accepts these widths: every row stride a multiple of 16 bytes."""
+    """True when torch's `grouped_mm` accepts this dtype and these widths: every row stride a multiple of 16 bytes."""
     itemsize = dtype.itemsize
-    return hasattr(F, "grouped_mm") and (hidden_size * itemsize) % 16 == 0 and (intermediate_size * itemsize) % 16 == 0
+    return (hasattr(F, "grouped_mm") and dtype in GROUPED_MM_DTYPES and (hidden_size * itemsize) % 16 == 0
+            and (intermediate_size * itemsize) % 16 == 0)
 
 
 def check_grouped_mm(hidden_size: int, intermediate_size: int, dtype: torch.dtype, what: str, fix: str) -> None:
@@ -82,6 +87,8 @@ def check_grouped_mm(hidden_size: int, intermediate_size: int, dtype: torch.dtyp
     if not hasattr(F, "grouped_mm"):
         raise ValueError(f"{what} needs torch.nn.functional.grouped_mm, which this torch lacks; use {fix} or "
                          "upgrade torch")
+    if dtype not in GROUPED_MM_DTYPES:
+        raise ValueError(f"{what}: torch's grouped_mm takes float32, bfloat16 or float16, not {dtype}; use {fix}")
     if not grouped_mm_fits(hidden_size, intermediate_size, dtype):
         step = 16 // dtype.itemsize
         raise ValueError(f"{what}: torch's grouped_mm needs hidden and intermediate sizes that are multiples of "

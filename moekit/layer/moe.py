@@ -70,9 +70,7 @@ class MoELayer(nn.Module):
         always computes them, since the loss and the aux-free balancer need them.
         """
         cfg = self.config
-        if x.dim() not in (2, 3) or x.shape[-1] != cfg.hidden_size:
-            raise ValueError(f"MoELayer expects x of shape [batch, seq, {cfg.hidden_size}] or "
-                             f"[tokens, {cfg.hidden_size}], got {tuple(x.shape)}")
+        self._check_input(x)
         num_sequences = x.shape[0] if x.dim() == 3 else 1
         seq_len = x.shape[1] if x.dim() == 3 else x.shape[0]
         flat = x.reshape(-1, cfg.hidden_size)
@@ -92,9 +90,12 @@ class MoELayer(nn.Module):
         routing = self.router(router_input, seq_ids, num_sequences)
 
         if routing.is_soft:
-            slots, sizes = soft_dispatch(flat, routing.soft_dispatch, cfg.num_local_experts, cfg.slots_per_expert)
+            # per sequence, so a non-finite token reaches no other sequence (None: equal-length sequences in order)
+            soft_seq_ids = None if kept_rows is None else seq_ids
+            slots, sizes = soft_dispatch(flat, routing.soft_dispatch, cfg.num_local_experts, cfg.slots_per_expert,
+                                         soft_seq_ids)
             out = soft_combine(self.experts(slots, sizes), routing.soft_combine, cfg.num_local_experts,
-                               cfg.slots_per_expert)
+                               cfg.slots_per_expert, soft_seq_ids)
             num_dropped = 0
         else:
             capacity = None
@@ -131,6 +132,28 @@ class MoELayer(nn.Module):
             logits_full = router_logits.new_zeros(full.shape[0], router_logits.shape[-1])
             router_logits = logits_full.index_copy(0, kept_rows, router_logits)
         return MoEOutput(out.view(x.shape), aux_loss, router_logits, stats)
+
+    def _check_input(self, x: Tensor) -> None:
+        """Refuse an input the layer cannot route, naming what is wrong and how to fix it."""
+        hidden = self.config.hidden_size
+        if not isinstance(x, Tensor):
+            raise TypeError(f"MoELayer expects x to be a torch.Tensor of shape [batch, seq, {hidden}] or "
+                            f"[tokens, {hidden}], got {type(x).__name__}")
+        if x.dim() not in (2, 3) or x.shape[-1] != hidden:
+            if x.dim() not in (2, 3):
+                problem = f"a {x.dim()}-D tensor; pass 3-D [batch, seq, hidden] or 2-D [tokens, hidden]"
+            else:
+                problem = f"last dimension {x.shape[-1]}, but the layer's hidden_size is {hidden}"
+            raise ValueError(f"MoELayer expects x of shape [batch, seq, {hidden}] or [tokens, {hidden}], got "
+                             f"{tuple(x.shape)}: {problem}")
+        if not x.is_floating_point():
+            raise ValueError(f"MoELayer expects a floating-point x (hidden states), got dtype {x.dtype}")
+        weight = getattr(self.router, "weight", None)
+        if weight is None or x.dtype == weight.dtype or _autocast_on(x.device.type):
+            return
+        raise ValueError(f"MoELayer got x of dtype {x.dtype} but its weights are {weight.dtype}; cast one to the "
+                         f"other (layer.to({x.dtype}), e.g. layer.double(), or x.to({weight.dtype}), e.g. x.float()) "
+                         "or run under torch.autocast")
 
     # ------------------------------------------------------------------ balancing
     def _balance(self, routing: Routing, seq_ids: Tensor, num_sequences: int, num_dropped: int,
@@ -215,6 +238,14 @@ class MoELayer(nn.Module):
         if layer.router.e_score_correction_bias is not None and "router.e_score_correction_bias" in state:
             layer.router.e_score_correction_bias.copy_(state["router.e_score_correction_bias"].float())
         return layer
+
+
+def _autocast_on(device_type: str) -> bool:
+    """Whether autocast is on for this device type (then mixed input and weight dtypes are its business)."""
+    try:
+        return torch.is_autocast_enabled(device_type)
+    except RuntimeError:  # a device type autocast does not know (e.g. meta)
+        return False
 
 
 def update_aux_free_biases(model: nn.Module) -> None:

@@ -226,7 +226,8 @@ class ExpertChoiceRouter(Router):
     def capacity(self, num_tokens: int) -> int:
         """Tokens each expert takes from a batch of `num_tokens`."""
         assert self.config.capacity_factor is not None
-        return min(num_tokens, math.ceil(num_tokens * self.config.capacity_factor / self.num_experts))
+        factor = min(self.config.capacity_factor, self.num_experts)  # a larger factor takes every token anyway
+        return min(num_tokens, math.ceil(num_tokens * factor / self.num_experts))
 
     def forward(self, x: Tensor, seq_ids: Tensor, num_sequences: int) -> Routing:
         logits = F.linear(x, self.weight)

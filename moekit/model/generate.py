@@ -2,15 +2,46 @@
 
 from __future__ import annotations
 
+import math
+from typing import Any
+
 import torch
 from torch import Tensor
 
 from .transformer import MoETransformer
 
 
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_finite(value: Any) -> bool:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    try:
+        return math.isfinite(float(value))
+    except OverflowError:
+        return False
+
+
+def check_sampling(temperature: float, top_k: int | None, top_p: float | None) -> None:
+    """Raise `ValueError` naming the argument when a sampling setting is not a usable value."""
+    if not _is_finite(temperature) or temperature < 0:
+        raise ValueError(f"generate: temperature={temperature!r} is not allowed: a finite number >= 0 (0 = greedy)")
+    if top_k is not None and (not _is_int(top_k) or top_k < 1):
+        raise ValueError(f"generate: top_k={top_k!r} is not allowed: None (no limit) or an integer >= 1")
+    if top_p is not None and (not _is_finite(top_p) or not 0 < top_p <= 1):
+        raise ValueError(f"generate: top_p={top_p!r} is not allowed: None (no limit) or a number in (0, 1]")
+
+
 def sample_next(logits: Tensor, temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
                 generator: torch.Generator | None = None) -> Tensor:
-    """Pick the next token id for each row of `logits` [B, V]; temperature 0 is greedy."""
+    """Pick the next token id for each row of `logits` [B, V]; temperature 0 is greedy.
+
+    Raises `ValueError` for a temperature that is not finite and >= 0, a `top_k` below 1 or a `top_p` outside
+    (0, 1].
+    """
+    check_sampling(temperature, top_k, top_p)
     if temperature <= 0:
         return logits.argmax(dim=-1)
     logits = logits.float() / temperature
@@ -31,7 +62,19 @@ def sample_next(logits: Tensor, temperature: float = 1.0, top_k: int | None = No
 def generate(model: MoETransformer, input_ids: Tensor, max_new_tokens: int, temperature: float = 1.0,
              top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
              eos_token_id: int | None = None) -> Tensor:
-    """Extend `input_ids` [B, T] by up to `max_new_tokens`, reusing the KV cache at every step."""
+    """Extend `input_ids` [B, T] by up to `max_new_tokens`, reusing the KV cache at every step.
+
+    `temperature` is a finite number >= 0 (0 = greedy), `top_k` None or an integer >= 1, `top_p` None or a number in
+    (0, 1], `max_new_tokens` an integer >= 0, `seed` and `eos_token_id` None or an integer; anything else raises
+    `ValueError` naming the argument, before the model runs.
+    """
+    check_sampling(temperature, top_k, top_p)
+    if not _is_int(max_new_tokens) or max_new_tokens < 0:
+        raise ValueError(f"generate: max_new_tokens={max_new_tokens!r} is not allowed: an integer >= 0")
+    if seed is not None and (not _is_int(seed) or not -(2**63) <= seed < 2**64):
+        raise ValueError(f"generate: seed={seed!r} is not allowed: None or an integer in [-2**63, 2**64)")
+    if eos_token_id is not None and not _is_int(eos_token_id):
+        raise ValueError(f"generate: eos_token_id={eos_token_id!r} is not allowed: None or an integer token id")
     model.eval()
     generator = None
     if seed is not None:
