@@ -256,7 +256,8 @@ def test_token_cache_reused_when_unchanged_and_rebuilt_when_source_changes(tmp_p
     assert TokenDataset.build(src, ByteTokenizer(special_tokens=()), cache).reused
 
     (cache / "tokens.bin").write_bytes(b"\0\0")  # damaged cache: wrong size
-    assert not TokenDataset.build(src, ByteTokenizer(special_tokens=()), cache).reused
+    with pytest.warns(RuntimeWarning, match=r"tokens\.bin has 2 bytes.*rebuilt from the corpus"):
+        assert not TokenDataset.build(src, ByteTokenizer(special_tokens=()), cache).reused
 
 
 def test_token_dtype() -> None:

@@ -34,6 +34,8 @@ Byte and FLOP counts are printed in decimal units (1 GB = 1e9 bytes).
 from __future__ import annotations
 
 import json
+import os
+import stat
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -408,17 +410,76 @@ def _deepseek_mla(config: dict[str, Any], get: _Get, hidden: int, heads: int) ->
 
 
 # ---------------------------------------------------------------------------------------------- files
+INFO_SOURCES = ("a moekit run directory, a run config file (YAML or JSON), a preset name (`moekit presets` lists "
+                "them) or a Hugging Face model directory with config.json")
+"""What `moekit info` accepts, as the error messages say it."""
+
+#: Config files are small; anything larger is a weights file or data passed by mistake (never read whole).
+MAX_CONFIG_BYTES = 16 * 2**20
+
+_NOT_REGULAR = ((stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISSOCK, "a socket"),
+                (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"))
+
+
+def _one_line(error: BaseException) -> str:
+    return " ".join(str(error).split())
+
+
+def _read_config_bytes(path: Path) -> bytes:
+    """The bytes of the regular file `path` (at most MAX_CONFIG_BYTES), opened so that nothing can block."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # a FIFO swapped in after the caller's stat: no block
+    except PermissionError as error:
+        raise ValueError(f"cannot read {path}: permission denied; make it readable, or pass {INFO_SOURCES}") from error
+    except OSError as error:
+        raise ValueError(f"cannot read {path}: {error.strerror or error}; pass {INFO_SOURCES}") from error
+    with open(fd, "rb", closefd=True) as handle:
+        mode = os.fstat(handle.fileno()).st_mode
+        if not stat.S_ISREG(mode):
+            raise ValueError(f"{path} is not a regular file; pass {INFO_SOURCES}")
+        try:
+            data = handle.read(MAX_CONFIG_BYTES + 1)
+        except OSError as error:
+            raise ValueError(f"cannot read {path}: {error.strerror or error}; pass {INFO_SOURCES}") from error
+    if len(data) > MAX_CONFIG_BYTES:
+        raise ValueError(f"{path} is larger than {MAX_CONFIG_BYTES // 2**20} MiB, too large to be a config file "
+                         f"(a weights file?); pass {INFO_SOURCES}")
+    return data
+
+
 def _read_config_file(path: Path) -> dict[str, Any]:
-    if path.suffix in (".yaml", ".yml"):
+    """The mapping in a JSON or YAML config file; anything else is a one-line ValueError naming `path`."""
+    data = _read_config_bytes(path)
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError:
+        text = None
+    if text is None or "\x00" in text:
+        raise ValueError(f"{path} is not a config file (it holds binary data, not UTF-8 text); pass {INFO_SOURCES}")
+    if path.suffix.lower() in (".yaml", ".yml"):
         try:
             import yaml
         except ImportError as error:  # pragma: no cover - depends on the environment
             raise ImportError(f"reading {path} needs PyYAML: pip install pyyaml (or use a JSON config)") from error
-        values = yaml.safe_load(path.read_text())
+        try:
+            values = yaml.safe_load(text)
+        except yaml.YAMLError as error:
+            mark = getattr(error, "problem_mark", None)
+            where = f"line {mark.line + 1}: " if mark is not None else ""
+            problem = getattr(error, "problem", None) or _one_line(error)
+            raise ValueError(f"{path} is not valid YAML ({where}{problem}); fix it, or pass {INFO_SOURCES}") from error
     else:
-        values = json.loads(path.read_text())
+        try:
+            values = json.loads(text)
+        except json.JSONDecodeError as error:
+            where = f"line {error.lineno} column {error.colno}: {error.msg}"
+            what = f"valid JSON ({where})" if path.suffix.lower() == ".json" else \
+                f"a config file: not JSON ({where}) and not named .yaml/.yml"
+            raise ValueError(f"{path} is not {what}; pass {INFO_SOURCES}") from error
+    if values is None:
+        raise ValueError(f"{path} is empty; pass {INFO_SOURCES}")
     if not isinstance(values, dict):
-        raise ValueError(f"{path} does not hold a mapping (got {type(values).__name__})")
+        raise ValueError(f"{path} holds a {type(values).__name__}, not a mapping of config keys; pass {INFO_SOURCES}")
     return values
 
 
@@ -427,26 +488,48 @@ def load_info_source(path: str | Path, context: int = 4096, batch: int = 1, dtyp
 
     A directory is read through its `config.json` (else `config.yaml` / `config.yml`). A file
     holding `"model_type"` is an HF config; otherwise its `"model"` section holds `ModelConfig`
-    fields (a moekit run config; YAML needs PyYAML).
+    fields (a moekit run config; YAML needs PyYAML). Preset names are resolved by the caller (the CLI).
+
+    Anything else (a missing path, a FIFO or device, a folder without a config, a binary or non-config file,
+    broken JSON/YAML, a mapping that is no model config, unusable values) raises FileNotFoundError or ValueError
+    with one line naming the path and what is expected (:data:`INFO_SOURCES`). A FIFO is never opened.
     """
     path = Path(path)
-    if path.is_dir():
+    try:
+        mode = path.stat().st_mode
+    except (FileNotFoundError, NotADirectoryError):
+        raise FileNotFoundError(f"{path} does not exist; pass {INFO_SOURCES}") from None
+    except OSError as error:
+        raise ValueError(f"cannot read {path}: {error.strerror or error}; pass {INFO_SOURCES}") from error
+    if stat.S_ISDIR(mode):
         candidates = [path / name for name in ("config.json", "config.yaml", "config.yml")]
-        found = next((c for c in candidates if c.is_file()), None)
+        found = next((c for c in candidates if c.is_file()), None)  # is_file: regular files only, never a FIFO
         if found is None:
-            raise FileNotFoundError(f"{path} has no config.json, config.yaml or config.yml; pass a moekit run "
-                                    "directory, an HF model directory or a config file")
+            raise FileNotFoundError(f"{path} has no config.json, config.yaml or config.yml; pass {INFO_SOURCES}")
         path = found
-    elif not path.is_file():
-        raise FileNotFoundError(f"{path} does not exist")
+    elif not stat.S_ISREG(mode):
+        kind = next((name for test, name in _NOT_REGULAR if test(mode)), "not a regular file")
+        raise ValueError(f"{path} is {kind}, not a file or directory; pass {INFO_SOURCES}")
     values = _read_config_file(path)
     if "model_type" in values:
-        info = info_from_hf_config(values, context=context, batch=batch, dtype_bytes=dtype_bytes)
+        try:
+            info = info_from_hf_config(values, context=context, batch=batch, dtype_bytes=dtype_bytes)
+        except ValueError as error:
+            raise ValueError(f"{path}: {_one_line(error)}") from error
+        except (TypeError, AttributeError, KeyError, ZeroDivisionError) as error:
+            raise ValueError(f"{path}: an HF config value has the wrong type or is zero ({_one_line(error)}); fix "
+                             "the config, or pass another model directory") from error
     elif isinstance(values.get("model"), dict):
-        info = info_from_model_config(ModelConfig.from_dict(dict(values["model"])), context=context, batch=batch,
-                                      dtype_bytes=dtype_bytes)
+        try:
+            model = ModelConfig.from_dict(dict(values["model"]))
+            info = info_from_model_config(model, context=context, batch=batch, dtype_bytes=dtype_bytes)
+        except ValueError as error:
+            raise ValueError(f"{path}: its model section is not a valid moekit model ({_one_line(error)})") from error
+        except (TypeError, AttributeError, KeyError, ZeroDivisionError) as error:
+            raise ValueError(f"{path}: its model section is not a valid moekit model (a value has the wrong type: "
+                             f"{_one_line(error)}); fix the config") from error
         info.name = f"moekit {values.get('name', 'model')}"
     else:
         raise ValueError(f"{path} is neither an HF config (no 'model_type') nor a moekit config (no 'model' "
-                         "section with ModelConfig fields)")
+                         f"section with ModelConfig fields); pass {INFO_SOURCES}")
     return info

@@ -9,20 +9,51 @@ The pieces fit together like this::
     inputs, targets = sampler.next_batch()  # int64 [32, 256] each; targets are inputs shifted by one
     for inputs, targets in iter_eval_batches(ds.val, 32, 256, max_batches=8): ...
 
-Token ids live in a file (``tokens.bin``) that is memory-mapped with :func:`torch.from_file`, as ``uint16``
-when the vocabulary fits in 16 bits and ``uint32`` otherwise, so numpy is not needed: torch does not depend on
-numpy, and moekit's only hard dependency is torch.
+Token ids live in a file (``tokens.bin``) that is memory-mapped copy-on-write with :func:`torch.from_file`, as
+``uint16`` when the vocabulary fits in 16 bits and ``uint32`` otherwise, so numpy is not needed: torch does not
+depend on numpy, and moekit's only hard dependency is torch.
+
+Checking before writing. :meth:`TokenDataset.build` is two steps, and a caller that must not create anything
+on bad input (the trainer, before it makes a run directory) calls them apart::
+
+    prepared = TokenDataset.prepare(source, tok, "runs/x/data", val_fraction=0.05, block_size=256)
+    prepared.source_sha256                  # sha256 of the corpus text, to compare with the one a run began with
+    ...                                     # create the run directory, save the tokenizer
+    ds = prepared.write()                   # writes (or reuses) the cache; ds.source_sha256 is the same hash
+
+:meth:`TokenDataset.prepare` reads and decodes the corpus, tokenises it in memory (only when the cache in
+``cache_dir`` is missing, stale or damaged) and checks the split sizes; it writes nothing and raises every input
+error (FileNotFoundError, ValueError). :meth:`PreparedTokens.write` can then fail only on storage
+(:class:`moekit._files.StorageError`: full disk, file-size limit, read-only or forbidden folder), which removes its
+temporary file and leaves a previous cache as it was.
+
+The cache. ``tokens.bin`` is written with ordinary buffered writes into a temporary file next to it, flushed to
+disk, renamed into place and the folder synced; ``tokens.json`` (written last, atomically) records the text's
+sha256, the tokenizer's fingerprint, the length and the sha256 of ``tokens.bin``. A cache is reused only when all of
+them match; a ``tokens.bin`` whose size or checksum does not match (e.g. zeroed by a crash) is never used: a warning
+names it and it is rebuilt from the corpus. Tokenizer files are written atomically too.
+
+Input that would hang or crash. A corpus path that is neither a regular file nor a folder (a FIFO, a socket, a
+device) is refused without opening it, and non-regular files inside a corpus folder are skipped. A ``.gz`` file that
+is not gzip, or is truncated, is a ValueError naming it. BPE training cuts runs of more than
+:data:`MAX_TRAINING_RUN` non-space (or space) characters into pieces, since the ``tokenizers`` trainer is quadratic
+in the length of one pre-token; encoding never depends on how the training text was cut.
 """
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import hashlib
 import json
 import math
 import os
 import re
+import stat
 import sys
+import uuid
+import warnings
+import zlib
 from collections.abc import Iterable, Iterator, Sequence
 from importlib import resources
 from pathlib import Path
@@ -30,17 +61,19 @@ from typing import Any, Literal, Protocol, runtime_checkable
 
 import torch
 
-from .._files import write_json
+from .._files import atomic_write, fsync_dir, storage_faults, write_json
 
 __all__ = [
     "DOCUMENT_SEPARATOR",
     "EOS_TOKEN",
+    "MAX_TRAINING_RUN",
     "TEXT_SUFFIXES",
     "TOKENIZER_FILE",
     "BPETokenizer",
     "BatchSampler",
     "ByteTokenizer",
     "HFTokenizer",
+    "PreparedTokens",
     "TokenDataset",
     "Tokenizer",
     "build_tokenizer",
@@ -217,8 +250,9 @@ class ByteTokenizer:
     def save(self, directory: str | os.PathLike[str]) -> Path:
         """Write ``directory/moekit_tokenizer.json`` (created with its parents if needed); returns the file path."""
         path = Path(directory)
-        path.mkdir(parents=True, exist_ok=True)
-        write_json(path / TOKENIZER_FILE, self.config())
+        with storage_faults("tokenizer", path):
+            path.mkdir(parents=True, exist_ok=True)
+        write_json(path / TOKENIZER_FILE, self.config(), what="tokenizer")
         return path / TOKENIZER_FILE
 
     @classmethod
@@ -259,6 +293,26 @@ def _chunks(text: str, size: int = 1 << 18) -> list[str]:
     return out
 
 
+MAX_TRAINING_RUN = 500
+"""Longest run of non-space (or of space) characters :meth:`BPETokenizer.train` passes to the ``tokenizers``
+trainer in one piece; longer runs are cut (the trainer's time grows with the square of a pre-token's length)."""
+
+_LONG_RUN = re.compile(rf"\S{{{MAX_TRAINING_RUN + 1},}}|\s{{{MAX_TRAINING_RUN + 1},}}")
+
+
+def _training_pieces(text: str, bound: int = MAX_TRAINING_RUN) -> Iterator[str]:
+    """`text` in consecutive pieces, cut only inside runs of more than `bound` non-space (or space) characters, so
+    that no piece holds such a run longer than `bound`; the pieces join back to `text`."""
+    pattern = _LONG_RUN if bound == MAX_TRAINING_RUN else re.compile(rf"\S{{{bound + 1},}}|\s{{{bound + 1},}}")
+    pos = 0
+    for match in pattern.finditer(text):
+        for cut in range(match.start() + bound, match.end(), bound):
+            yield text[pos:cut]
+            pos = cut
+    if pos < len(text):
+        yield text[pos:]
+
+
 class BPETokenizer:
     """Byte-level BPE trained locally with the ``tokenizers`` package (an optional dependency).
 
@@ -285,7 +339,9 @@ class BPETokenizer:
         """Learn a byte-level BPE vocabulary of at most ``vocab_size`` ids (fewer if the text runs out of merges).
 
         ``vocab_size`` counts the 256 byte tokens and the special tokens, so it must exceed 256 + their number.
-        Occurrences of a special token in ``texts`` are not merged into other tokens.
+        Occurrences of a special token in ``texts`` are not merged into other tokens. Runs of more than
+        :data:`MAX_TRAINING_RUN` non-space (or space) characters are learned from in pieces of that length, which
+        bounds the training time on text such as one line of megabytes without spaces; encoding is unaffected.
         """
         tokenizers = _import_tokenizers()
         specials = _check_special_tokens(special_tokens)
@@ -310,7 +366,8 @@ class BPETokenizer:
             nonlocal n_chars
             for text in texts:
                 n_chars += len(text)
-                yield from _chunks(text)
+                for chunk in _chunks(text):
+                    yield from _training_pieces(chunk)
 
         tok.train_from_iterator(chunked(), trainer=trainer)
         if n_chars == 0:
@@ -359,10 +416,11 @@ class BPETokenizer:
     def save(self, directory: str | os.PathLike[str]) -> Path:
         """Write ``tokenizer.json`` and ``moekit_tokenizer.json`` into ``directory``; returns the marker's path."""
         path = Path(directory)
-        path.mkdir(parents=True, exist_ok=True)
-        self._tok.save(str(path / HF_TOKENIZER_FILE))
+        with storage_faults("tokenizer", path):
+            path.mkdir(parents=True, exist_ok=True)
+        atomic_write(path / HF_TOKENIZER_FILE, self._tok.to_str(pretty=True), what="tokenizer")
         write_json(path / TOKENIZER_FILE, {"type": self.type_name, "format": _FORMAT_VERSION,
-                                            "tokenizer_file": HF_TOKENIZER_FILE})
+                                            "tokenizer_file": HF_TOKENIZER_FILE}, what="tokenizer")
         return path / TOKENIZER_FILE
 
     @classmethod
@@ -506,14 +564,13 @@ class HFTokenizer:
     def save(self, directory: str | os.PathLike[str]) -> Path:
         """Write ``tokenizer.json``, the companion files and ``moekit_tokenizer.json``; returns the marker's path."""
         path = Path(directory)
-        path.mkdir(parents=True, exist_ok=True)
+        with storage_faults("tokenizer", path):
+            path.mkdir(parents=True, exist_ok=True)
         for name, data in [(HF_TOKENIZER_FILE, self._json.encode("utf-8")), *sorted(self.files.items())]:
-            tmp = path / f"{name}.tmp"
-            tmp.write_bytes(data)
-            os.replace(tmp, path / name)
+            atomic_write(path / name, data, what="tokenizer")
         write_json(path / TOKENIZER_FILE, {"type": self.type_name, "format": _FORMAT_VERSION,
                                             "tokenizer_file": HF_TOKENIZER_FILE, "files": sorted(self.files),
-                                            "source": self.source})
+                                            "source": self.source}, what="tokenizer")
         return path / TOKENIZER_FILE
 
     @classmethod
@@ -571,10 +628,64 @@ def load_tokenizer(directory: str | os.PathLike[str]) -> ByteTokenizer | BPEToke
 # ------------------------------------------------------------------------------------------------------- corpus
 
 
+_NOT_REGULAR = ((stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISSOCK, "a socket"),
+                (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"))
+_GZIP_MAGIC = b"\x1f\x8b"
+
+
+def _kind_of(mode: int) -> str:
+    """What a non-regular file is, in words ("a FIFO (named pipe)", "a socket", ...)."""
+    return next((name for test, name in _NOT_REGULAR if test(mode)), "not a regular file")
+
+
+def _not_regular(path: Path, mode: int) -> ValueError:
+    return ValueError(f"corpus path {os.fspath(path)!r} is {_kind_of(mode)}, not a regular file or a folder; moekit "
+                      "reads only files and folders of files (reading from a pipe or device could block forever): "
+                      "save the text to a file and pass that")
+
+
+def _read_regular_file(path: Path) -> bytes:
+    """The bytes of the regular file `path`; anything else (a FIFO, a device...) is a ValueError, never opened."""
+    try:
+        mode = path.stat().st_mode
+        if not stat.S_ISREG(mode):
+            raise _not_regular(path, mode)
+        # O_NONBLOCK: should the path have become a FIFO since the stat, opening it still returns at once
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+        with open(fd, "rb", closefd=True) as handle:
+            mode = os.fstat(handle.fileno()).st_mode
+            if not stat.S_ISREG(mode):
+                raise _not_regular(path, mode)
+            return handle.read()
+    except FileNotFoundError as err:
+        raise FileNotFoundError(f"corpus file {os.fspath(path)!r} does not exist (it disappeared while being "
+                                "read); pass an existing text file or folder") from err
+    except PermissionError as err:
+        raise ValueError(f"cannot read corpus file {os.fspath(path)!r}: permission denied; make it readable "
+                         "(chmod +r) or leave it out") from err
+    except OSError as err:
+        raise ValueError(f"cannot read corpus file {os.fspath(path)!r}: {err.strerror or err}; check the file "
+                         "and the disk, or leave it out") from err
+
+
+def _gunzip(path: Path, data: bytes) -> bytes:
+    """`data` decompressed; a file that is not gzip, or damaged gzip, is a ValueError naming `path`."""
+    if not data:
+        return data
+    if data[:2] != _GZIP_MAGIC:
+        raise ValueError(f"{path} is not a gzip file (it does not start with the gzip signature) although its name "
+                         "ends in .gz; rename it without .gz if it is plain text, or compress it with gzip")
+    try:
+        return gzip.decompress(data)
+    except (OSError, EOFError, zlib.error) as err:  # gzip.BadGzipFile is an OSError
+        raise ValueError(f"{path} is damaged: its gzip data is truncated or corrupt ({err}); copy or download it "
+                         "again, or leave it out") from err
+
+
 def _read_text_file(path: Path) -> str:
-    data = path.read_bytes()
-    if path.suffix == ".gz":
-        data = gzip.decompress(data)
+    data = _read_regular_file(path)
+    if path.suffix.lower() == ".gz":
+        data = _gunzip(path, data)
     try:
         text = data.decode("utf-8-sig")
     except UnicodeDecodeError as err:
@@ -591,7 +702,11 @@ def load_corpus_text(path: str | os.PathLike[str] | None = None) -> str:
     under it, recursively, skipping hidden files and folders, in sorted path order, joined with
     :data:`DOCUMENT_SEPARATOR`. Line endings are normalised to ``\\n``.
 
-    Raises FileNotFoundError if ``path`` does not exist, ValueError if it holds no usable text.
+    A path that is neither a regular file nor a folder (a FIFO, a socket, a device) is refused without being opened,
+    and inside a folder such entries are skipped (a FIFO named ``x.txt`` is not read), so nothing here can block.
+
+    Raises FileNotFoundError if ``path`` does not exist, ValueError if it holds no usable text (not UTF-8, a ``.gz``
+    file that is not gzip or is damaged, unreadable, empty, or not a file or folder).
     """
     if path is None:
         try:
@@ -604,17 +719,24 @@ def load_corpus_text(path: str | os.PathLike[str] | None = None) -> str:
         return gzip.decompress(data).decode("utf-8")
 
     root = Path(path).expanduser()
-    if not root.exists():
+    try:
+        mode = root.stat().st_mode
+    except (FileNotFoundError, NotADirectoryError):
+        mode = None
+    except OSError as err:
+        raise ValueError(f"cannot read corpus path {os.fspath(path)!r}: {err.strerror or err}; pass a readable "
+                         "text file or folder") from err
+    if mode is None:
         raise FileNotFoundError(
             f"corpus path {os.fspath(path)!r} does not exist; pass an existing text file or a folder of "
             f"{'/'.join('*' + s for s in TEXT_SUFFIXES)} files, or no path to use the embedded Shakespeare corpus"
         )
-    if root.is_dir():
+    if stat.S_ISDIR(mode):
         files = sorted(
             p
             for p in root.rglob("*")
             if p.suffix.lower() in TEXT_SUFFIXES
-            and p.is_file()
+            and p.is_file()  # regular files only (after symlinks): a FIFO, socket or device is skipped
             and not any(part.startswith(".") for part in p.relative_to(root).parts)
         )
         if not files:
@@ -624,8 +746,10 @@ def load_corpus_text(path: str | os.PathLike[str] | None = None) -> str:
             )
         texts = [t for t in (_read_text_file(p) for p in files) if t.strip()]
         text = DOCUMENT_SEPARATOR.join(texts)
-    else:
+    elif stat.S_ISREG(mode):
         text = _read_text_file(root)
+    else:
+        raise _not_regular(root, mode)
     if not text.strip():
         raise ValueError(
             f"corpus path {os.fspath(path)!r} holds no text (empty or whitespace-only); pass UTF-8 text files "
@@ -652,6 +776,255 @@ _DTYPE_NAMES = {torch.uint16: "uint16", torch.uint32: "uint32"}
 
 TOKENS_FILE = "tokens.bin"
 META_FILE = "tokens.json"
+_CACHE_FORMAT = 2  # 2: tokens.json records the sha256 of tokens.bin
+_WRITE_TOKENS = 1 << 20  # tokens converted and written per write call
+_HASH_BLOCK = 1 << 20
+
+
+def _check_split_args(val_fraction: float, block_size: int | None) -> None:
+    if not 0.0 <= val_fraction < 1.0:
+        raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}; the default is 0.05")
+    if block_size is not None and (isinstance(block_size, bool) or not isinstance(block_size, int)
+                                   or block_size < 1):
+        raise ValueError(f"block_size must be an integer of at least 1, got {block_size!r}")
+
+
+def _split_sizes(n: int, val_fraction: float, block_size: int) -> tuple[int, int]:
+    """``(train tokens, val tokens)`` of `n` tokens; a ValueError when either split has less than one window."""
+    if block_size < 1:
+        raise ValueError(f"block_size must be at least 1, got {block_size}")
+    need = block_size + 1
+    n_val = max(math.ceil(n * val_fraction), need)
+    n_train = n - n_val
+    if n_train < need:
+        raise ValueError(
+            f"the corpus has {n} tokens, too few for train and validation splits of at least block_size + 1 = "
+            f"{need} tokens each; use more text or a smaller block size"
+        )
+    return n_train, n_val
+
+
+def _tokenise(text: str, tokenizer: Tokenizer, origin: str, vocab_size: int) -> torch.Tensor:
+    """`text` as a 1-D int64 tensor of ids, checked to be non-empty and inside the vocabulary."""
+    encode = getattr(tokenizer, "encode_to_tensor", None)
+    ids = encode(text) if encode is not None else torch.tensor(tokenizer.encode(text), dtype=torch.int64)
+    if ids.numel() == 0:
+        raise ValueError(f"tokenising {origin} gave no tokens; check the text and the tokenizer")
+    lo, hi = int(ids.min()), int(ids.max())
+    if lo < 0 or hi >= vocab_size:
+        raise ValueError(f"the tokenizer produced id {hi if hi >= vocab_size else lo} outside its vocab_size "
+                         f"{vocab_size}; the tokenizer is inconsistent, retrain or reload it")
+    return ids
+
+
+def _file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(_HASH_BLOCK):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _read_meta(path: Path) -> dict[str, Any] | None:
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return meta if isinstance(meta, dict) else None
+
+
+_Signature = tuple[tuple[int, int, int, int], ...]
+
+
+def _signature(cache: Path) -> _Signature | None:
+    """Identity of the two cache files (device, inode, size, mtime), or None when one is missing."""
+    try:
+        stats = [(cache / name).stat() for name in (TOKENS_FILE, META_FILE)]
+    except OSError:
+        return None
+    return tuple((st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns) for st in stats)
+
+
+def _check_cache(cache: Path, expected: dict[str, Any], dtype: torch.dtype) -> tuple[int | None, str | None]:
+    """``(length, None)`` when the cache in `cache` holds exactly the tokens `expected` describes.
+
+    Otherwise ``(None, why)`` when it was made for this input but is damaged (the caller warns), or
+    ``(None, None)`` when there is none or it was made for another text, tokenizer or format (rebuilt silently).
+    """
+    tokens_path, meta_path = cache / TOKENS_FILE, cache / META_FILE
+    if not meta_path.is_file():
+        return None, None
+    meta = _read_meta(meta_path)
+    if meta is None:
+        return None, f"{meta_path} is not a JSON object"
+    if any(meta.get(key) != value for key, value in expected.items()):
+        return None, None
+    length, digest = meta.get("length"), meta.get("tokens_sha256")
+    if not isinstance(length, int) or isinstance(length, bool) or length <= 0 or not isinstance(digest, str):
+        return None, f"{meta_path} lacks a valid length or tokens_sha256"
+    try:
+        st = tokens_path.stat()
+    except OSError:
+        return None, f"{tokens_path} is missing"
+    if not stat.S_ISREG(st.st_mode):
+        return None, f"{tokens_path} is {_kind_of(st.st_mode)}"
+    if st.st_size != length * dtype.itemsize:
+        return None, (f"{tokens_path} has {st.st_size} bytes where {META_FILE} records {length} tokens = "
+                      f"{length * dtype.itemsize} bytes")
+    try:
+        actual = _file_sha256(tokens_path)
+    except OSError as err:
+        return None, f"{tokens_path} cannot be read ({err.strerror or err})"
+    if actual != digest:
+        return None, f"{tokens_path} does not match the sha256 recorded in {META_FILE}"
+    return length, None
+
+
+def _warn_damaged(why: str, stacklevel: int) -> None:
+    warnings.warn(f"the token cache is damaged: {why}; it is not used, it is being rebuilt from the corpus",
+                  RuntimeWarning, stacklevel=stacklevel + 1)
+
+
+def _write_cache(cache: Path, ids: torch.Tensor, dtype: torch.dtype, meta: dict[str, Any]) -> None:
+    """Stream `ids` as `dtype` into ``cache/tokens.bin`` (temporary file, fsync, rename, folder sync), then write
+    ``tokens.json`` with its sha256. A storage fault removes the temporary file, leaves a previous cache as it was
+    and raises a one-line StorageError."""
+    tokens_path, meta_path = cache / TOKENS_FILE, cache / META_FILE
+    n = ids.numel()
+    needed = n * dtype.itemsize
+    with storage_faults("token cache", cache, needed):
+        cache.mkdir(parents=True, exist_ok=True)
+    tmp = cache / f".{TOKENS_FILE}.tmp-{uuid.uuid4().hex[:12]}"
+    digest = hashlib.sha256()
+    try:
+        with storage_faults("token cache", tokens_path, needed):
+            with open(tmp, "xb") as handle:
+                # one reusable buffer: a tensor view of it converts each chunk of int64 ids to uint16/uint32 in place
+                buffer = bytearray(min(n, _WRITE_TOKENS) * dtype.itemsize)
+                view = torch.frombuffer(buffer, dtype=dtype)
+                for start in range(0, n, _WRITE_TOKENS):
+                    chunk = ids[start : start + _WRITE_TOKENS]
+                    view[: chunk.numel()].copy_(chunk)
+                    data = memoryview(buffer)[: chunk.numel() * dtype.itemsize]
+                    handle.write(data)
+                    digest.update(data)
+                handle.flush()
+                os.fsync(handle.fileno())
+            meta_path.unlink(missing_ok=True)  # no index describes the old tokens once they are replaced
+            os.replace(tmp, tokens_path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
+    fsync_dir(cache)
+    write_json(meta_path, {**meta, "length": n, "tokens_sha256": digest.hexdigest()}, what="token cache")
+
+
+class PreparedTokens:
+    """A corpus read, checked and tokenised in memory (or found in a valid cache), with nothing written yet.
+
+    Made by :meth:`TokenDataset.prepare` / :meth:`TokenDataset.prepare_text`; every input error has been raised by
+    then. :meth:`write` writes the cache (or reuses it) and returns the :class:`TokenDataset`.
+    """
+
+    def __init__(self, text: str, origin: str, tokenizer: Tokenizer, cache_dir: str | os.PathLike[str], *,
+                 val_fraction: float, block_size: int | None, reuse: bool) -> None:
+        """Check and tokenise `text` (use :meth:`TokenDataset.prepare`, which reads the corpus, rather than this)."""
+        _check_split_args(val_fraction, block_size)
+        if not text:
+            raise ValueError("the text to tokenise is empty; pass some text, a path, or None for the embedded corpus")
+        self.origin = origin
+        """Where the text came from: the corpus path, ``<embedded>`` or ``<text>``."""
+        self.cache_dir = Path(cache_dir)
+        """The folder of ``tokens.bin`` and ``tokens.json``."""
+        self.val_fraction = float(val_fraction)
+        self.block_size = block_size
+        self.source_sha256 = hashlib.sha256(text.encode("utf-8")).hexdigest()
+        """sha256 of the corpus text (UTF-8, line endings normalised): what ``tokens.json`` records as
+        ``source_sha256``; compare it with the one a run started with to notice a changed corpus."""
+        self._tokenizer = tokenizer
+        self._vocab_size = int(tokenizer.vocab_size)
+        self._dtype = token_dtype(self._vocab_size)
+        self._expected = {
+            "format": _CACHE_FORMAT,
+            "dtype": _DTYPE_NAMES[self._dtype],
+            "byteorder": sys.byteorder,
+            "source_sha256": self.source_sha256,
+            "tokenizer_sha256": tokenizer.fingerprint(),
+            "vocab_size": self._vocab_size,
+        }
+        self._text: str | None = text
+        self._ids: torch.Tensor | None = None
+        self._signature: _Signature | None = None
+        length, why = _check_cache(self.cache_dir, self._expected, self._dtype) if reuse else (None, None)
+        if length is not None:
+            self._signature = _signature(self.cache_dir)
+        else:
+            if why is not None:
+                _warn_damaged(why, stacklevel=3)  # the caller of TokenDataset.prepare
+            self._ids = _tokenise(text, tokenizer, origin, self._vocab_size)
+            self._text = None  # the ids are all write() needs
+            length = self._ids.numel()
+        self.num_tokens = int(length)
+        """Number of tokens of the corpus."""
+        self.reused = self._ids is None
+        """True when a valid cache was found: nothing was tokenised and :meth:`write` maps it."""
+        _split_sizes(self.num_tokens, self.val_fraction, block_size or 1)  # too small: fail before writing
+
+    def write(self) -> TokenDataset:
+        """Write ``tokens.bin`` and ``tokens.json`` (or reuse the valid cache) and return the memory-mapped dataset.
+
+        If the cache that :meth:`TokenDataset.prepare` found valid has changed or gone since (e.g. its folder was
+        replaced), it is checked again and rebuilt from the text when needed. Raises
+        :class:`moekit._files.StorageError` when the storage refuses the write (nothing half-written is left, a
+        previous cache stays as it was).
+        """
+        if self._cache_still_valid():
+            return self._dataset(_map(self.cache_dir / TOKENS_FILE, self.num_tokens, self._dtype), reused=True)
+        assert self._ids is not None
+        _write_cache(self.cache_dir, self._ids, self._dtype, {**self._expected, "source": self.origin})
+        self._ids, self._text = None, None
+        self._signature = _signature(self.cache_dir)
+        return self._dataset(_map(self.cache_dir / TOKENS_FILE, self.num_tokens, self._dtype), reused=False)
+
+    def in_memory(self) -> TokenDataset:
+        """The dataset without writing anything (e.g. for a read-only run directory).
+
+        The valid cache is memory-mapped when there is one; otherwise the tokens are the ids tokenised in memory
+        (as ``uint16``/``uint32``), and :meth:`write` can still write them afterwards.
+        """
+        if self._cache_still_valid():
+            return self._dataset(_map(self.cache_dir / TOKENS_FILE, self.num_tokens, self._dtype), reused=True)
+        assert self._ids is not None
+        return self._dataset(self._ids.to(self._dtype), reused=False)
+
+    def _cache_still_valid(self) -> bool:
+        """True when the valid cache found by prepare (or written by write) is still there; when it has changed
+        or gone since, check it again and, if it is no longer valid, tokenise the text (kept for this)."""
+        if self._ids is not None:
+            return False
+        if self._signature is not None and self._signature == _signature(self.cache_dir):
+            return True
+        length, why = _check_cache(self.cache_dir, self._expected, self._dtype)
+        if length is not None:
+            self.num_tokens, self._signature = length, _signature(self.cache_dir)
+            return True
+        if self._text is None:
+            raise ValueError(f"the token cache in {self.cache_dir} changed after it was written; call "
+                             "TokenDataset.prepare again")
+        if why is not None:
+            _warn_damaged(why, stacklevel=3)  # the caller of write / in_memory
+        self._ids = _tokenise(self._text, self._tokenizer, self.origin, self._vocab_size)
+        self.num_tokens = self._ids.numel()
+        return False
+
+    def _dataset(self, tokens: torch.Tensor, reused: bool) -> TokenDataset:
+        return TokenDataset(tokens, val_fraction=self.val_fraction, block_size=self.block_size, reused=reused,
+                            source_sha256=self.source_sha256)
+
+    def __repr__(self) -> str:
+        state = "cache valid" if self.reused else "tokenised, not written"
+        return f"PreparedTokens({self.num_tokens} tokens, {state}, cache_dir={os.fspath(self.cache_dir)!r})"
 
 
 class TokenDataset:
@@ -669,6 +1042,7 @@ class TokenDataset:
         val_fraction: float = 0.05,
         block_size: int | None = None,
         reused: bool = False,
+        source_sha256: str | None = None,
     ) -> None:
         """Wrap a 1-D integer tensor of token ids (normally made by :meth:`build` or :meth:`from_text`).
 
@@ -683,10 +1057,54 @@ class TokenDataset:
         self.block_size = block_size
         self.reused = reused
         """True when the token cache was valid and reused (nothing was tokenised)."""
+        self.source_sha256 = source_sha256
+        """sha256 of the corpus text the tokens came from (None when the tensor was given directly)."""
         self.split_sizes()  # fail now, with a clear message, if the corpus is too small
 
     def __len__(self) -> int:
         return self.tokens.numel()
+
+    @classmethod
+    def prepare(
+        cls,
+        source: str | os.PathLike[str] | None,
+        tokenizer: Tokenizer,
+        cache_dir: str | os.PathLike[str],
+        *,
+        val_fraction: float = 0.05,
+        block_size: int | None = None,
+        reuse: bool = True,
+    ) -> PreparedTokens:
+        """Everything of :meth:`build` that can fail on bad input, writing nothing; then call ``.write()``.
+
+        Reads the corpus with :func:`load_corpus_text`, computes its sha256 (:attr:`PreparedTokens.source_sha256`),
+        verifies the cache in ``cache_dir`` (size and sha256 of ``tokens.bin``) and, only when it is missing, stale
+        or damaged (damaged: a warning), tokenises the text in memory; then checks that the corpus fills both splits
+        at ``block_size``. ``reuse=False`` ignores an existing cache (the text is tokenised, ``write`` replaces the
+        cache), for a caller that is about to delete ``cache_dir``. Raises FileNotFoundError (no such path) and
+        ValueError (unreadable, undecodable or empty corpus, bad ``val_fraction`` / ``block_size``, corpus too small
+        for the splits, a tokenizer producing ids outside its vocabulary).
+        """
+        _check_split_args(val_fraction, block_size)  # before reading a large corpus
+        text = load_corpus_text(source)
+        origin = "<embedded>" if source is None else os.fspath(source)
+        return PreparedTokens(text, origin, tokenizer, cache_dir, val_fraction=val_fraction, block_size=block_size,
+                              reuse=reuse)
+
+    @classmethod
+    def prepare_text(
+        cls,
+        text: str,
+        tokenizer: Tokenizer,
+        cache_dir: str | os.PathLike[str],
+        *,
+        val_fraction: float = 0.05,
+        block_size: int | None = None,
+        reuse: bool = True,
+    ) -> PreparedTokens:
+        """Like :meth:`prepare`, for text given as a string (e.g. the text a BPE tokenizer was trained on)."""
+        return PreparedTokens(text, "<text>", tokenizer, cache_dir, val_fraction=val_fraction, block_size=block_size,
+                              reuse=reuse)
 
     @classmethod
     def build(
@@ -702,12 +1120,10 @@ class TokenDataset:
 
         ``source`` is read with :func:`load_corpus_text` (a file, a folder, or None for the embedded corpus).
         The cache is reused when ``cache_dir/tokens.json`` records the same text hash, tokenizer fingerprint and
-        format; otherwise (or if its files are damaged) it is rebuilt in place. Use :meth:`from_text` for a
-        string of text.
+        format and ``tokens.bin`` has the recorded size and sha256; otherwise it is rebuilt in place (with a warning
+        when it was damaged). The same as ``prepare(...).write()``; use :meth:`from_text` for a string of text.
         """
-        text = load_corpus_text(source)
-        origin = "<embedded>" if source is None else os.fspath(source)
-        return cls._build(text, origin, tokenizer, cache_dir, val_fraction, block_size)
+        return cls.prepare(source, tokenizer, cache_dir, val_fraction=val_fraction, block_size=block_size).write()
 
     @classmethod
     def from_text(
@@ -720,88 +1136,14 @@ class TokenDataset:
         block_size: int | None = None,
     ) -> TokenDataset:
         """Like :meth:`build`, for text given as a string."""
-        return cls._build(text, "<text>", tokenizer, cache_dir, val_fraction, block_size)
-
-    @classmethod
-    def _build(
-        cls,
-        text: str,
-        origin: str,
-        tokenizer: Tokenizer,
-        cache_dir: str | os.PathLike[str],
-        val_fraction: float,
-        block_size: int | None,
-    ) -> TokenDataset:
-        if not 0.0 <= val_fraction < 1.0:  # checked again by __init__, but fail before tokenising a large corpus
-            raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}; the default is 0.05")
-        if not text:
-            raise ValueError("the text to tokenise is empty; pass some text, a path, or None for the embedded corpus")
-        vocab_size = int(tokenizer.vocab_size)
-        dtype = token_dtype(vocab_size)
-        expected = {
-            "format": _FORMAT_VERSION,
-            "dtype": _DTYPE_NAMES[dtype],
-            "byteorder": sys.byteorder,
-            "source_sha256": hashlib.sha256(text.encode("utf-8")).hexdigest(),
-            "tokenizer_sha256": tokenizer.fingerprint(),
-            "vocab_size": vocab_size,
-        }
-        cache = Path(cache_dir)
-        tokens_path, meta_path = cache / TOKENS_FILE, cache / META_FILE
-
-        meta = cls._read_meta(meta_path)
-        if meta is not None and all(meta.get(k) == v for k, v in expected.items()):
-            length = meta.get("length")
-            if isinstance(length, int) and length > 0 and tokens_path.is_file() \
-                    and tokens_path.stat().st_size == length * dtype.itemsize:
-                tokens = _map(tokens_path, length, dtype)
-                return cls(tokens, val_fraction=val_fraction, block_size=block_size, reused=True)
-
-        encode = getattr(tokenizer, "encode_to_tensor", None)
-        ids = encode(text) if encode is not None else torch.tensor(tokenizer.encode(text), dtype=torch.int64)
-        if ids.numel() == 0:
-            raise ValueError(f"tokenising {origin} gave no tokens; check the text and the tokenizer")
-        lo, hi = int(ids.min()), int(ids.max())
-        if lo < 0 or hi >= vocab_size:
-            raise ValueError(f"the tokenizer produced id {hi if hi >= vocab_size else lo} outside its vocab_size "
-                             f"{vocab_size}; the tokenizer is inconsistent, retrain or reload it")
-
-        cache.mkdir(parents=True, exist_ok=True)
-        meta_path.unlink(missing_ok=True)  # invalidate first: a crash below leaves no valid-looking cache
-        tmp = tokens_path.with_name(TOKENS_FILE + ".tmp")
-        tmp.unlink(missing_ok=True)
-        mapped = torch.from_file(str(tmp), shared=True, size=ids.numel(), dtype=dtype)
-        mapped.copy_(ids)
-        del mapped  # unmaps and flushes to the file
-        os.replace(tmp, tokens_path)
-        write_json(meta_path, {**expected, "length": ids.numel(), "source": origin})
-        tokens = _map(tokens_path, ids.numel(), dtype)
-        return cls(tokens, val_fraction=val_fraction, block_size=block_size, reused=False)
-
-    @staticmethod
-    def _read_meta(path: Path) -> dict[str, Any] | None:
-        try:
-            meta = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            return None
-        return meta if isinstance(meta, dict) else None
+        return cls.prepare_text(text, tokenizer, cache_dir, val_fraction=val_fraction, block_size=block_size).write()
 
     def split_sizes(self, block_size: int | None = None) -> tuple[int, int]:
         """``(train tokens, val tokens)`` for windows of ``block_size + 1`` tokens (default :attr:`block_size`)."""
         if block_size is None:
             block_size = self.block_size or 1
-        if block_size < 1:
-            raise ValueError(f"block_size must be at least 1, got {block_size}")
-        need = block_size + 1
-        n = len(self)
-        n_val = max(math.ceil(n * self.val_fraction), need)
-        n_train = n - n_val
-        if n_train < need:
-            raise ValueError(
-                f"the corpus has {n} tokens, too few for train and validation splits of at least block_size + 1 = "
-                f"{need} tokens each; use more text or a smaller block size"
-            )
-        return n_train, n_val
+        return _split_sizes(len(self), self.val_fraction, block_size)
+
 
     def split(self, name: Literal["train", "val"], block_size: int | None = None) -> torch.Tensor:
         """The ``"train"`` (first tokens) or ``"val"`` (last tokens) split, as a view of :attr:`tokens`.
