@@ -282,11 +282,14 @@ def test_existing_out_dir_is_refused_unless_overwrite(tmp_path):
     export_hf(model, out)
     with pytest.raises(FileExistsError, match=rf"{re.escape(str(out))}.*not empty.*overwrite=True"):
         export_hf(model, out)
-    (out / "stale.txt").write_text("old")
-    export_hf(model, out, format="qwen2_moe", overwrite=True)
-    assert not (out / "stale.txt").exists()
+    export_hf(model, out, format="qwen2_moe", overwrite=True)  # a previous export is replaced
     assert json.loads((out / "config.json").read_text())["model_type"] == "qwen2_moe"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["hf"]  # no temporary folders left behind
+    (out / "stale.txt").write_text("old")  # a file moekit did not write: overwrite no longer replaces the folder
+    with pytest.raises(FileExistsError, match=r"'stale.txt'.*delete it by hand"):
+        export_hf(model, out, format="mixtral", overwrite=True)
+    assert (out / "stale.txt").read_text() == "old"
+    assert json.loads((out / "config.json").read_text())["model_type"] == "qwen2_moe"
 
 
 # ---------------------------------------------------------------------------------------------- atomicity
@@ -322,15 +325,16 @@ def test_a_failure_mid_write_leaves_no_out_dir(tmp_path, monkeypatch):
         export_hf(model, tmp_path / "hf", max_shard_bytes=40_000)
     assert not any(tmp_path.iterdir())
 
-    # with overwrite=True, a failed export leaves the previous folder as it was
-    previous = tmp_path / "prev"
-    previous.mkdir()
-    (previous / "keep.txt").write_text("old")
+    # with overwrite=True, a failed export leaves the previous export as it was
+    monkeypatch.undo()
+    previous = export_hf(model, tmp_path / "prev", format="qwen2_moe")
+    before = {p.name: p.read_bytes() for p in previous.iterdir()}
+    monkeypatch.setattr(safetensors_torch, "save_file", failing_save)
     calls.clear()
     with pytest.raises(OSError, match="disk full"):
         export_hf(model, previous, max_shard_bytes=40_000, overwrite=True)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["prev"]
-    assert [p.name for p in previous.iterdir()] == ["keep.txt"]
+    assert {p.name: p.read_bytes() for p in previous.iterdir()} == before
 
 
 # ---------------------------------------------------------------------------------------------- load_hf

@@ -190,9 +190,8 @@ def test_streamed_shards_are_bounded_and_complete(models, tmp_path: Path) -> Non
 def test_interrupted_merge_leaves_nothing_and_keeps_existing_output(models, tmp_path: Path,
                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     base, sources = models["llama"]
-    out = tmp_path / "out"
-    out.mkdir()
-    (out / "keep.txt").write_text("old")
+    out = merge(_config(base, sources, "random"), tmp_path / "out", progress=False, max_shard_bytes=50_000).out
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
     calls = []
     real = merge_module._stream_safetensors
 
@@ -207,7 +206,7 @@ def test_interrupted_merge_leaves_nothing_and_keeps_existing_output(models, tmp_
         merge(_config(base, sources, "random"), out, overwrite=True, progress=False, max_shard_bytes=50_000)
     assert len(calls) == 2
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no temp folder left beside it
-    assert [p.name for p in out.iterdir()] == ["keep.txt"] and (out / "keep.txt").read_text() == "old"
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
 
 
 def test_existing_output_needs_overwrite(models, tmp_path: Path) -> None:
@@ -217,9 +216,15 @@ def test_existing_output_needs_overwrite(models, tmp_path: Path) -> None:
     (out / "keep.txt").write_text("old")
     with pytest.raises(FileExistsError, match="overwrite"):
         merge(_config(base, sources, "random"), out, progress=False)
+    with pytest.raises(FileExistsError, match=r"'keep.txt' and no moekit_output.json"):  # not moekit's folder
+        merge(_config(base, sources, "random"), out, overwrite=True, progress=False)
     assert [p.name for p in out.iterdir()] == ["keep.txt"]
-    merge(_config(base, sources, "random"), out, overwrite=True, progress=False)
-    assert not (out / "keep.txt").exists() and (out / "config.json").is_file()
+    (out / "keep.txt").unlink()
+    merge(_config(base, sources, "random"), out, progress=False)  # an empty folder needs no overwrite
+    with pytest.raises(FileExistsError, match="overwrite"):
+        merge(_config(base, sources, "random"), out, progress=False)
+    merge(_config(base, sources, "random"), out, overwrite=True, progress=False)  # moekit's own output
+    assert (out / "config.json").is_file()
 
 
 def test_noise_and_residual_scale_change_only_that_expert(models, tmp_path: Path) -> None:

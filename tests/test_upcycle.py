@@ -117,6 +117,8 @@ def test_bad_arguments_are_refused_and_write_nothing(dense, tmp_path: Path) -> N
     (out / "keep.txt").write_text("old")
     with pytest.raises(FileExistsError, match="overwrite"):
         upcycle(dense["llama"], out, 4, 2, progress=False)
+    with pytest.raises(FileExistsError, match=r"'keep.txt' and no moekit_output.json"):
+        upcycle(dense["llama"], out, 4, 2, progress=False, overwrite=True)
     assert [p.name for p in out.iterdir()] == ["keep.txt"]
 
 

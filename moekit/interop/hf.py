@@ -46,14 +46,14 @@ transformers fields.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import re
 import shutil
-import uuid
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -61,9 +61,19 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .._files import swap_in, write_json
+from .._files import (
+    StorageError,
+    fsync_dir,
+    fsync_file,
+    remove_stale_temps,
+    storage_error,
+    swap_in,
+    temp_sibling,
+    write_json,
+)
 from ..config import ModelConfig, MoEConfig
 from ..model.transformer import MoETransformer
+from .outputs import check_output, write_marker
 
 __all__ = ["DEFAULT_MAX_SHARD_BYTES", "EXPORT_FORMATS", "export_hf", "load_hf"]
 
@@ -553,41 +563,78 @@ def _tokenizer_files(tokenizer_dir: str | os.PathLike[str], max_length: int) -> 
     return _TokenizerFiles(files, bos, eos, write_config)
 
 
-def _check_destination(out: Path, overwrite: bool, caller: str = "export_hf") -> None:
-    if out.exists() or out.is_symlink():
-        if not out.is_dir():
-            raise FileExistsError(f"{caller}: out_dir {str(out)!r} exists and is not a directory; choose another "
-                                  "out_dir")
-        if any(out.iterdir()) and not overwrite:
-            raise FileExistsError(f"{caller}: out_dir {str(out)!r} already exists and is not empty; pass "
-                                  "overwrite=True (CLI --overwrite) to replace it, or choose another out_dir")
+_COMMANDS = {"export_hf": "export", "merge": "merge", "upcycle": "upcycle"}
+_WHAT = {"export": "Hugging Face export", "merge": "merged model", "upcycle": "upcycled model"}
+
+
+def _check_destination(out: Path, overwrite: bool, caller: str = "export_hf",
+                       inputs: Sequence[str | os.PathLike[str] | None] = ()) -> None:
+    """Refuse an `out` that `caller` may not write (see `moekit.interop.outputs.check_output`)."""
+    check_output(out, overwrite=overwrite, caller=caller, inputs=inputs,
+                 label="out_dir" if caller == "export_hf" else "out")
+
+
+@contextlib.contextmanager
+def _output_faults(what: str, out: Path, needed: int | None) -> Iterator[None]:
+    """Re-raise a storage fault in the block as one `StorageError` about the whole output `out`."""
+    try:
+        yield
+    except Exception as error:
+        # a StorageError from a helper names one file of the temporary folder: explain its cause for `out` instead
+        cause = error.__cause__ if isinstance(error, StorageError) and error.__cause__ is not None else error
+        explained = storage_error(cause, what, out, needed)
+        if explained is None:
+            raise
+        raise explained from cause
+
+
+def _sync_folder(folder: Path) -> None:
+    """Flush every file of `folder`, then the folder itself, to the disk (before it is renamed into place)."""
+    for entry in folder.iterdir():
+        if entry.is_file() and not entry.is_symlink():
+            fsync_file(entry)
+    fsync_dir(folder)
 
 
 def _write_atomically(out_dir: str | os.PathLike[str], overwrite: bool, write: Callable[[Path], None],
-                      caller: str = "export_hf") -> Path:
-    """Run `write` on a fresh folder next to `out_dir`, then rename it into place.
+                      caller: str = "export_hf", *, inputs: Sequence[str | os.PathLike[str] | None] = (),
+                      needed: int | None = None) -> Path:
+    """Run `write` on a fresh folder next to `out_dir`, add the output marker, then rename it into place.
 
     `out_dir` appears only once complete; when `write` fails, the folder is removed and an existing
-    `out_dir` is left as it was. `caller` names the function in error messages.
+    `out_dir` is left as it was. The destination is checked before and again just before the swap; a dead
+    writer's temporary folders next to `out_dir` are removed first. A full disk, a file-size limit or a
+    read-only or forbidden destination raises one `StorageError` naming `out_dir` and `needed` (the output's
+    bytes). `caller` names the function in error messages.
     """
     out = Path(out_dir).expanduser().absolute()
-    _check_destination(out, overwrite, caller)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:12]}"
-    tmp.mkdir()
+    command = _COMMANDS[caller]
+    what = _WHAT[command]
+    _check_destination(out, overwrite, caller, inputs)
+    tmp: Path | None = None
     try:
-        write(tmp)
-        _check_destination(out, overwrite, caller)  # something may have appeared meanwhile
-        swap_in(tmp, out, out.parent / f".{out.name}.old-{uuid.uuid4().hex[:12]}")
+        with _output_faults(what, out, needed):
+            remove_stale_temps(out)
+            out.parent.mkdir(parents=True, exist_ok=True)
+            tmp = temp_sibling(out)
+            tmp.mkdir()
+            write(tmp)
+            write_marker(tmp, command)
+            _sync_folder(tmp)
+        _check_destination(out, overwrite, caller, inputs)  # something may have appeared meanwhile
+        with _output_faults(what, out, needed):
+            swap_in(tmp, out, temp_sibling(out, "old"))
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
 
 
 def export_hf(model: MoETransformer, out_dir: str | os.PathLike[str], format: str = "auto",
               dtype: torch.dtype | str | None = None, tokenizer_dir: str | os.PathLike[str] | None = None, *,
-              overwrite: bool = False, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> Path:
+              overwrite: bool = False, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+              inputs: Sequence[str | os.PathLike[str] | None] = ()) -> Path:
     """Write `model` as a transformers checkpoint that `AutoModelForCausalLM.from_pretrained` loads.
 
     Args:
@@ -601,19 +648,26 @@ def export_hf(model: MoETransformer, out_dir: str | os.PathLike[str], format: st
         tokenizer_dir: a folder whose tokenizer files (``tokenizer.json``, ``tokenizer_config.json``, ...)
             are copied; its end-of-text token becomes ``eos_token_id``. A ``tokenizer.json`` without a
             ``tokenizer_config.json`` gets a minimal one naming ``PreTrainedTokenizerFast``.
-        overwrite: replace a non-empty `out_dir` (the old folder stays until the new one is complete).
+        overwrite: replace a non-empty `out_dir` that moekit wrote (it holds ``moekit_output.json`` and only
+            the files that lists; see `moekit.interop.outputs`). The old folder stays until the new one is
+            complete. A training run or any other folder is never replaced.
         max_shard_bytes: largest safetensors file; a bigger checkpoint is split into
             ``model-0000i-of-0000n.safetensors`` files with ``model.safetensors.index.json``.
+        inputs: paths this export reads (the training run, for the CLI): `out_dir` may not be, contain or lie
+            inside any of them, with or without `overwrite`.
 
     Returns:
-        The absolute path of the written folder, which holds ``config.json``, ``generation_config.json`` and
-        the weights. Everything is written into a temporary folder next to `out_dir` and renamed into place,
-        so `out_dir` never holds a partial export.
+        The absolute path of the written folder, which holds ``config.json``, ``generation_config.json``, the
+        weights and ``moekit_output.json``. Everything is written into a temporary folder next to `out_dir`
+        and renamed into place, so `out_dir` never holds a partial export.
 
     Raises:
         ValueError: the model cannot be expressed exactly in the requested format (or in any, for
-            ``"auto"``), or an argument is invalid.
-        FileExistsError: `out_dir` exists and is not empty, and `overwrite` is False.
+            ``"auto"``), an argument is invalid, or `out_dir` overlaps one of `inputs`.
+        FileExistsError: `out_dir` exists and is not empty, and `overwrite` is False; or it is a training run
+            or a folder moekit did not write (the message names the first foreign entry).
+        StorageError: the disk filled up, a file-size limit was reached, or the destination is read-only or
+            forbidden (one line; the temporary folder is removed and a previous `out_dir` kept).
     """
     if not isinstance(model, MoETransformer):
         raise TypeError(f"export_hf: model must be a moekit MoETransformer, got {type(model).__name__}")
@@ -621,7 +675,7 @@ def export_hf(model: MoETransformer, out_dir: str | os.PathLike[str], format: st
         raise ValueError(f"export_hf: max_shard_bytes={max_shard_bytes!r} is not allowed: a positive integer")
     fmt = _choose_format(model, format)
     out_dtype = _resolve_dtype(dtype, model)
-    _check_destination(Path(out_dir).expanduser().absolute(), overwrite)
+    _check_destination(Path(out_dir).expanduser().absolute(), overwrite, "export_hf", inputs)
     tokenizer = (_tokenizer_files(tokenizer_dir, model.config.max_position_embeddings)
                  if tokenizer_dir is not None else None)
     bos = tokenizer.bos if tokenizer else None
@@ -631,6 +685,7 @@ def export_hf(model: MoETransformer, out_dir: str | os.PathLike[str], format: st
     generation_config = {"_from_model_config": True, "bos_token_id": bos, "eos_token_id": eos,
                          "pad_token_id": None, "use_cache": True}
     entries = _entries(model, fmt, out_dtype)
+    needed = sum(e.nbytes for e in entries) + sum(p.stat().st_size for p in (tokenizer.files if tokenizer else []))
 
     def write(directory: Path) -> None:
         _write_weights(directory, entries, max_shard_bytes)
@@ -643,7 +698,7 @@ def export_hf(model: MoETransformer, out_dir: str | os.PathLike[str], format: st
                 write_json(directory / "tokenizer_config.json", tokenizer.write_config)
 
     with torch.no_grad():
-        return _write_atomically(out_dir, overwrite, write)
+        return _write_atomically(out_dir, overwrite, write, "export_hf", inputs=inputs, needed=needed)
 
 
 # ============================================================================================== load: config

@@ -41,8 +41,10 @@ model's dtype, else its stored tensor dtype).
 Streaming: tensors are read one at a time from the inputs' safetensors files and each output shard is written
 tensor by tensor into a file whose header is written first, so memory holds one tensor (the largest is usually
 the embedding) rather than a shard or a model. GGUF inputs are the exception: transformers dequantises them
-whole. Output goes to a temporary folder next to `out`, renamed into place once complete; a failure removes it
-and leaves an existing `out` untouched, and a non-empty `out` is replaced only with `overwrite=True`.
+whole. Output goes to a temporary folder next to `out`, renamed into place once complete; a failure (a full disk
+included: one `StorageError` line) removes it and leaves an existing `out` untouched. A non-empty `out` is replaced
+only with `overwrite=True` and only when moekit wrote it (`moekit.interop.outputs`); an `out` overlapping an input
+model is always refused. An expert model whose vocabulary differs from the base's is merged with a warning.
 """
 
 from __future__ import annotations
@@ -53,7 +55,7 @@ import os
 import shutil
 import struct
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -474,11 +476,17 @@ def _generation_config(base: DenseSource, config: dict[str, Any]) -> dict[str, A
 
 def write_build(build: MoEBuild, out: str | os.PathLike[str], *, tokenizer_source: str | None = None,
                 overwrite: bool = False, max_shard_bytes: int = DEFAULT_MERGE_SHARD_BYTES, progress: bool = True,
-                caller: str = "merge", extra_files: dict[str, str] | None = None) -> Path:
-    """Write `build` atomically into `out` (weights, config, generation config, tokenizer); return the path."""
+                caller: str = "merge", extra_files: dict[str, str] | None = None,
+                inputs: Sequence[str | os.PathLike[str] | None] = ()) -> Path:
+    """Write `build` atomically into `out` (weights, config, generation config, tokenizer, marker); return the path.
+
+    `inputs` are the paths the build reads: `out` may not overlap them. A full disk or a read-only destination
+    raises one `StorageError` (the temporary folder is removed and a previous `out` kept).
+    """
     entries = _entries(build)
     write_tokenizer = _tokenizer_writer(build.base, tokenizer_source)
     generation = _generation_config(build.base, build.config)
+    needed = sum(e.nbytes for e in entries) + sum(len(text.encode("utf-8")) for text in (extra_files or {}).values())
 
     def write(directory: Path) -> None:
         bar = _progress_bar(len(entries), f"moekit {caller}: writing", progress)
@@ -496,7 +504,7 @@ def write_build(build: MoEBuild, out: str | os.PathLike[str], *, tokenizer_sourc
             (directory / name).write_text(text, encoding="utf-8")
 
     with torch.no_grad():
-        return _write_atomically(out, overwrite, write, caller=caller)
+        return _write_atomically(out, overwrite, write, caller=caller, inputs=inputs, needed=needed)
 
 
 def resolve_dtype(name: str | torch.dtype | None, base: DenseSource) -> torch.dtype:
@@ -542,7 +550,78 @@ def _open_models(config: MergeConfig) -> tuple[DenseSource, list[DenseSource], l
         if source.family != base.family:
             warnings.warn(f"{source.path} is a {source.family} model and the base {base.path} a {base.family} model; "
                           "only their FFN shapes must agree, so the merge goes on", stacklevel=3)
+    _warn_vocabularies(base, [*experts, *shared])
     return base, experts, shared
+
+
+def _vocabulary(source: DenseSource) -> dict[str, int] | None:
+    """Token -> id of the model's ``tokenizer.json`` (its vocabulary and added tokens), or None without one."""
+    path = source.path / "tokenizer.json"
+    if source.gguf_file is not None or not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    if not isinstance(data, dict):
+        return None
+    vocab: dict[str, int] = {}
+    table = (data.get("model") or {}).get("vocab")
+    if isinstance(table, dict):  # BPE, WordPiece, WordLevel: token -> id
+        vocab.update({str(token): int(index) for token, index in table.items()})
+    elif isinstance(table, list):  # Unigram: [piece, score] in id order
+        for index, item in enumerate(table):
+            vocab[str(item[0] if isinstance(item, (list, tuple)) else item)] = index
+    for added in data.get("added_tokens") or []:
+        if isinstance(added, dict) and "content" in added and "id" in added:
+            vocab[str(added["content"])] = int(added["id"])
+    return vocab
+
+
+def _vocabulary_difference(base: dict[str, int], other: dict[str, int]) -> str:
+    """How the token -> id table `other` differs from `base`, in a few words (the tables are not equal)."""
+    changed = [token for token, index in base.items() if other.get(token) != index]
+    extra = [token for token in other if token not in base]
+    sizes = f"{len(other)} tokens against the base's {len(base)}; " if len(other) != len(base) else ""
+    if changed:
+        token = min(changed, key=lambda t: base[t])
+        first = (f"{token!r} is id {other[token]} there and {base[token]} in the base" if token in other
+                 else f"{token!r} (id {base[token]} in the base) is missing there")
+    else:
+        token = min(extra, key=lambda t: other[t])
+        first = f"{token!r} (id {other[token]} there) is not in the base's"
+    return f"its tokenizer.json has {sizes}{len(changed) + len(extra)} token(s) differ, first {first}"
+
+
+def _warn_vocabularies(base: DenseSource, sources: list[DenseSource]) -> None:
+    """Warn for each expert model whose tokenizer vocabulary or `vocab_size` differs from the base model's."""
+    base_vocab = _vocabulary(base)
+    seen: set[int] = {id(base)}
+    for source in sources:
+        if id(source) in seen:
+            continue
+        seen.add(id(source))
+        differences = []
+        rows, base_rows = source.config.get("vocab_size"), base.config.get("vocab_size")
+        if rows != base_rows:
+            differences.append(f"its config's vocab_size is {rows}, the base's {base_rows}")
+        vocab = _vocabulary(source) if base_vocab is not None else None
+        if vocab is not None and base_vocab is not None and vocab != base_vocab:
+            differences.append(_vocabulary_difference(base_vocab, vocab))
+        if differences:
+            warnings.warn(f"expert model {source.path} has a different vocabulary from the base model {base.path}: "
+                          f"{'; '.join(differences)}. The merged model uses the base's embeddings and tokenizer, so "
+                          "this expert's FFN will read token ids and embeddings it was not trained with",
+                          stacklevel=4)
+
+
+def merge_inputs(config: MergeConfig) -> list[str]:
+    """The paths a merge reads: the base model, every expert's source model and the tokenizer source."""
+    paths = [config.base_model, *(e.source_model for e in config.experts),
+             *(e.source_model for e in config.shared_experts)]
+    if config.tokenizer_source is not None:
+        paths.append(config.tokenizer_source)
+    return [str(path) for path in paths]
 
 
 def _check_prompts(config: MergeConfig, base: DenseSource) -> None:
@@ -595,7 +674,9 @@ def merge(config: MergeConfig | str | os.PathLike[str] | dict[str, Any], out: st
         dry_run: check everything (config, models, shapes, layout, tokenised prompts, destination) and return the
             plan without computing routers or writing anything.
         device: where the router initialisation runs the base model (``"cpu"`` or ``"cuda"``).
-        overwrite: replace a non-empty `out` (the old folder stays until the new one is complete).
+        overwrite: replace a non-empty `out` that moekit wrote (it holds ``moekit_output.json`` and only the
+            files that lists; see `moekit.interop.outputs`); the old folder stays until the new one is complete.
+            `out` may never be, contain or lie inside a model or tokenizer folder the merge reads.
         for_further_training: accept experts that all come from one model or share their prompts (the model is
             meant to be trained after merging); same as the YAML key.
         max_shard_bytes: largest safetensors file; more weights are split into shards with an index.
@@ -606,9 +687,14 @@ def merge(config: MergeConfig | str | os.PathLike[str] | dict[str, Any], out: st
 
     Raises:
         ValueError: a bad config (named key and value), an unsupported or mismatched model (named tensor and both
-            shapes), or a layout that cannot hold the models.
+            shapes), a layout that cannot hold the models, or an `out` that overlaps an input.
         FileNotFoundError: a model, the config file or the tokenizer source is missing.
-        FileExistsError: `out` exists and is not empty, and `overwrite` is False.
+        FileExistsError: `out` exists and is not empty, and `overwrite` is False; or it is a folder moekit did not
+            write, or a training run.
+        StorageError: the disk filled up or the destination is read-only (one line; nothing is left behind).
+
+    Warns:
+        UserWarning: an expert model's vocabulary (tokenizer.json or vocab_size) differs from the base model's.
     """
     if not isinstance(config, MergeConfig):
         config = load_merge_config(config, for_further_training=for_further_training)
@@ -618,6 +704,8 @@ def merge(config: MergeConfig | str | os.PathLike[str] | dict[str, Any], out: st
     check_max_shard_bytes(max_shard_bytes)
     if device not in ("cpu", "cuda") and not str(device).startswith("cuda:"):
         raise ValueError(f"device={device!r} is not allowed; use cpu or cuda")
+    inputs = merge_inputs(config)
+    _check_destination(Path(out).expanduser().absolute(), overwrite, "merge", inputs)  # before any work
     base, experts, shared = _open_models(config)
     architecture = choose_architecture(base.family, len(config.shared_experts), config.shared_have_prompts,
                                        config.architecture)
@@ -631,7 +719,6 @@ def merge(config: MergeConfig | str | os.PathLike[str] | dict[str, Any], out: st
                 for index, (src, spec) in enumerate(zip(shared, config.shared_experts, strict=True))],
         experts_per_token=config.experts_per_token, dtype=resolve_dtype(config.dtype, base))
     _check_prompts(config, base)
-    _check_destination(Path(out).expanduser().absolute(), overwrite, "merge")
     if config.tokenizer_source is not None and not Path(config.tokenizer_source).is_dir():
         raise FileNotFoundError(f"tokenizer_source {config.tokenizer_source!r} is not a directory")
     plan = _plan(build, _entries(build), max_shard_bytes, config.gate_mode)
@@ -652,5 +739,5 @@ def merge(config: MergeConfig | str | os.PathLike[str] | dict[str, Any], out: st
             for part in build.shared:
                 part.down_scale *= 2.0
     plan.out = write_build(build, out, tokenizer_source=config.tokenizer_source, overwrite=overwrite,
-                           max_shard_bytes=max_shard_bytes, progress=progress, caller="merge")
+                           max_shard_bytes=max_shard_bytes, progress=progress, caller="merge", inputs=inputs)
     return plan

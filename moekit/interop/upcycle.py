@@ -86,7 +86,8 @@ def upcycle(model: str | os.PathLike[str], out: str | os.PathLike[str], num_expe
             experts, for Qwen3), except that Qwen2 models always become qwen2_moe.
         dtype: dtype of the written weights (default: the model's).
         seed: seed of the router rows and the noise.
-        overwrite: replace a non-empty `out`.
+        overwrite: replace a non-empty `out` that moekit wrote (see `moekit.interop.outputs`); `out` may never
+            be, contain or lie inside `model`.
         dry_run: check everything and return the plan without writing.
         max_shard_bytes: largest safetensors file.
         progress: show a progress bar.
@@ -95,9 +96,11 @@ def upcycle(model: str | os.PathLike[str], out: str | os.PathLike[str], num_expe
         The `MergePlan`, with `out` set unless `dry_run`.
 
     Raises:
-        ValueError: an unsupported model, a bad argument (named), an intermediate size that M does not divide, or
-            a layout that cannot hold the model.
-        FileExistsError: `out` exists and is not empty, and `overwrite` is False.
+        ValueError: an unsupported model, a bad argument (named), an intermediate size that M does not divide, a
+            layout that cannot hold the model, or an `out` that overlaps `model`.
+        FileExistsError: `out` exists and is not empty, and `overwrite` is False; or it is a folder moekit did not
+            write, or a training run.
+        StorageError: the disk filled up or the destination is read-only (one line; nothing is left behind).
     """
     num_experts = _positive_int("num_experts", num_experts)
     top_k = _positive_int("top_k", top_k)
@@ -116,6 +119,7 @@ def upcycle(model: str | os.PathLike[str], out: str | os.PathLike[str], num_expe
             raise ValueError(f"upcycle: architecture={architecture!r} is not known; use one of mixtral, qwen2_moe, "
                              "qwen3_moe, deepseek_v3")
         architecture = _ARCHITECTURE_ALIASES[str(architecture).lower()]
+    _check_destination(Path(out).expanduser().absolute(), overwrite, "upcycle", [model])  # before any work
     source = open_dense(model)
     source.cache_size = 4  # one layer's gate/up/down are read once for all copies
     check_tensors(source, required_tensors(source, mlp=True, rest=True))
@@ -141,7 +145,6 @@ def upcycle(model: str | os.PathLike[str], out: str | os.PathLike[str], num_expe
     ]
     build = MoEBuild(architecture=arch, base=source, experts=routed, shared=shared,
                      experts_per_token=top_k * fine_grained, dtype=resolve_dtype(dtype, source))
-    _check_destination(Path(out).expanduser().absolute(), overwrite, "upcycle")
     plan = _plan(build, _entries(build), max_shard_bytes, "random (upcycled copies)")
     if fine_grained > 1:
         plan.notes.append(f"fine-grained: {num_experts} copies x {fine_grained} segments = {len(routed)} experts, "
@@ -153,5 +156,5 @@ def upcycle(model: str | os.PathLike[str], out: str | os.PathLike[str], num_expe
     rows = torch.randn(source.num_layers, num_experts, source.hidden_size, generator=generator) * std
     build.router = rows.repeat_interleave(fine_grained, dim=1)  # [L, E * M, H]: a copy's segments tie
     plan.out = write_build(build, out, overwrite=overwrite, max_shard_bytes=max_shard_bytes, progress=progress,
-                           caller="upcycle")
+                           caller="upcycle", inputs=[model])
     return plan
