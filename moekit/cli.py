@@ -18,13 +18,31 @@ def preset_names() -> list[str]:
                   if p.name.endswith(".yaml"))
 
 
+def _yaml_loader():
+    """PyYAML's safe loader, reading floats as YAML 1.2 does (`1e-3` is a number, not the text '1e-3')."""
+    import re
+
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        pass
+
+    number = re.compile(r"^[-+]?(\.[0-9]+|[0-9]+(\.[0-9]*)?)([eE][-+]?[0-9]+)?$")
+    Loader.add_implicit_resolver("tag:yaml.org,2002:float", number, list("-+0123456789."))
+    Loader.yaml_implicit_resolvers = {  # integers stay integers: the int resolver must win for plain digits
+        key: sorted(resolvers, key=lambda r: r[0] != "tag:yaml.org,2002:int")
+        for key, resolvers in Loader.yaml_implicit_resolvers.items()}
+    return Loader
+
+
 def _read_yaml(text: str, source: str) -> dict[str, Any]:
     try:
         import yaml
-    except ImportError as error:  # pragma: no cover - yaml is in the train extra
-        raise SystemExit("moekit train needs PyYAML for presets: pip install pyyaml") from error
+    except ImportError as error:
+        raise ImportError(f"reading {source} needs PyYAML, which is not installed: pip install \"moekit[train]\""
+                          ) from error
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=_yaml_loader())  # a SafeLoader subclass: no arbitrary objects
     except yaml.YAMLError as error:
         raise ValueError(f"{source} is not valid YAML: {error}") from error
     if not isinstance(data, dict):
@@ -38,55 +56,94 @@ def load_run_dict(preset: str | None, config: str | None) -> dict[str, Any]:
         raise ValueError("pass either --preset or --config, not both")
     if config:
         path = Path(config)
-        if not path.is_file():
+        if not path.exists():
             raise FileNotFoundError(f"config file {path} not found; pass a YAML or JSON run config")
-        text = path.read_text()
-        return json.loads(text) if path.suffix == ".json" else _read_yaml(text, str(path))
+        if not path.is_file():  # a folder, a FIFO or a device: never opened, so nothing can block
+            raise ValueError(f"config file {path} is not a regular file; pass a YAML or JSON run config")
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as error:
+            raise ValueError(f"config file {path} is not text ({error}); pass a YAML or JSON run config") from None
+        if path.suffix != ".json":
+            return _read_yaml(text, str(path))
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"config file {path} is not valid JSON ({error})") from None
+        if not isinstance(data, dict):
+            raise ValueError(f"config file {path} must hold an object with 'model' and 'train' sections")
+        return data
     name = preset or DEFAULT_PRESET
     if name not in preset_names():
         raise ValueError(f"unknown preset {name!r}; available: {', '.join(preset_names())}")
     return _read_yaml(resources.files("moekit.configs").joinpath(f"{name}.yaml").read_text(), f"preset {name}")
 
 
-def cmd_train(args: argparse.Namespace) -> int:
-    from .config import RunConfig, apply_overrides
-    from .train.loop import Trainer, init_from_values
-    from .train.report import write_report
+def _read_run_config(run_dir: Path, what: str = "resume") -> dict[str, Any]:
+    """A run directory's config.json as a dict, with errors that say what to do."""
+    config_path = Path(run_dir) / "config.json"
+    if not config_path.is_file():
+        raise FileNotFoundError(f"cannot {what}: {config_path} not found; pass a run directory written by "
+                                "`moekit train`")
+    try:
+        values = json.loads(config_path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ValueError(f"cannot {what}: {config_path} is damaged ({error}); it is not a run config") from error
+    if not isinstance(values, dict):
+        raise ValueError(f"cannot {what}: {config_path} holds no run config")
+    return values
 
-    if args.resume and args.init_from:
-        raise ValueError("--init-from starts a new run from a checkpoint folder and --resume continues a run (whose "
-                         "config.json already names the folder it started from); pass one of them")
-    if args.resume:
-        run_dir = Path(args.resume)
-        config_path = run_dir / "config.json"
-        if not config_path.is_file():
-            raise FileNotFoundError(f"cannot resume: {config_path} not found; pass a run directory written by "
-                                    "`moekit train`")
-        values = json.loads(config_path.read_text())
-    else:
-        values = load_run_dict(args.preset, args.config)
+
+def _train_values(args: argparse.Namespace) -> dict[str, Any]:
+    """The run config dict a `moekit train` invocation describes (nothing read but configs and checkpoints)."""
+    from .config import apply_overrides
+    from .train.init_from import init_from_values
+
     overrides = list(args.set or [])
     if args.max_steps is not None:
         overrides.append(f"train.max_steps={args.max_steps}")
     if args.ep is not None:
         overrides.append(f"train.expert_parallel={args.ep}")
+    if args.resume and args.init_from:
+        raise ValueError("--init-from starts a new run from a checkpoint folder and --resume continues a run (whose "
+                         "config.json already names the folder it started from); pass one of them")
+    if args.resume:
+        given = [flag for flag, value in (("--preset", args.preset), ("--config", args.config), ("--out", args.out),
+                                          ("--overwrite", args.overwrite)) if value]
+        if given:
+            raise ValueError(f"{', '.join(given)} cannot be combined with --resume: a resumed run continues with its "
+                             "own config.json (change what a resume honours with --set; see README, 'What moekit "
+                             "guarantees')")
+        return apply_overrides(_read_run_config(Path(args.resume)), overrides)
+    if args.extend_schedule:
+        raise ValueError("--extend-schedule applies to --resume only; a new run plans its schedule from max_steps")
+    values = load_run_dict(args.preset, args.config)
     if args.init_from:
         values["train"] = {**(values.get("train") or {}), "init_from": args.init_from}  # --set still wins
     # a new run with train.init_from takes its model section from the checkpoint folder
-    values = apply_overrides(values, overrides) if args.resume else init_from_values(values, overrides)
-    run = RunConfig.from_dict(values)
-    if args.resume:
-        run_dir = Path(args.resume)
-    else:
-        run_dir = Path(args.out) if args.out else Path("runs") / run.name
+    return init_from_values(values, overrides)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from .config import RunConfig
+    from .extras import require
+    from .train.loop import Trainer
+    from .train.report import write_report
+
+    require("train")  # every missing package named now, before any config or file is read
+    run = RunConfig.from_dict(_train_values(args))
+    t = run.train
+    if t.tokenizer in ("bpe", "hf") or t.init_from:
+        require("train", also=("tokenizers",))
+    if args.stop_at is not None and not 0 < args.stop_at <= t.max_steps:
+        raise ValueError(f"--stop-at {args.stop_at} is not allowed: a step in [1, max_steps={t.max_steps}]")
+    run_dir = Path(args.resume) if args.resume else (Path(args.out) if args.out else Path("runs") / run.name)
     trainer = Trainer(run, run_dir, resume=bool(args.resume), overwrite=args.overwrite,
-                      progress=not args.no_progress)
+                      progress=not args.no_progress, extend_schedule=args.extend_schedule)
     main = trainer.is_main  # under torchrun only rank 0 prints and writes the report
-    if args.resume and main:  # training fields may change on resume (e.g. more steps): keep the config current
-        (run_dir / "config.json").write_text(json.dumps(run.to_dict(), indent=2) + "\n")
     total, active = trainer.num_parameters
     layout = ""
-    if trainer.parallel is not None:
+    if trainer.parallel.distributed:
         groups = trainer.parallel.groups
         layout = f", {groups.world_size} ranks: expert parallel {groups.ep_size} x data parallel {groups.dp_size}"
     if main:
@@ -99,15 +156,17 @@ def cmd_train(args: argparse.Namespace) -> int:
         print(f"initialised from {run.train.init_from} (weights and tokenizer.json)")
         extra["initialised from"] = f"`{run.train.init_from}`"
     try:
-        result = trainer.train()
+        result = trainer.train(stop_at=args.stop_at)
     finally:
-        if trainer.parallel is not None:
-            trainer.parallel.close()
+        trainer.parallel.close()
     if main:
         report = write_report(run_dir, extra)
-        state = "interrupted at" if result.interrupted else "finished"
-        val = f", val loss {result.val_loss:.4f}" if result.val_loss is not None else ""
-        print(f"{state} step {result.step}{val}; checkpoint in {run_dir / 'checkpoint'}, report {report}")
+        if result.forced:
+            print(f"stopped during a step; the last checkpoint is step {result.step}, report {report}")
+        else:
+            state = "interrupted at" if result.interrupted else "finished"
+            val = f", val loss {result.val_loss:.4f}" if result.val_loss is not None else ""
+            print(f"{state} step {result.step}{val}; checkpoint in {run_dir / 'checkpoints'}, report {report}")
     return 130 if result.interrupted else 0
 
 
@@ -118,19 +177,19 @@ def _load_run(run_dir: str):
     from .train.data import load_tokenizer
 
     path = Path(run_dir)
-    if not (path / "config.json").is_file():
-        raise FileNotFoundError(f"{path / 'config.json'} not found; pass a run directory written by `moekit train`")
-    run = RunConfig.from_dict(json.loads((path / "config.json").read_text()))
+    run = RunConfig.from_dict(_read_run_config(path, "load the run"))
     model = MoETransformer(run.model)
-    load_weights(find_checkpoint(path), model)
+    load_weights(find_checkpoint(path), model)  # weights only: a damaged optimiser state does not matter here
     return run, model.eval(), load_tokenizer(path / "tokenizer")
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
     import torch
 
+    from .extras import require
     from .model.generate import generate
 
+    require("generate")
     _, model, tokenizer = _load_run(args.run_dir)
     hf_tokenizer = hasattr(tokenizer, "encode_prompt")  # a pretrained tokenizer adds its BOS, as transformers does
     ids = tokenizer.encode_prompt(args.prompt) if hf_tokenizer else tokenizer.encode(args.prompt)
@@ -153,16 +212,17 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from .config import RunConfig, apply_overrides
+    from .extras import require
     from .train.loop import Trainer
 
+    require("eval")
     path = Path(args.run_dir)
-    if not (path / "config.json").is_file():
-        raise FileNotFoundError(f"{path / 'config.json'} not found; pass a run directory written by `moekit train`")
-    values = json.loads((path / "config.json").read_text())
-    # one process evaluates any run, whatever --ep trained it (its checkpoint joins the expert slices)
+    values = _read_run_config(path, "evaluate")
+    # one process evaluates any run, whatever --ep trained it (its checkpoint joins the expert slices); it reads
+    # only the weights and writes nothing
     run = RunConfig.from_dict(apply_overrides(values, [f"train.eval_batches={args.batches}",
                                                        "train.expert_parallel=1"]))
-    trainer = Trainer(run, path, resume=True, progress=False)
+    trainer = Trainer(run, path, resume=True, progress=False, read_only=True)
     record = trainer.evaluate()
     print(f"val loss {record['val_loss']:.4f}, perplexity {record['val_ppl']:.2f}")
     if "val_load" in record:
@@ -189,13 +249,19 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
+    from .extras import require
     from .interop import export_hf
+    from .interop.outputs import check_output
 
+    require("export")
+    # the run is an input: OUT may not be, contain or lie inside it (checked before the model is even loaded)
+    check_output(args.out, overwrite=args.overwrite, caller="export_hf", inputs=[args.run_dir], label="out_dir")
     _, model, _ = _load_run(args.run_dir)
     tokenizer_dir = Path(args.run_dir) / "tokenizer"
     has_hf_tokenizer = (tokenizer_dir / "tokenizer.json").is_file()  # BPE runs; the byte tokenizer has none
     out = export_hf(model, args.out, format=args.arch, dtype=args.dtype,
-                    tokenizer_dir=tokenizer_dir if has_hf_tokenizer else None, overwrite=args.overwrite)
+                    tokenizer_dir=tokenizer_dir if has_hf_tokenizer else None, overwrite=args.overwrite,
+                    inputs=[args.run_dir])
     print(f"wrote {out}: load it with transformers.AutoModelForCausalLM.from_pretrained({str(out)!r})")
     if not has_hf_tokenizer:
         print("note: this run uses moekit's byte tokenizer (ids = UTF-8 bytes, 256 = end of text); "
@@ -273,8 +339,10 @@ def parse_size(text: str) -> int:
 
 
 def cmd_merge(args: argparse.Namespace) -> int:
+    from .extras import require
     from .interop.merge import merge
 
+    require("merge")
     plan = merge(args.config, args.out, dry_run=args.dry_run, device=args.device, overwrite=args.overwrite,
                  for_further_training=args.for_further_training, max_shard_bytes=parse_size(args.max_shard_size),
                  progress=not args.no_progress)
@@ -283,8 +351,10 @@ def cmd_merge(args: argparse.Namespace) -> int:
 
 
 def cmd_upcycle(args: argparse.Namespace) -> int:
+    from .extras import require
     from .interop.upcycle import upcycle
 
+    require("upcycle")
     plan = upcycle(args.model, args.out, args.experts, args.top_k, fine_grained=args.fine_grained,
                    shared_experts=args.shared_experts, noise=args.noise, architecture=args.arch, dtype=args.dtype,
                    seed=args.seed, overwrite=args.overwrite, dry_run=args.dry_run,
@@ -310,8 +380,14 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--preset", help=f"preset name (default {DEFAULT_PRESET}); see `moekit presets`")
     train.add_argument("--config", help="a YAML or JSON run config file instead of a preset")
     train.add_argument("--out", help="run directory (default runs/<name>)")
-    train.add_argument("--max-steps", type=int, help="override train.max_steps")
-    train.add_argument("--resume", metavar="RUN_DIR", help="continue a run exactly from its checkpoint")
+    train.add_argument("--max-steps", type=int, help="override train.max_steps (on --resume only with "
+                                                     "--extend-schedule)")
+    train.add_argument("--stop-at", type=int, metavar="N",
+                       help="stop at step N with a checkpoint, on the planned schedule (resume continues it exactly)")
+    train.add_argument("--resume", metavar="RUN_DIR", help="continue a run exactly from its newest checkpoint")
+    train.add_argument("--extend-schedule", action="store_true",
+                       help="with --resume and a larger --max-steps: plan the cosine over the new total from the "
+                            "resume step on (the learning rate jumps there; earlier steps keep theirs)")
     train.add_argument("--init-from", metavar="HF_DIR",
                        help="start from a Hugging Face checkpoint folder (moekit merge/upcycle output): its weights, "
                             "config and tokenizer.json (same as --set train.init_from=HF_DIR)")
@@ -321,7 +397,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="expert parallelism under torchrun: every N ranks share each layer's experts, the rest is "
                             "data parallel (same as --set train.expert_parallel=N); e.g. torchrun --nproc-per-node 4 "
                             "-m moekit train --ep 2")
-    train.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
+    train.add_argument("--overwrite", action="store_true",
+                       help="replace an existing run directory (only a moekit run holding nothing else)")
     train.add_argument("--no-progress", action="store_true", help="no progress bar")
     train.set_defaults(func=cmd_train)
 
@@ -413,13 +490,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .train.errors import TrainingError
+
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except (ValueError, FileNotFoundError, FileExistsError, ImportError) as error:
+    except (ValueError, OSError, ImportError, TrainingError) as error:  # OSError: files, disks, permissions
         print(f"moekit {args.command}: error: {error}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"moekit {args.command}: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -315,3 +315,106 @@ def _env() -> dict:
     import os
 
     return {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+# ---------------------------------------------------------------------------------------------- faults under torchrun
+def _launch(tmp_path, run_dict: dict, out: str = "run") -> subprocess.Popen:
+    """torchrun -m moekit train --ep 2 on 2 processes, in a session of its own (so a test can signal the group)."""
+    config = tmp_path / "run.json"
+    config.write_text(json.dumps(run_dict))
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "moekit",
+               "train", "--config", str(config), "--ep", "2", "--out", str(tmp_path / out), "--no-progress"]
+    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(),
+                            start_new_session=True)
+
+
+def _long_run(**train) -> dict:
+    run = _run_dict(100000, ep=2)
+    run["train"].update({"checkpoint_interval": 100000, **train})
+    return run
+
+
+def _wait_steps(run_dir, n: int, process: subprocess.Popen, timeout: float = 180) -> None:
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        log = run_dir / "metrics.jsonl"
+        if log.is_file() and sum('"train"' in line for line in log.read_text().splitlines()) >= n:
+            return
+        assert process.poll() is None, process.communicate()
+        time.sleep(0.1)
+    raise AssertionError(f"fewer than {n} steps in {timeout} s")
+
+
+def _worker_pids(agent: int) -> dict[int, int]:
+    """rank -> pid of the workers torchrun started."""
+    from pathlib import Path
+
+    pids = {}
+    for task in Path(f"/proc/{agent}/task").iterdir():
+        for child in (task / "children").read_text().split():
+            env = Path(f"/proc/{child}/environ").read_bytes().split(b"\0")
+            rank = next((int(item[5:]) for item in env if item.startswith(b"RANK=")), None)
+            if rank is not None:
+                pids[rank] = int(child)
+    return pids
+
+
+def _assert_one_consistent_checkpoint(run_dir) -> int:
+    path = find_checkpoint(run_dir, need="all")
+    meta = json.loads((path / "meta.json").read_text())
+    assert meta["layout"] == {"world_size": 2, "expert_parallel": 2}
+    steps = {torch.load(path / f"state-rank{r:05d}-of-00002.pt", weights_only=False)["step"] for r in range(2)}
+    assert steps == {meta["step"]}  # every rank saved the same step
+    return meta["step"]
+
+
+@pytest.mark.parametrize("how", ["ctrl-c to every process", "SIGTERM to torchrun"])
+def test_a_stop_under_torchrun_is_agreed_by_every_rank_and_writes_one_checkpoint(tmp_path, how):
+    import os
+    import signal
+
+    process = _launch(tmp_path, _long_run())
+    _wait_steps(tmp_path / "run", 5, process)
+    if how == "ctrl-c to every process":
+        os.killpg(process.pid, signal.SIGINT)  # what a terminal sends: torchrun and both ranks get it
+    else:
+        process.send_signal(signal.SIGTERM)  # what a scheduler sends torchrun; it forwards it to the ranks
+    out, err = process.communicate(timeout=120)
+    step = _assert_one_consistent_checkpoint(tmp_path / "run")
+    assert f"interrupted at step {step}" in out, (out, err[-3000:])
+    # it resumes, here in one process drawing the same micro-batches per step (2 ranks x 1 = 1 x grad_accum 2)
+    resumed = subprocess.run([sys.executable, "-m", "moekit", "train", "--resume", str(tmp_path / "run"),
+                              "--no-progress", "--set", "train.grad_accum=2", "--set", "train.expert_parallel=1",
+                              "--stop-at", str(step + 2)], capture_output=True, text=True, env=_env(), timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    reference = _run_dict(100000, grad_accum=2)  # the same planned schedule, stopped at the same step
+    reference["train"]["checkpoint_interval"] = 100000
+    Trainer(RunConfig.from_dict(reference), tmp_path / "one", progress=False).train(stop_at=step + 2)
+    curve, expected = _curve(tmp_path / "run"), _curve(tmp_path / "one")
+    assert len(curve) == step + 2 and max(abs(a - b) for a, b in zip(curve, expected, strict=True)) < 1e-4
+
+
+def test_a_stopped_rank_is_reported_within_the_collective_timeout(tmp_path):
+    import os
+    import signal
+
+    process = _launch(tmp_path, _long_run(collective_timeout_s=5, checkpoint_interval=2))
+    _wait_steps(tmp_path / "run", 5, process)
+    worker = _worker_pids(process.pid)[1]
+    os.kill(worker, signal.SIGSTOP)  # a hung peer: alive, silent
+    try:
+        out, err = process.communicate(timeout=150)  # torchrun ends once rank 0 gives up (and it kills rank 1)
+    finally:
+        for sig in (signal.SIGCONT, signal.SIGKILL):
+            try:
+                os.kill(worker, sig)
+            except ProcessLookupError:
+                pass
+    assert process.returncode != 0
+    line = next((ln for ln in err.splitlines() if "another rank stopped answering" in ln), None)
+    assert line is not None and line.startswith("moekit train: error: rank 0: ") and "collective_timeout_s=5" in line, \
+        err[-3000:]
+    assert "the last checkpoint (step " in line
+    _assert_one_consistent_checkpoint(tmp_path / "run")  # the checkpoints before the hang are intact

@@ -2,44 +2,15 @@
 
 import json
 import warnings
-from pathlib import Path
 
 import pytest
 import torch
+from run_helpers import SMALL, small_run, weights
 
 from moekit.cli import load_run_dict, main, preset_names
-from moekit.config import RunConfig, apply_overrides
+from moekit.config import RunConfig
 from moekit.train import loop as loop_module
 from moekit.train.loop import Trainer
-
-TEXT = ("To be, or not to be, that is the question:\nWhether 'tis nobler in the mind to suffer\n"
-        "The slings and arrows of outrageous fortune,\nOr to take arms against a sea of troubles\n") * 40
-
-SMALL = ["model.hidden_size=32", "model.moe.hidden_size=32", "model.num_hidden_layers=2",
-         "model.num_attention_heads=2", "model.intermediate_size=64", "model.max_position_embeddings=64",
-         "train.block_size=32", "train.batch_size=4", "train.eval_batches=2", "train.eval_interval=5",
-         "train.log_interval=1", "train.checkpoint_interval=5", "train.warmup_steps=2", "train.lr=0.01"]
-
-
-@pytest.fixture
-def corpus(tmp_path: Path) -> Path:
-    path = tmp_path / "corpus.txt"
-    path.write_text(TEXT)
-    return path
-
-
-def small_run(preset: str, corpus: Path, *extra: str) -> RunConfig:
-    values = load_run_dict(preset, None)
-    overrides = [item for item in SMALL if values["model"].get("moe") or not item.startswith("model.moe.")]
-    if values["model"].get("moe") and values["model"]["moe"].get("n_shared_experts"):
-        overrides.append("model.moe.shared_expert_intermediate_size=32")
-    if values["model"].get("moe"):
-        overrides.append("model.moe.moe_intermediate_size=32")
-    return RunConfig.from_dict(apply_overrides(values, [*overrides, f"train.data={corpus}", *extra]))
-
-
-def weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
 @pytest.mark.parametrize("preset", preset_names())
@@ -97,7 +68,8 @@ def test_default_cli_path_trains_reports_generates_and_evaluates(tmp_path, capsy
     out = tmp_path / "run"
     code = main(["train", "--out", str(out), "--max-steps", "3", "--no-progress", *[f"--set={s}" for s in SMALL]])
     assert code == 0
-    for name in ("config.json", "metrics.jsonl", "report.md", "checkpoint/model.safetensors", "tokenizer"):
+    for name in ("config.json", "metrics.jsonl", "report.md", "checkpoints/step-00000003/model.safetensors",
+                 "tokenizer"):
         assert (out / name).exists(), name
     assert json.loads((out / "config.json").read_text())["name"] == "tiny-mixtral"
     assert main(["generate", str(out), "--prompt", "ROMEO:", "--max-new-tokens", "5", "--seed", "0"]) == 0
@@ -159,7 +131,7 @@ def test_resume_refuses_a_changed_model(corpus, tmp_path):
 
 def test_corrupt_checkpoint_is_refused_clearly(corpus, tmp_path):
     Trainer(small_run("dense", corpus, "train.max_steps=2"), tmp_path / "run", progress=False).train()
-    (tmp_path / "run" / "checkpoint" / "model.safetensors").write_bytes(b"not a safetensors file")
+    (tmp_path / "run" / "checkpoints" / "step-00000002" / "model.safetensors").write_bytes(b"not a safetensors file")
     with pytest.raises(ValueError, match="corrupt"):
         Trainer(small_run("dense", corpus, "train.max_steps=4"), tmp_path / "run", resume=True, progress=False)
 
@@ -174,8 +146,8 @@ def test_soft_moe_needs_an_explicit_opt_in_and_expert_choice_warns(corpus, tmp_p
 
 def test_checkpoint_swap_leaves_no_temporary_directories(corpus, tmp_path):
     Trainer(small_run("dense", corpus, "train.max_steps=10"), tmp_path / "run", progress=False).train()
-    names = sorted(p.name for p in (tmp_path / "run").iterdir())
-    assert "checkpoint" in names and not any(n.startswith("checkpoint.") for n in names)
+    names = sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir())
+    assert names == ["step-00000005", "step-00000010"]  # the newest two (train.keep_checkpoints), nothing else
 
 
 def test_optimizer_is_the_fused_adamw_and_steps_like_the_plain_one():

@@ -1,37 +1,60 @@
-"""Atomic checkpoints: safetensors weights, JSON config, optimiser/scheduler/RNG/data-position state.
+"""Checkpoints that survive any crash: one folder per step, published by one rename, verified by checksums.
 
-Layout of a run directory:
-    config.json               the RunConfig (model + train)
-    checkpoint/model.safetensors
-    checkpoint/state.pt       optimiser, scheduler, RNG states, sampler position, step
-    checkpoint/meta.json      step, tokens seen, config hash
-A checkpoint is written to `checkpoint.tmp/`, then swapped in with renames, so a crash at any
-moment leaves either the previous checkpoint or the new one, never a half-written one.
+Layout of a run directory's checkpoints:
+    checkpoints/step-00000100/model.safetensors   the weights
+    checkpoints/step-00000100/state.pt            optimiser, scheduler, RNG states, sampler position, step
+    checkpoints/step-00000100/meta.json           written last: step, tokens, config hash, and the size and
+                                                  sha256 of every other file of the folder
+A checkpoint is written into `checkpoints/.step-N.tmp-HOST-PID-X/`, made durable, and published with one rename,
+so a crash at any moment leaves every published checkpoint as it was. Nothing older is deleted before the new one
+is published; then only the newest `keep` (`train.keep_checkpoints`) stay. Saving a step that already has a
+checkpoint (a resume that falls back to an older one and reaches the damaged step again) sets the old folder aside
+as `.step-N.replaced-*` until the new one is in place, and a set-aside folder is itself a fallback for loading.
+
+Loading (`find_checkpoint`) takes the newest checkpoint whose files match their checksums, and when the newest is
+damaged falls back to the previous complete one with a warning naming both. Weights-only readers (eval, generate,
+export) check only the weight files, so a damaged optimiser state does not stop them.
 
 A run trained with expert parallelism (`--ep E` under torchrun) saves per rank into the same folder:
-    checkpoint/model.safetensors                       every tensor but the routed experts' (rank 0)
-    checkpoint/experts-0000j-of-0000E.safetensors      expert-parallel rank j's slice of every layer's experts
-    checkpoint/state-rank0000r-of-0000W.pt             rank r's optimiser slice, RNG and the shared positions
-    checkpoint/meta.json                               + "layout": {"world_size": W, "expert_parallel": E}
-`read_model_state` joins the expert slices, so every single-process tool (generate, eval, export) reads it,
-and `load_training_state` re-slices weights and optimiser moments for any other layout (resharding on load).
+    model.safetensors                       every tensor but the routed experts' (rank 0)
+    experts-0000j-of-0000E.safetensors      expert-parallel rank j's slice of every layer's experts
+    state-rank0000r-of-0000W.pt             rank r's optimiser slice, RNG and the shared positions
+    meta.json                               + "layout": {"world_size": W, "expert_parallel": E}
+`read_model_state` joins the expert slices, so every single-process tool reads it, and `load_training_state`
+re-slices weights and optimiser moments for any other layout (resharding on load).
+
+Runs written before this layout have `checkpoint/` (and after a crash `checkpoint.old/`) without checksums; they
+are still found and loaded, and pruned once newer checkpoints exist.
 """
 
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
+import re
 import shutil
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import nn
 
-from .._files import swap_in, write_json
+from .._files import StorageError, format_bytes, fsync_dir, storage_faults, temp_sibling
 
-CHECKPOINT_DIR = "checkpoint"
+CHECKPOINTS_DIR = "checkpoints"
+LEGACY_DIRS = ("checkpoint", "checkpoint.old")
+META_FILE = "meta.json"
+WEIGHTS_FILE = "model.safetensors"
+STATE_FILE = "state.pt"
+_STEP_DIR = re.compile(r"^step-(\d+)$")
+_ASIDE_DIR = re.compile(r"^\.step-(\d+)\.replaced-")
+
+Need = Literal["weights", "all"]
 
 
 def expert_shard_name(ep_rank: int, ep_size: int) -> str:
@@ -42,42 +65,154 @@ def state_name(rank: int, world_size: int) -> str:
     return f"state-rank{rank:05d}-of-{world_size:05d}.pt"
 
 
+def step_dir_name(step: int) -> str:
+    """The folder name of the checkpoint of `step` (zero-padded, so names sort by step)."""
+    return f"step-{step:08d}"
+
+
 def config_hash(model_config: dict[str, Any]) -> str:
     """A short stable hash of the model config, to refuse resuming a changed model."""
     return hashlib.sha256(json.dumps(model_config, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def save_checkpoint(run_dir: Path, model: nn.Module, model_config: dict[str, Any], training_state: dict[str, Any],
-                    meta: dict[str, Any]) -> Path:
-    """Write `run_dir/checkpoint` atomically and return its path."""
-    from safetensors.torch import save_model
+class CheckpointDamaged(ValueError):
+    """A checkpoint folder whose files are missing, cut short or do not match their checksums."""
 
+
+# =============================================================================================== finding
+@dataclass(frozen=True)
+class Candidate:
+    """A checkpoint folder that may be loadable: published, set aside during a replace, or of the old layout."""
+
+    path: Path
+    step: int
+    kind: Literal["published", "set-aside", "legacy"]
+
+
+def _legacy_step(path: Path) -> int:
+    try:
+        meta = json.loads((path / META_FILE).read_text())
+        return int(meta["step"]) if isinstance(meta, dict) else -1
+    except (OSError, ValueError, KeyError, TypeError):
+        return -1
+
+
+def checkpoint_candidates(run_dir: Path) -> list[Candidate]:
+    """Every checkpoint folder of a run, newest step first (published before set-aside before old-layout)."""
     run_dir = Path(run_dir)
-    final, tmp, old = run_dir / CHECKPOINT_DIR, run_dir / f"{CHECKPOINT_DIR}.tmp", run_dir / f"{CHECKPOINT_DIR}.old"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_model(model, str(tmp / "model.safetensors"))
-    torch.save(training_state, tmp / "state.pt")
-    write_json(tmp / "meta.json", {**meta, "config_hash": config_hash(model_config)})
-    for f in tmp.iterdir():  # make the bytes durable before the rename publishes them
-        with open(f, "rb") as handle:
-            os.fsync(handle.fileno())
-    shutil.rmtree(old, ignore_errors=True)
-    swap_in(tmp, final, old)
-    return final
+    found: list[Candidate] = []
+    root = run_dir / CHECKPOINTS_DIR
+    if root.is_dir():
+        for entry in root.iterdir():
+            if not entry.is_dir():
+                continue
+            if match := _STEP_DIR.match(entry.name):
+                found.append(Candidate(entry, int(match.group(1)), "published"))
+            elif match := _ASIDE_DIR.match(entry.name):
+                found.append(Candidate(entry, int(match.group(1)), "set-aside"))
+    for name in LEGACY_DIRS:
+        if (run_dir / name).is_dir():
+            found.append(Candidate(run_dir / name, _legacy_step(run_dir / name), "legacy"))
+    order = {"published": 0, "set-aside": 1, "legacy": 2}
+    return sorted(found, key=lambda c: (-c.step, order[c.kind], c.path.name))
 
 
-def find_checkpoint(run_dir: Path) -> Path:
-    """The newest complete checkpoint of a run (falls back to `checkpoint.old` after a crash mid-swap)."""
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def read_meta(path: Path) -> dict[str, Any]:
+    """A checkpoint folder's meta.json, checked to be a checkpoint record (else CheckpointDamaged)."""
+    file = Path(path) / META_FILE
+    if not file.is_file():
+        raise CheckpointDamaged(f"{file.name} is missing (the checkpoint was not completed)")
+    try:
+        meta = json.loads(file.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise CheckpointDamaged(f"{file.name} is not valid JSON ({error})") from error
+    if not isinstance(meta, dict):
+        raise CheckpointDamaged(f"{file.name} holds a {type(meta).__name__}, not a checkpoint record")
+    if not isinstance(meta.get("step"), int) or isinstance(meta.get("step"), bool) or meta["step"] < 0:
+        raise CheckpointDamaged(f"{file.name} has no valid step")
+    if "files" in meta and not isinstance(meta["files"], dict):
+        raise CheckpointDamaged(f"{file.name} has a damaged file list")
+    return meta
+
+
+def _weight_files(meta: dict[str, Any]) -> list[str]:
+    names = [WEIGHTS_FILE]
+    layout = meta.get("layout")
+    if isinstance(layout, dict) and isinstance(layout.get("expert_parallel"), int):
+        names += [expert_shard_name(j, layout["expert_parallel"]) for j in range(layout["expert_parallel"])]
+    return names
+
+
+def _state_files(meta: dict[str, Any]) -> list[str]:
+    layout = meta.get("layout")
+    if isinstance(layout, dict) and isinstance(layout.get("world_size"), int):
+        return [state_name(r, layout["world_size"]) for r in range(layout["world_size"])]
+    return [STATE_FILE]
+
+
+def verify_checkpoint(path: Path, need: Need = "all") -> dict[str, Any]:
+    """Check a checkpoint folder's files against meta.json; return the meta, or raise CheckpointDamaged.
+
+    `need="weights"` checks only the weight files (what eval, generate and export read); `"all"` also the
+    training state (what a resume reads). Old-layout checkpoints carry no checksums: their files must exist.
+    """
+    path = Path(path)
+    meta = read_meta(path)
+    wanted = _weight_files(meta) + (_state_files(meta) if need == "all" else [])
+    recorded = meta.get("files")
+    for name in wanted:
+        file = path / name
+        if not file.is_file():
+            raise CheckpointDamaged(f"{name} is missing")
+        if recorded is None:  # an old-layout checkpoint: no checksums to compare with
+            continue
+        entry = recorded.get(name)
+        if not isinstance(entry, dict):
+            raise CheckpointDamaged(f"{name} is not listed in {META_FILE}")
+        size = file.stat().st_size
+        if size != entry.get("size"):
+            raise CheckpointDamaged(f"{name} has {size} bytes, {META_FILE} records {entry.get('size')}")
+        if _sha256(file) != entry.get("sha256"):
+            raise CheckpointDamaged(f"{name} does not match its sha256 checksum (the file is corrupt)")
+    return meta
+
+
+def find_checkpoint(run_dir: Path, need: Need = "weights") -> Path:
+    """The newest complete checkpoint of a run (see `verify_checkpoint` for `need`).
+
+    When the newest is damaged, the previous complete one is returned and a warning names both. Raises
+    FileNotFoundError when the run has no checkpoint at all, and CheckpointDamaged (a ValueError) naming every
+    candidate's problem when none is complete.
+    """
     run_dir = Path(run_dir)
-    for name in (CHECKPOINT_DIR, f"{CHECKPOINT_DIR}.old"):
-        path = run_dir / name
-        if (path / "meta.json").is_file() and (path / "model.safetensors").is_file():
-            return path
-    raise FileNotFoundError(f"no checkpoint in {run_dir}: expected {run_dir / CHECKPOINT_DIR}/model.safetensors; "
-                            "train first with `moekit train --out DIR`, or pass the run directory it wrote")
+    candidates = checkpoint_candidates(run_dir)
+    if not candidates:
+        raise FileNotFoundError(f"no checkpoint in {run_dir}: expected {run_dir / CHECKPOINTS_DIR}/step-N/; "
+                                "train first with `moekit train --out DIR`, or pass the run directory it wrote")
+    problems: list[str] = []
+    for candidate in candidates:
+        try:
+            verify_checkpoint(candidate.path, need)
+        except CheckpointDamaged as error:
+            problems.append(f"{candidate.path}: {error}")
+            continue
+        if problems:
+            warnings.warn(f"checkpoint {problems[0]}; loading the previous complete checkpoint {candidate.path} "
+                          f"(step {candidate.step}) instead", stacklevel=2)
+        return candidate.path
+    raise CheckpointDamaged(f"no complete checkpoint in {run_dir}: " + "; ".join(problems)
+                            + ". The run cannot be resumed from these files; start it again (--overwrite)")
 
 
+# =============================================================================================== reading
 def _damaged(path: Path, error: Exception) -> ValueError:
     first = str(error).strip().splitlines()[0][:300] if str(error).strip() else type(error).__name__
     return ValueError(f"checkpoint {path} does not fit this model or is corrupt ({first}); "
@@ -90,8 +225,8 @@ def read_model_state(path: Path) -> dict[str, torch.Tensor]:
 
     path = Path(path)
     try:
-        state = load_file(str(path / "model.safetensors"))
-        layout = _read_meta(path).get("layout")
+        state = load_file(str(path / WEIGHTS_FILE))
+        layout = read_meta(path).get("layout")
         if layout is not None:
             ep = layout["expert_parallel"]
             slices = [load_file(str(path / expert_shard_name(j, ep))) for j in range(ep)]
@@ -126,7 +261,7 @@ def _load_into(model: nn.Module, state: dict[str, torch.Tensor], path: Path) -> 
 
 
 def load_weights(path: Path, model: nn.Module, expert_slices: dict[str, slice] | None = None) -> None:
-    """Load a checkpoint into `model`, with a clear error when shapes or names differ.
+    """Load a checkpoint folder into `model`, with a clear error when shapes or names differ.
 
     `expert_slices` maps the names of sharded expert tensors to the rows this rank holds (expert parallelism);
     the checkpoint may have been saved with any layout.
@@ -138,20 +273,15 @@ def load_weights(path: Path, model: nn.Module, expert_slices: dict[str, slice] |
     _load_into(model, state, path)
 
 
-def _read_meta(path: Path) -> dict[str, Any]:
-    try:
-        return json.loads((path / "meta.json").read_text())
-    except json.JSONDecodeError as error:
-        raise ValueError(f"checkpoint {path} is corrupt (meta.json: {error}); "
-                         "delete it or resume another run") from error
-
-
 def _torch_load(file: Path) -> dict[str, Any]:
     try:
-        return torch.load(file, weights_only=False, map_location="cpu")  # the optimiser moves state to its params
+        state = torch.load(file, weights_only=False, map_location="cpu")  # the optimiser moves state to its params
     except Exception as error:  # torch raises several types for a damaged or missing pickle
         raise ValueError(f"checkpoint {file.parent} is corrupt or incomplete ({file.name}: {error}); "
                          "delete it or resume another run") from error
+    if not isinstance(state, dict):
+        raise ValueError(f"checkpoint {file.parent} is corrupt ({file.name} holds no training state)")
+    return state
 
 
 def load_checkpoint(run_dir: Path, model: nn.Module, model_config: dict[str, Any]) -> tuple[dict[str, Any], dict]:
@@ -167,25 +297,24 @@ def load_checkpoint(run_dir: Path, model: nn.Module, model_config: dict[str, Any
 def load_training_state(run_dir: Path, model: nn.Module, model_config: dict[str, Any], rank: int, world_size: int,
                         expert_slices: dict[str, slice] | None, param_names: list[str] | None = None,
                         ) -> tuple[dict[str, Any], dict]:
-    """Load this rank's weights and training state from a checkpoint saved with any layout.
+    """Load this rank's weights and training state from the newest complete checkpoint, saved with any layout.
 
     With the layout it was saved with, rank r gets its own state file back (an exact resume). Otherwise the
     optimiser state is rebuilt: every tensor's moments from rank 0's file, the experts' joined over the saved
     expert-parallel ranks and cut to `expert_slices` (a single process: joined whole), and the RNG of rank 0.
     `param_names` names the optimiser's parameters in order (needed only to reshard a sharded optimiser).
     """
-    path = find_checkpoint(run_dir)
-    meta = _read_meta(path)
+    path = find_checkpoint(run_dir, need="all")
+    meta = read_meta(path)
     if meta.get("config_hash") != config_hash(model_config):
         raise ValueError(f"cannot resume {run_dir}: the model config differs from the one it was trained with (or "
-                         "train.init_from does); resume without changing model fields or train.init_from (training "
-                         "fields like max_steps may change)")
+                         "train.init_from does); resume without changing model fields or train.init_from")
     load_weights(path, model, expert_slices)
     layout = meta.get("layout")
     if layout is None:  # a single-process checkpoint: one state file, nothing sharded
         if not expert_slices:
-            return _torch_load(path / "state.pt"), meta
-        saved_world, saved_ep, files = 1, 1, [path / "state.pt"]
+            return _torch_load(path / STATE_FILE), meta
+        saved_world, saved_ep, files = 1, 1, [path / STATE_FILE]
     else:
         saved_world, saved_ep = layout["world_size"], layout["expert_parallel"]
         files = [path / state_name(j, saved_world) for j in range(saved_ep)]
@@ -221,51 +350,186 @@ def _same_slices(saved: dict[str, tuple[int, int]] | None, wanted: dict[str, sli
     return saved is not None and saved == {name: _slice_bounds(rows) for name, rows in wanted.items()}
 
 
-def save_sharded_checkpoint(run_dir: Path, model: nn.Module, model_config: dict[str, Any],
-                            training_state: dict[str, Any], meta: dict[str, Any], *, rank: int, world_size: int,
-                            ep_rank: int, ep_size: int, dp_rank: int, expert_slices: dict[str, slice],
-                            barrier) -> Path:
-    """Every rank's part of one atomic checkpoint (call on all ranks at once; `barrier()` syncs them).
-
-    Rank 0 writes the replicated tensors and meta.json; the first data-parallel replica of each expert slice
-    writes that slice; every rank writes its own state file (its optimiser slice and RNG). The folder is
-    swapped in by rank 0 after every rank has written and synced its files.
-    """
-    from safetensors.torch import save_file
-
-    run_dir = Path(run_dir)
-    final, tmp, old = run_dir / CHECKPOINT_DIR, run_dir / f"{CHECKPOINT_DIR}.tmp", run_dir / f"{CHECKPOINT_DIR}.old"
-    if rank == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    barrier()
-    written = []
+# =============================================================================================== writing
+def _unique_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The model's state as CPU tensors, a tied tensor once (under its first name)."""
     tensors, seen = {}, set()
     for name, tensor in model.state_dict().items():
-        if tensor.numel() and tensor.data_ptr() in seen:  # a tied tensor is saved once, under its first name
+        if tensor.numel() and tensor.data_ptr() in seen:
             continue
         seen.add(tensor.data_ptr())
         tensors[name] = tensor.detach().contiguous().cpu()
-    if rank == 0:
-        dense = {name: t for name, t in tensors.items() if name not in expert_slices}
-        save_file(dense, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        written.append(tmp / "model.safetensors")
-    if dp_rank == 0:
-        mine = {name: tensors[name] for name in expert_slices}
-        shard = tmp / expert_shard_name(ep_rank, ep_size)
-        save_file(mine, str(shard), metadata={"format": "pt"})
-        written.append(shard)
-    state = {**training_state, "expert_slices": {n: _slice_bounds(r) for n, r in expert_slices.items()}}
-    torch.save(state, tmp / state_name(rank, world_size))
-    written.append(tmp / state_name(rank, world_size))
-    for f in written:  # make the bytes durable before the rename publishes them
-        with open(f, "rb") as handle:
-            os.fsync(handle.fileno())
-    barrier()
-    if rank == 0:
-        write_json(tmp / "meta.json", {**meta, "config_hash": config_hash(model_config),
-                                       "layout": {"world_size": world_size, "expert_parallel": ep_size}})
-        shutil.rmtree(old, ignore_errors=True)
-        swap_in(tmp, final, old)
-    barrier()
+    return tensors
+
+
+def safetensors_bytes(tensors: dict[str, torch.Tensor]) -> bytes:
+    """`tensors` serialised as one safetensors file."""
+    from safetensors.torch import save
+
+    return save(tensors, metadata={"format": "pt"})
+
+
+def torch_bytes(obj: Any) -> bytes:
+    """`obj` serialised with torch.save (in memory, so a failing disk write keeps its errno)."""
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    return buffer.getvalue()
+
+
+def _write_file(path: Path, data: bytes) -> dict[str, Any]:
+    with open(path, "wb") as handle:
+        handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())
+    return {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+
+
+def _check_free_space(root: Path, needed: int) -> None:
+    probe = root
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    free = shutil.disk_usage(probe).free
+    if free < needed:
+        raise StorageError(28, f"no space left for the checkpoint in {root}: it needs {format_bytes(needed)}, "
+                               f"{format_bytes(free)} free; free some space (older checkpoints are kept until a "
+                               "new one is complete) or lower train.keep_checkpoints")
+
+
+def _publish(tmp: Path, final: Path) -> None:
+    """Rename the complete folder `tmp` to `final`; an existing `final` waits aside until the rename is done."""
+    if final.exists():
+        aside = final.parent / f".{final.name}.replaced-{tmp.name.rsplit('-', 1)[-1]}"
+        os.replace(final, aside)
+        os.replace(tmp, final)
+        fsync_dir(final.parent)
+        shutil.rmtree(aside, ignore_errors=True)
+    else:
+        os.replace(tmp, final)
+        fsync_dir(final.parent)
+
+
+def prune_checkpoints(run_dir: Path, keep: int) -> list[Path]:
+    """Delete all but the newest `keep` published checkpoints, set-aside and old-layout folders older than
+    those, and temporary folders of dead writers. Returns what was deleted."""
+    candidates = checkpoint_candidates(run_dir)
+    published = [c for c in candidates if c.kind == "published"]
+    kept = published[:keep]
+    oldest_kept = kept[-1].step if kept else -1
+    doomed = [c.path for c in published[keep:]]
+    doomed += [c.path for c in candidates if c.kind != "published" and len(kept) >= keep and c.step <= oldest_kept]
+    root = Path(run_dir) / CHECKPOINTS_DIR
+    if root.is_dir():  # a temporary folder here is never a live writer's: the run lock admits one trainer
+        doomed += [p for p in root.iterdir() if p.name.startswith(".step-") and ".tmp-" in p.name]
+    for path in doomed:
+        shutil.rmtree(path, ignore_errors=True)
+    return doomed
+
+
+def _model_bytes_estimate(tensors: dict[str, torch.Tensor]) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors.values())
+
+
+def save_checkpoint(run_dir: Path, model: nn.Module, model_config: dict[str, Any], training_state: dict[str, Any],
+                    meta: dict[str, Any], keep: int = 2) -> Path:
+    """Write the checkpoint of step `meta["step"]` atomically, keep the newest `keep`, and return its folder.
+
+    Raises StorageError (one line: what, where, space needed) on a full or read-only disk; the temporary folder is
+    removed and every earlier checkpoint is left as it was.
+    """
+    run_dir = Path(run_dir)
+    root = run_dir / CHECKPOINTS_DIR
+    final = root / step_dir_name(int(meta["step"]))
+    files = {WEIGHTS_FILE: safetensors_bytes(_unique_tensors(model)), STATE_FILE: torch_bytes(training_state)}
+    needed = sum(len(data) for data in files.values())
+    tmp = temp_sibling(final)
+    try:
+        with storage_faults("checkpoint", final, needed):
+            root.mkdir(parents=True, exist_ok=True)
+            _check_free_space(root, needed)
+            tmp.mkdir()
+            record = {name: _write_file(tmp / name, data) for name, data in files.items()}
+            _write_file(tmp / META_FILE, _meta_bytes(meta, model_config, record))
+            fsync_dir(tmp)
+            _publish(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    prune_checkpoints(run_dir, keep)
     return final
+
+
+def _meta_bytes(meta: dict[str, Any], model_config: dict[str, Any], files: dict[str, Any],
+                layout: dict[str, int] | None = None) -> bytes:
+    record = {**meta, "config_hash": config_hash(model_config), "files": files}
+    if layout is not None:
+        record["layout"] = layout
+    return (json.dumps(record, indent=2, sort_keys=True) + "\n").encode("utf-8")
+
+
+def save_sharded_checkpoint(run_dir: Path, model: nn.Module, model_config: dict[str, Any],
+                            training_state: dict[str, Any], meta: dict[str, Any], *, rank: int, world_size: int,
+                            ep_rank: int, ep_size: int, dp_rank: int, expert_slices: dict[str, slice],
+                            all_ok: Callable[[bool], bool], keep: int = 2) -> Path:
+    """Every rank's part of one atomic checkpoint (call on all ranks at once).
+
+    `all_ok(flag)` is a collective that returns True only when every rank passed True; it stands in for a
+    barrier, so a rank whose write failed makes every rank stop with an error instead of waiting. Rank 0 writes
+    the replicated tensors, then, once all files are written and synced, meta.json with every file's checksum, and
+    publishes the folder.
+    """
+    run_dir = Path(run_dir)
+    root = run_dir / CHECKPOINTS_DIR
+    final = root / step_dir_name(int(meta["step"]))
+    tmp = root / f".{final.name}.tmp-sharded"  # one name every rank can compute; the run lock admits one job
+    tensors = _unique_tensors(model)
+    files: dict[str, bytes] = {}
+    if rank == 0:
+        files[WEIGHTS_FILE] = safetensors_bytes({n: t for n, t in tensors.items() if n not in expert_slices})
+    if dp_rank == 0:
+        files[expert_shard_name(ep_rank, ep_size)] = safetensors_bytes({n: tensors[n] for n in expert_slices})
+    state = {**training_state, "expert_slices": {n: _slice_bounds(r) for n, r in expert_slices.items()}}
+    files[state_name(rank, world_size)] = torch_bytes(state)
+    needed = sum(len(data) for data in files.values())
+    error: BaseException | None = None
+    if rank == 0:
+        try:
+            with storage_faults("checkpoint", final, needed):
+                root.mkdir(parents=True, exist_ok=True)
+                shutil.rmtree(tmp, ignore_errors=True)
+                tmp.mkdir()
+        except Exception as caught:
+            error = caught
+    if not all_ok(error is None):
+        _raise_shard_error(error, final)
+    try:
+        with storage_faults("checkpoint", final, needed):
+            for name, data in files.items():
+                _write_file(tmp / name, data)
+    except Exception as caught:
+        error = caught
+    if not all_ok(error is None):
+        if rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        _raise_shard_error(error, final)
+    if rank == 0:
+        try:
+            with storage_faults("checkpoint", final, needed):
+                layout = {"world_size": world_size, "expert_parallel": ep_size}
+                record = {p.name: {"size": p.stat().st_size, "sha256": _sha256(p)} for p in sorted(tmp.iterdir())}
+                _write_file(tmp / META_FILE, _meta_bytes(meta, model_config, record, layout))
+                fsync_dir(tmp)
+                _publish(tmp, final)
+                prune_checkpoints(run_dir, keep)
+        except Exception as caught:
+            shutil.rmtree(tmp, ignore_errors=True)
+            error = caught
+    if not all_ok(error is None):
+        _raise_shard_error(error, final)
+    return final
+
+
+def _raise_shard_error(error: BaseException | None, final: Path) -> None:
+    if error is not None:
+        raise error
+    raise RuntimeError(f"the checkpoint {final} was not written: another rank failed to write its part (its error "
+                       "is in its own log); every earlier checkpoint is kept")

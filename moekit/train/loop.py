@@ -1,13 +1,24 @@
-"""The trainer: AdamW, warmup + cosine, clipping, accumulation, autocast, eval, balancer hooks,
-JSONL metrics, progress, atomic checkpoints and exact resume."""
+"""The trainer: AdamW, warmup + cosine, clipping, accumulation, autocast, eval, balancer hooks, JSONL metrics,
+progress, checkpoints, exact resume, and the guarantees that keep a run from losing data or going silently wrong.
+
+How a run is set up (`Trainer.__init__`): everything that can fail on bad input (the config, `train.init_from`,
+the corpus, the tokenizer, the split sizes) is checked in memory first; only then is the run directory created
+(or an old run set aside for `--overwrite`), locked, and its config, tokenizer and token cache written. A failure
+while writing removes the new directory and puts the old run back.
+
+How a step ends (`Trainer.train`): signals (Ctrl-C, SIGTERM) are taken only between whole steps
+(`moekit.train.interrupts`); a non-finite loss or gradient norm skips the step within `train.max_skipped_steps`,
+else stops training with `NonFiniteTraining` and no checkpoint of it; a checkpoint is never written from
+non-finite weights or optimiser state.
+"""
 
 from __future__ import annotations
 
 import contextlib
-import copy
 import json
 import math
 import shutil
+import sys
 import time
 import warnings
 from dataclasses import dataclass
@@ -16,12 +27,20 @@ from typing import Any
 
 import torch
 
-from ..config import ModelConfig, RunConfig, apply_overrides
-from ..layer import update_aux_free_biases
+from .._files import append_line, read_json_lines, remove_stale_temps, storage_faults, write_json
+from ..config import RunConfig
+from ..layer import MoELayer
 from ..model import MoETransformer
 from . import checkpoint as ckpt
+from . import rundir
 from .data import BatchSampler, TokenDataset, build_tokenizer, iter_eval_batches, load_tokenizer
-from .parallel import TrainParallel, wants_parallel
+from .errors import NonFiniteTraining
+from .init_from import _model_from_checkpoint, init_from_values
+from .interrupts import StopSignals
+from .parallel import LocalParallel, TrainParallel, wants_parallel
+from .resume import check_resume_changes, lr_factor, planned_total, resume_changes
+
+__all__ = ["TrainResult", "Trainer", "build_optimizer", "init_from_values", "lr_factor", "make_adamw"]
 
 
 @dataclass
@@ -33,6 +52,7 @@ class TrainResult:
     tokens: int
     val_loss: float | None
     interrupted: bool = False
+    forced: bool = False  # a repeated signal stopped it at once: `step` is the last checkpoint's, not the last run
 
 
 def resolve_device(name: str) -> torch.device:
@@ -52,14 +72,6 @@ def autocast_dtype(name: str, device: torch.device) -> torch.dtype | None:
     if device.type == "cuda" and torch.cuda.is_bf16_supported():
         return torch.bfloat16
     return None  # CPUs without bf16 matrix units run bf16 slower than fp32
-
-
-def lr_factor(step: int, warmup: int, total: int, min_ratio: float) -> float:
-    """Linear warmup to 1, then cosine down to `min_ratio` at `total` steps."""
-    if warmup and step < warmup:
-        return (step + 1) / warmup
-    progress = min(1.0, (step - warmup) / max(1, total - warmup))
-    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
 def make_adamw(params: Any, **hyperparameters: Any) -> torch.optim.AdamW:
@@ -97,108 +109,33 @@ def _moe_summary(stats: dict[int, dict[str, torch.Tensor]], with_load: bool = Tr
     return summary
 
 
-# ---------------------------------------------------------------------------------- starting from an HF checkpoint
-INIT_FROM_MOE_FIELDS = ("router_aux_loss_coef", "router_z_loss_coef", "importance_loss_coef", "load_loss_coef",
-                        "seq_aux_loss_coef", "aux_free_bias_update_rate", "router_jitter_noise", "capacity_factor",
-                        "expert_backend")
-"""`model.moe` fields a run started from `train.init_from` may set differently from the checkpoint: balancing,
-jitter, capacity and the expert backend change how the model trains, not the shape or meaning of its weights.
-Every other model field comes from the checkpoint's config.json and is refused if it differs."""
+def _check_router_use(run: RunConfig) -> None:
+    moe = run.model.moe
+    if moe is not None and moe.router == "soft" and not run.allow_token_mixing:
+        raise ValueError("router='soft' mixes every token of a sequence, future ones included, so a causal LM "
+                         "trained with it sees the future and its loss is not comparable; set "
+                         "allow_token_mixing: true (or --set allow_token_mixing=true) to train it anyway")
+    if moe is not None and moe.router == "expert_choice":
+        warnings.warn("router='expert_choice' lets each expert pick tokens across the whole batch, future "
+                      "tokens included: in a causal LM this leaks the future and lowers the loss for the wrong "
+                      "reason; do not compare its loss with token-choice runs", stacklevel=3)
 
 
-def _init_path(init_from: str) -> Path:
-    """The `train.init_from` folder, checked before anything is read or written."""
-    path = Path(init_from).expanduser()
-    if not path.exists():
-        raise FileNotFoundError(f"train.init_from={init_from!r} does not exist; pass the folder that `moekit merge` "
-                                "or `moekit upcycle` wrote (or another mixtral, qwen2_moe, glm4_moe or llama "
-                                "checkpoint folder)")
-    if not path.is_dir():
-        raise ValueError(f"train.init_from={init_from!r} is a file, not a folder; pass the checkpoint folder "
-                         "(the one holding config.json, the safetensors weights and tokenizer.json)")
-    if not (path / "tokenizer.json").is_file():
-        raise FileNotFoundError(f"train.init_from={init_from!r} has no tokenizer.json, which moekit train reads as "
-                                "the model's tokenizer; copy the base model's tokenizer files (tokenizer.json, "
-                                "tokenizer_config.json) into it")
-    return path
-
-
-def load_init_model(init_from: str) -> MoETransformer:
-    """`load_hf(init_from)` in float32, with errors that name `train.init_from`."""
-    from ..interop import load_hf
-
-    path = _init_path(init_from)
-    try:
-        return load_hf(path, dtype=torch.float32)
-    except (ValueError, FileNotFoundError) as err:
-        message = str(err).removeprefix("load_hf: ")
-        raise type(err)(f"train.init_from={init_from!r} cannot be loaded: {message}") from err
-
-
-def init_from_values(values: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """A run config dict whose model section is `train.init_from`'s, with `overrides` applied on top.
-
-    `values` is a preset or config file (a dict with `model` and `train` sections); `train.init_from` comes
-    from it or from `overrides` (`KEY=VALUE` items, as for :func:`moekit.config.apply_overrides`). Without
-    `init_from` this is `apply_overrides(values, overrides)`. With it, the model section is replaced by the
-    checkpoint's configuration before the overrides apply, so `model.moe.router_aux_loss_coef=0.01` adds a
-    balancing loss to the checkpoint's router, while a field outside :data:`INIT_FROM_MOE_FIELDS` that differs is
-    refused by `Trainer`. `train.init_from` is made absolute and the run is named after the folder. Use it for a
-    new run only; a resumed run's config.json already holds the model section.
-    """
-    train = {"train": dict(values.get("train") or {})}
-    init_items = [item for item in overrides if item.split("=", 1)[0].strip() == "train.init_from"]
-    init_from = apply_overrides(train, init_items)["train"].get("init_from")
-    if init_from is None:
-        return apply_overrides(values, list(overrides))
-    path = Path(str(init_from)).expanduser().resolve()
-    fresh = copy.deepcopy(values)
-    fresh["model"] = load_init_model(str(init_from)).config.to_dict()
-    fresh["name"] = path.name  # the preset's name would describe another model; `name=...` still wins
-    fresh = apply_overrides(fresh, list(overrides))
-    fresh["train"]["init_from"] = str(path)  # the run records where it came from
-    return fresh
-
-
-def _init_from_mismatches(given: ModelConfig, loaded: ModelConfig) -> list[str]:
-    """Fields of `given` that differ from the checkpoint's `loaded` config and may not."""
-    mine, theirs = given.to_dict(), loaded.to_dict()
-    my_moe, their_moe = mine.pop("moe"), theirs.pop("moe")
-    problems = [f"model.{key}={mine[key]!r} (the checkpoint has {theirs[key]!r})"
-                for key in mine if mine[key] != theirs[key]]
-    if (my_moe is None) != (their_moe is None):
-        problems.append(f"model.moe={'null' if my_moe is None else 'a section'} (the checkpoint is "
-                        f"{'dense' if their_moe is None else 'an MoE'})")
-    elif my_moe is not None:
-        problems += [f"model.moe.{key}={my_moe[key]!r} (the checkpoint has {their_moe[key]!r})"
-                     for key in my_moe if key not in INIT_FROM_MOE_FIELDS and my_moe[key] != their_moe[key]]
-    return problems
-
-
-def _model_from_checkpoint(config: ModelConfig, init_from: str) -> MoETransformer:
-    """A `MoETransformer(config)` holding the weights of `init_from` (float32)."""
-    loaded = load_init_model(init_from)
-    problems = _init_from_mismatches(config, loaded.config)
-    if problems:
-        raise ValueError(f"train.init_from={init_from!r}: the run's model section must be the checkpoint's, but "
-                         f"{'; '.join(problems[:4])}{' ...' if len(problems) > 4 else ''}. The checkpoint's weights "
-                         "fix these; only model.moe." + ", model.moe.".join(INIT_FROM_MOE_FIELDS) + " may change. "
-                         "Build the config with moekit.train.loop.init_from_values (the CLI does) or drop the "
-                         "override")
-    if loaded.config.moe is None:
-        warnings.warn(f"train.init_from={init_from!r} is a dense model (no MoE layers); it is trained as a dense "
-                      "model. To train an MoE, pass the folder `moekit merge` or `moekit upcycle` wrote",
-                      stacklevel=3)
-    model = MoETransformer(config)
-    result = model.load_state_dict(loaded.state_dict(), strict=False)
-    # an aux-free rate switched on gives a router a selection bias the checkpoint lacks: it starts at zero
-    missing = [name for name in result.missing_keys if not name.endswith("router.e_score_correction_bias")]
-    if missing or result.unexpected_keys:
-        name = (missing or result.unexpected_keys)[0]
-        raise ValueError(f"train.init_from={init_from!r}: tensor {name!r} is "
-                         f"{'missing from' if missing else 'not used by'} the model the run config describes; "
-                         "drop the model.moe override that changes it")
-    return model
+def _start_parallel(run: RunConfig) -> LocalParallel | TrainParallel:
+    t, moe = run.train, run.model.moe
+    if not wants_parallel(t.expert_parallel):
+        return LocalParallel()
+    if moe is None and t.expert_parallel > 1:
+        raise ValueError(f"--ep {t.expert_parallel} shards MoE experts, but this model is dense (model.moe is "
+                         "null); train it data parallel with --ep 1, or pick an MoE preset")
+    if moe is not None and moe.max_devices_per_token is not None and t.expert_parallel % moe.expert_devices:
+        raise ValueError(f"model.moe.max_devices_per_token={moe.max_devices_per_token} limits each token to a "
+                         f"few of model.moe.expert_devices={moe.expert_devices} expert blocks, but --ep "
+                         f"{t.expert_parallel} does not split into {moe.expert_devices} groups of ranks; set "
+                         f"--set model.moe.expert_devices={t.expert_parallel} (one block per rank) or to the "
+                         "number of nodes (node-limited routing)")
+    return TrainParallel.start(t.expert_parallel, resolve_device(t.device).type,
+                               moe.num_local_experts if moe is not None else None, timeout_s=t.collective_timeout_s)
 
 
 class Trainer:
@@ -208,120 +145,178 @@ class Trainer:
     model section must be the checkpoint's: see :func:`init_from_values`); a resumed run reads only its own
     checkpoint, never the folder again.
 
+    `resume=True` continues the run in `run_dir`; `run` may differ from its config.json only where
+    `moekit.train.resume` says a resume can honour it (`extend_schedule=True` allows a longer `max_steps`).
+    `read_only=True` opens a run for evaluation: weights only, no lock, nothing written.
+
     Launched by torchrun on several processes, every rank runs a Trainer: the experts are split over
     `train.expert_parallel` ranks and the rest is data parallel (`moekit.train.parallel`); `batch_size` is per
     rank, and rank 0 writes the logs. Checkpoints are saved per rank and resume at any layout.
     """
 
     def __init__(self, run: RunConfig, run_dir: Path, resume: bool = False, overwrite: bool = False,
-                 progress: bool = True) -> None:
+                 progress: bool = True, *, extend_schedule: bool = False, read_only: bool = False) -> None:
         self.run, self.run_dir, self.progress = run, Path(run_dir), progress
-        t = run.train
-        moe = run.model.moe
-        if moe is not None and moe.router == "soft" and not run.allow_token_mixing:
-            raise ValueError("router='soft' mixes every token of a sequence, future ones included, so a causal LM "
-                             "trained with it sees the future and its loss is not comparable; set "
-                             "allow_token_mixing: true (or --set allow_token_mixing=true) to train it anyway")
-        if moe is not None and moe.router == "expert_choice":
-            warnings.warn("router='expert_choice' lets each expert pick tokens across the whole batch, future "
-                          "tokens included: in a causal LM this leaks the future and lowers the loss for the wrong "
-                          "reason; do not compare its loss with token-choice runs", stacklevel=2)
-        self.parallel: TrainParallel | None = None
-        if wants_parallel(t.expert_parallel):
-            if moe is None and t.expert_parallel > 1:
-                raise ValueError(f"--ep {t.expert_parallel} shards MoE experts, but this model is dense (model.moe is "
-                                 "null); train it data parallel with --ep 1, or pick an MoE preset")
-            if moe is not None and moe.max_devices_per_token is not None \
-                    and t.expert_parallel % moe.expert_devices:
-                raise ValueError(f"model.moe.max_devices_per_token={moe.max_devices_per_token} limits each token to a "
-                                 f"few of model.moe.expert_devices={moe.expert_devices} expert blocks, but --ep "
-                                 f"{t.expert_parallel} does not split into {moe.expert_devices} groups of ranks; set "
-                                 f"--set model.moe.expert_devices={t.expert_parallel} (one block per rank) or to the "
-                                 "number of nodes (node-limited routing)")
-            self.parallel = TrainParallel.start(t.expert_parallel, resolve_device(t.device).type,
-                                                moe.num_local_experts if moe is not None else None)
-        main = self.parallel is None or self.parallel.is_main
-        init_model, init_tokenizer = None, None
-        if t.init_from is not None and not resume:  # before the run directory is touched: errors lose nothing
-            init_model = _model_from_checkpoint(run.model, t.init_from)
-            init_tokenizer = build_tokenizer(t)
-            if init_tokenizer.vocab_size > run.model.vocab_size:
-                raise ValueError(f"train.init_from={t.init_from!r}: its tokenizer.json has ids up to "
-                                 f"{init_tokenizer.vocab_size - 1}, but the model's embedding has only "
-                                 f"{run.model.vocab_size} rows (vocab_size); the tokenizer does not belong to this "
-                                 "model: copy the base model's tokenizer files into the folder")
-        if resume:
-            if not (self.run_dir / "config.json").is_file():
-                raise FileNotFoundError(f"cannot resume: {self.run_dir} has no config.json; pass a run directory "
-                                        "written by `moekit train`")
-        occupied = not resume and self.run_dir.exists() and any(self.run_dir.iterdir())
-        if occupied and not overwrite:
-            raise FileExistsError(f"{self.run_dir} already exists and is not empty; pass --overwrite to replace "
-                                  "it, --resume to continue it, or --out to choose another directory")
-        self._barrier()  # every rank has looked before rank 0 changes anything
-        if main:
-            if occupied:
-                shutil.rmtree(self.run_dir)
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-
-        torch.manual_seed(t.seed)
-        self.device = resolve_device(t.device)
-        if self.parallel is not None and self.device.type == "cuda":
-            self.device = torch.device("cuda", torch.cuda.current_device())
-        self.amp_dtype = autocast_dtype(t.dtype, self.device)
-        # rank 0 writes the tokenizer and the token cache; the other ranks then read what it wrote
-        if main:
-            self.tokenizer = self._tokenizer(resume, init_tokenizer)
-        self._barrier()
-        if not main:
-            self.tokenizer = load_tokenizer(self.run_dir / "tokenizer")
-        if main:
-            self.dataset = self._dataset()
-        self._barrier()
-        if not main:
-            self.dataset = self._dataset()
-        if run.model.vocab_size < self.tokenizer.vocab_size:
-            raise ValueError(f"model.vocab_size={run.model.vocab_size} is smaller than the tokenizer's "
-                             f"{self.tokenizer.vocab_size}; set --set model.vocab_size={self.tokenizer.vocab_size}")
-        self.model = (init_model if init_model is not None else MoETransformer(run.model)).to(self.device)
-        self.num_parameters = (self.model.num_parameters(), self.model.num_parameters(active=True))
-        # under torchrun: this rank's slice of the experts, the rest wrapped in DDP (every rank built the same model)
-        self.forward_model = self.model if self.parallel is None else self.parallel.wrap(self.model, self.device)
-        self.optimizer = build_optimizer(self.model, run)
-        names = {id(p): name for name, p in self.model.named_parameters()}
-        self._param_names = [names[id(p)] for group in self.optimizer.param_groups for p in group["params"]]
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lambda s: lr_factor(s, t.warmup_steps, t.max_steps, t.min_lr_ratio))
-        self.sampler = BatchSampler(self.dataset.train, t.batch_size, t.block_size, seed=t.seed)
-        self.step, self.tokens = 0, 0
-        self._tensorboard = _tensorboard_writer(self.run_dir / "tensorboard") if main else None
-        if resume:
-            self._restore()
-        elif main:
-            (self.run_dir / "config.json").write_text(json.dumps(run.to_dict(), indent=2) + "\n")
-
-    def _dataset(self) -> TokenDataset:
-        t = self.run.train
-        return TokenDataset.build(t.data, self.tokenizer, self.run_dir / "data", val_fraction=t.val_fraction,
-                                  block_size=t.block_size)
-
-    def _barrier(self) -> None:
-        if self.parallel is not None:
-            self.parallel.barrier()
+        self.read_only = read_only
+        _check_router_use(run)
+        self.parallel = _start_parallel(run)
+        self._lock = rundir.RunLock(self.run_dir)
+        self._saved_step: int | None = None
+        self._history_entry: dict[str, Any] | None = None
+        try:
+            if resume:
+                self._open_existing(extend_schedule)
+            else:
+                self._create_new(overwrite)
+            self._build(resume)
+        except BaseException:
+            self._lock.release()
+            raise
 
     @property
     def is_main(self) -> bool:
         """True on the process that writes logs and reports (the only one without torchrun)."""
-        return self.parallel is None or self.parallel.is_main
+        return self.parallel.is_main
 
-    # ------------------------------------------------------------------ setup helpers
-    def _tokenizer(self, resume: bool, tokenizer=None):
-        tok_dir = self.run_dir / "tokenizer"
-        if resume and tok_dir.exists():
-            return load_tokenizer(tok_dir)
-        tokenizer = tokenizer if tokenizer is not None else build_tokenizer(self.run.train)
-        tokenizer.save(tok_dir)
-        return tokenizer
+    # ------------------------------------------------------------------ opening a run
+    def _open_existing(self, extend_schedule: bool) -> None:
+        """Check what a resume asks for against config.json and the checkpoint, before anything is written."""
+        config_path = self.run_dir / "config.json"
+        if not config_path.is_file():
+            raise FileNotFoundError(f"cannot resume: {self.run_dir} has no config.json; pass a run directory "
+                                    "written by `moekit train`")
+        if not self.read_only and self.is_main:
+            self._lock.acquire()
+        try:
+            stored = json.loads(config_path.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as error:
+            raise ValueError(f"{config_path} is damaged ({error}); it cannot be resumed") from error
+        self.tokenizer = load_tokenizer(self.run_dir / "tokenizer")
+        if self.read_only:
+            return
+        with warnings.catch_warnings():  # a fallback to an older checkpoint is reported once, when it loads
+            warnings.simplefilter("ignore")
+            meta = ckpt.read_meta(ckpt.find_checkpoint(self.run_dir, need="all"))
+        changes = resume_changes(stored, self.run.to_dict())
+        saved_world = (meta.get("layout") or {}).get("world_size", 1)
+        saved_accum = (stored.get("train") or {}).get("grad_accum", 1)
+        check_resume_changes(changes, meta["step"], extend_schedule,
+                             grad_accum=(saved_accum, self.run.train.grad_accum),
+                             world_size=(saved_world, self.parallel.world_size))
+        self.parallel.barrier()  # every rank has read config.json before rank 0 records the change in it
+        if changes:
+            self._history_entry = {"step": meta["step"], "changed": {k: list(v) for k, v in changes.items()}}
+            self.run.history = [*self.run.history, self._history_entry]
+            if self.is_main:
+                write_json(config_path, self.run.to_dict(), what="run config")
+
+    def _create_new(self, overwrite: bool) -> None:
+        """A new run: refuse an occupied directory unless it is a moekit run that --overwrite may replace."""
+        if not self.is_main:  # rank 0 alone looks at and writes the directory
+            return
+        remove_stale_temps(self.run_dir)  # a run set aside by a killed --overwrite comes back first
+        self._occupied = self.run_dir.exists() and (not self.run_dir.is_dir() or any(self.run_dir.iterdir()))
+        if self._occupied and not overwrite:
+            raise FileExistsError(f"{self.run_dir} already exists and is not empty; pass --overwrite to replace "
+                                  "it, --resume to continue it, or --out to choose another directory")
+        if self._occupied:
+            rundir.check_replaceable(self.run_dir)
+
+    def _build(self, resume: bool) -> None:
+        """Inputs checked in memory, then (new runs) the directory written, then the model and optimiser."""
+        t = self.run.train
+        init_model = None
+        if resume:
+            self.dataset = self._dataset(write=not self.read_only)
+        else:
+            error: BaseException | None = None
+            if self.is_main:  # rank 0 checks and writes; the other ranks wait for its verdict, then read
+                try:
+                    init_model = self._set_up_new_run()
+                except BaseException as caught:
+                    error = caught
+            if not self.parallel.all_ok(error is None):
+                raise error if error is not None else RuntimeError(
+                    "rank 0 could not set up the run directory; its error is in its log")
+            if not self.is_main:
+                self.tokenizer = load_tokenizer(self.run_dir / "tokenizer")
+                self.dataset = self._dataset(write=True)  # the cache rank 0 wrote: verified and reused
+                if t.init_from is not None:
+                    init_model = _model_from_checkpoint(self.run.model, t.init_from)
+        self._check_vocabulary()
+
+        torch.manual_seed(t.seed)
+        self.device = resolve_device(t.device)
+        if self.parallel.distributed and self.device.type == "cuda":
+            self.device = torch.device("cuda", torch.cuda.current_device())
+        self.amp_dtype = autocast_dtype(t.dtype, self.device)
+        self.model = (init_model if init_model is not None else MoETransformer(self.run.model)).to(self.device)
+        self.num_parameters = (self.model.num_parameters(), self.model.num_parameters(active=True))
+        # under torchrun: this rank's slice of the experts, the rest wrapped in DDP (every rank built the same model)
+        self.forward_model = self.parallel.wrap(self.model, self.device)
+        self.optimizer = build_optimizer(self.model, self.run)
+        names = {id(p): name for name, p in self.model.named_parameters()}
+        self._param_names = [names[id(p)] for group in self.optimizer.param_groups for p in group["params"]]
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
+        self.sampler = BatchSampler(self.dataset.train, t.batch_size, t.block_size, seed=t.seed)
+        self.step, self.tokens, self.wall_s, self.skipped_steps = 0, 0, 0.0, []
+        self._tensorboard = _tensorboard_writer(self.run_dir / "tensorboard") \
+            if self.is_main and not self.read_only else None
+        if resume:
+            self._restore()
+
+    def _check_vocabulary(self) -> None:
+        vocab = self.tokenizer.vocab_size
+        if self.run.model.vocab_size < vocab:
+            if self.run.train.init_from is not None:
+                raise ValueError(f"train.init_from={self.run.train.init_from!r}: its tokenizer.json has ids up to "
+                                 f"{vocab - 1}, but the model's embedding has only {self.run.model.vocab_size} rows "
+                                 "(vocab_size); the tokenizer does not belong to this model: copy the base model's "
+                                 "tokenizer files into the folder")
+            raise ValueError(f"model.vocab_size={self.run.model.vocab_size} is smaller than the tokenizer's "
+                             f"{vocab}; set --set model.vocab_size={vocab}")
+
+    def _dataset(self, write: bool) -> TokenDataset:
+        t = self.run.train
+        prepared = TokenDataset.prepare(t.data, self.tokenizer, self.run_dir / "data", val_fraction=t.val_fraction,
+                                        block_size=t.block_size)
+        self.corpus_sha256 = prepared.source_sha256
+        return prepared.write() if write else prepared.in_memory()
+
+    def _set_up_new_run(self) -> MoETransformer | None:
+        """Check every input in memory, then create (or replace) the run directory and write its first files.
+
+        A failure while writing removes the new directory and puts a replaced run back.
+        """
+        t = self.run.train
+        init_model = _model_from_checkpoint(self.run.model, t.init_from) if t.init_from is not None else None
+        self.tokenizer = build_tokenizer(t)
+        self._check_vocabulary()
+        prepared = TokenDataset.prepare(t.data, self.tokenizer, self.run_dir / "data", val_fraction=t.val_fraction,
+                                        block_size=t.block_size, reuse=not self._occupied)
+        self.corpus_sha256 = prepared.source_sha256
+        aside = rundir.set_aside(self.run_dir) if self._occupied else None
+        try:
+            with storage_faults("run directory", self.run_dir):
+                self.run_dir.mkdir(parents=True, exist_ok=True)
+                self._lock.acquire()
+                write_json(self.run_dir / "config.json", self.run.to_dict(), what="run config")
+                self.tokenizer.save(self.run_dir / "tokenizer")
+                self.dataset = prepared.write()
+        except BaseException:
+            self._lock.release()
+            shutil.rmtree(self.run_dir, ignore_errors=True)
+            if aside is not None:
+                rundir.restore(aside, self.run_dir)
+            raise
+        if aside is not None:
+            shutil.rmtree(aside, ignore_errors=True)
+        return init_model
+
+    # ------------------------------------------------------------------ state
+    def _lr_factor(self, step: int) -> float:
+        t = self.run.train
+        return lr_factor(step, t.warmup_steps, planned_total(step, t.max_steps, self.run.history), t.min_lr_ratio)
 
     def _state(self) -> dict[str, Any]:
         return {
@@ -332,16 +327,24 @@ class Trainer:
             "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
             "step": self.step,
             "tokens": self.tokens,
+            "wall_s": self.wall_s,
+            "skipped_steps": list(self.skipped_steps),
             "param_names": self._param_names,
         }
 
     def _restore(self) -> None:
-        if self.parallel is None:
-            state, _ = ckpt.load_checkpoint(self.run_dir, self.model, self._hashed_config())
-        else:
-            state, _ = ckpt.load_training_state(self.run_dir, self.model, self._hashed_config(), self.parallel.rank,
-                                                self.parallel.world_size, self.parallel.expert_slices,
-                                                self._param_names)
+        if self.read_only:
+            path = ckpt.find_checkpoint(self.run_dir, need="weights")
+            ckpt.load_weights(path, self.model)
+            self.step = ckpt.read_meta(path)["step"]
+            return
+        state, meta = self.parallel.load_training_state(self.run_dir, self.model, self._hashed_config(),
+                                                        self._param_names)
+        recorded = meta.get("corpus_sha256")
+        if recorded is not None and recorded != self.corpus_sha256:
+            raise ValueError(f"cannot resume {self.run_dir}: the corpus (train.data={self.run.train.data!r}) changed "
+                             "since the run started (its sha256 differs); resume with the same text, or start a new "
+                             "run")
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.sampler.load_state_dict(state["sampler"])
@@ -349,6 +352,22 @@ class Trainer:
         if state.get("cuda_rng") is not None and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["cuda_rng"])
         self.step, self.tokens = state["step"], state["tokens"]
+        self.wall_s, self.skipped_steps = float(state.get("wall_s", 0.0)), list(state.get("skipped_steps", []))
+        self._saved_step = self.step
+        if self.is_main:
+            self._trim_metrics()
+            if self._history_entry is not None:
+                self._log({"kind": "resume", "step": self.step, "changed": self._history_entry["changed"]})
+
+    def _trim_metrics(self) -> None:
+        """Drop log records of steps after the checkpoint (they are trained again), so no step appears twice."""
+        path = self.run_dir / "metrics.jsonl"
+        if not path.is_file():
+            return
+        records = read_json_lines(path)
+        kept = [r for r in records if not isinstance(r.get("step"), int) or r["step"] <= self.step]
+        if len(kept) != len(records) or path.read_bytes()[-1:] not in (b"", b"\n"):
+            write_json_lines(path, kept)
 
     def _hashed_config(self) -> dict[str, Any]:
         """What the checkpoint's config hash covers: the model, and the checkpoint it started from if any."""
@@ -360,30 +379,50 @@ class Trainer:
             config["init_from"] = self.run.train.init_from
         return config
 
+    def _nonfinite_state(self) -> str | None:
+        """The first weight or optimiser moment that is not finite, or None."""
+        for name, tensor in self.model.state_dict().items():
+            if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+                return f"weight {name}"
+        for index, moments in self.optimizer.state.items():
+            for key, value in moments.items():
+                if isinstance(value, torch.Tensor) and value.is_floating_point() and value.dim() > 0 \
+                        and not bool(torch.isfinite(value).all()):
+                    return f"optimiser {key} of {self._param_names[self._param_index(index)]}"
+        return None
+
+    def _param_index(self, param: Any) -> int:
+        flat = [p for group in self.optimizer.param_groups for p in group["params"]]
+        return next((i for i, p in enumerate(flat) if p is param), 0)
+
     def save(self) -> Path:
-        """Write an atomic checkpoint of everything needed to continue exactly (under torchrun: every rank)."""
-        meta = {"step": self.step, "tokens": self.tokens, "name": self.run.name}
-        if self.parallel is None:
-            return ckpt.save_checkpoint(self.run_dir, self.model, self._hashed_config(), self._state(), meta)
-        return ckpt.save_sharded_checkpoint(self.run_dir, self.model, self._hashed_config(), self._state(), meta,
-                                            expert_slices=self.parallel.expert_slices, barrier=self.parallel.barrier,
-                                            **self.parallel.layout())
+        """Write an atomic checkpoint of everything needed to continue exactly (under torchrun: every rank).
+
+        Refuses (NonFiniteTraining) to write weights or optimiser state that are not finite.
+        """
+        bad = self._nonfinite_state()
+        (bad_any,) = self.parallel.agree(bad is not None)
+        if bad_any:
+            raise NonFiniteTraining(self._nonfinite_message(f"the {bad or 'state of another rank'} is not finite "
+                                                            f"after step {self.step}"))
+        meta = {"step": self.step, "tokens": self.tokens, "name": self.run.name, "corpus_sha256": self.corpus_sha256}
+        path = self.parallel.save_checkpoint(self.run_dir, self.model, self._hashed_config(), self._state(), meta,
+                                             keep=self.run.train.keep_checkpoints)
+        self._saved_step = self.step
+        return path
 
     def _log(self, record: dict[str, Any]) -> None:
         if not self.is_main:
             return
-        with open(self.run_dir / "metrics.jsonl", "a") as f:
-            f.write(json.dumps(record) + "\n")
+        append_line(self.run_dir / "metrics.jsonl", json.dumps(record), what="training log")
         if self._tensorboard is not None:
             for key, value in record.items():
                 if isinstance(value, (int, float)) and key not in ("step", "kind"):
                     self._tensorboard.add_scalar(f"{record['kind']}/{key}", value, record["step"])
 
-    def _sync(self, last_micro_batch: bool):
-        """DDP reduces the dense gradients only after a step's last micro-batch."""
-        if self.parallel is None:
-            return contextlib.nullcontext()
-        return self.parallel.no_sync(last_micro_batch)
+    def _say(self, message: str) -> None:
+        if self.is_main:
+            print(f"moekit train: {message}", file=sys.stderr, flush=True)
 
     def _autocast(self):
         if self.amp_dtype is None:
@@ -416,88 +455,146 @@ class Trainer:
     def train(self, stop_at: int | None = None) -> TrainResult:
         """Train until `max_steps` (or stop early at step `stop_at`, schedule unchanged, with a checkpoint).
 
-        Ctrl-C writes a checkpoint before returning; `--resume` continues either exactly.
+        Ctrl-C or SIGTERM stops after the step in progress, with a checkpoint of it; `--resume` continues
+        exactly. A second one stops at once (one process only), leaving the last checkpoint.
         """
+        if self.read_only:
+            raise RuntimeError("this Trainer was opened read_only (for evaluation); it cannot train")
         t = self.run.train
         last = min(t.max_steps, stop_at) if stop_at is not None else t.max_steps
         bar = _progress(self.progress and self.is_main, t.max_steps, self.step)
-        world = 1 if self.parallel is None else self.parallel.world_size
-        val_loss = None
-        mid_step, step_start = False, None
+        self._val_loss: float | None = None
+        self._session_start, self._wall_before = time.perf_counter(), self.wall_s
+        if self.is_main:
+            self._lock.acquire()
         self.model.train()
         try:
-            while self.step < last:
-                started = time.perf_counter()
-                # where this step starts: an interrupt mid-step rewinds here so the resume is exact
-                step_start = (self.sampler.state_dict(), torch.get_rng_state())
-                mid_step = True
-                loss_sum, aux_sum, exchanged, last_stats = 0.0, 0.0, 0.0, {}
-                for micro in range(t.grad_accum):
-                    if self.parallel is None:
-                        inputs, targets = self.sampler.next_batch()
-                    else:  # every rank draws the same batches and keeps every world_size-th one
-                        inputs, targets = self.parallel.next_batch(self.sampler)
-                    inputs, targets = inputs.to(self.device), targets.to(self.device)
-                    with self._sync(micro == t.grad_accum - 1):
-                        with self._autocast():
-                            out = self.forward_model(inputs, targets=targets)
-                        ((out.loss + out.aux_loss) / t.grad_accum).backward()
-                    loss_sum += float(out.loss.detach()) / t.grad_accum
-                    aux_sum += float(out.aux_loss.detach()) / t.grad_accum
-                    exchanged += sum(float(s.get("all_to_all_bytes", 0.0)) for s in out.moe_stats.values())
-                    last_stats = out.moe_stats
-                if self.parallel is None:
-                    grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), t.grad_clip)
-                else:  # experts reduced over their replicas, one norm over the whole model
-                    grad_norm = self.parallel.finish_gradients(t.grad_clip)
-                self.optimizer.step()
-                self.scheduler.step()
-                self.optimizer.zero_grad(set_to_none=True)
-                if self.parallel is None:
-                    update_aux_free_biases(self.model)
-                else:
-                    self.parallel.update_router_biases(self.model)
-                self.step += 1
-                step_tokens = t.grad_accum * t.batch_size * t.block_size * world
-                self.tokens += step_tokens
-                mid_step = False
-                tokens_per_s = step_tokens / max(time.perf_counter() - started, 1e-9)
-                logging = self.step % t.log_interval == 0 or self.step == 1
-                if logging and self.parallel is not None:  # the same steps on every rank: collectives line up
-                    loss_sum, aux_sum, exchanged = self.parallel.mean(loss_sum, aux_sum, exchanged)
-                    exchanged *= world
-                    last_stats = self.parallel.summarise(last_stats)
-                summary = _moe_summary(last_stats, with_load=logging) if logging or bar is not None else {}
-                if logging:
-                    origin = {"init_from": t.init_from} if self.step == 1 and t.init_from is not None else {}
-                    parallel = {} if self.parallel is None else {"world_size": world,
-                                                                 "all_to_all_bytes": exchanged}
-                    self._log({"kind": "train", "step": self.step, "tokens": self.tokens, "loss": loss_sum,
-                               "aux_loss": aux_sum, "lr": self.scheduler.get_last_lr()[0],
-                               "grad_norm": float(grad_norm), "tokens_per_s": tokens_per_s, **summary, **origin,
-                               **parallel})
-                if self.step % t.eval_interval == 0 or self.step == t.max_steps:
-                    record = self.evaluate()
-                    val_loss = record["val_loss"]
-                    self._log({"kind": "eval", "step": self.step, "tokens": self.tokens, **record})
-                if self.step % t.checkpoint_interval == 0 or self.step == last:
-                    self.save()
-                if bar is not None:
-                    bar.update(1)
-                    bar.set_postfix(loss=f"{loss_sum:.3f}", tok_s=f"{tokens_per_s:,.0f}",
-                                    maxvio=f"{summary.get('max_violation', 0.0):.2f}")
+            with StopSignals(force_on_repeat=not self.parallel.distributed) as signals:
+                while self.step < last:
+                    try:
+                        stop = self._train_step(signals, bar)
+                        self._after_step(last, bar)
+                        # one process needs no agreement: a signal that came after the check inside the step
+                        # still stops after this step (under torchrun it is agreed on at the next one)
+                        stop = stop or (not self.parallel.distributed and signals.requested is not None)
+                    except RuntimeError as error:
+                        lost = self.parallel.peer_lost(error, self.step, self._saved_step)
+                        if lost is None:
+                            raise
+                        raise lost from error
+                    if stop:
+                        if self._saved_step != self.step:
+                            self.save()
+                        self._say(f"{signals.requested}: stopped after step {self.step}, checkpoint written; "
+                                  f"continue with --resume {self.run_dir}")
+                        return TrainResult(self.run_dir, self.step, self.tokens, self._val_loss, interrupted=True)
         except KeyboardInterrupt:
-            if mid_step:
-                self.sampler.load_state_dict(step_start[0])
-                torch.set_rng_state(step_start[1])
-            self.optimizer.zero_grad(set_to_none=True)
-            self.save()
+            last_saved = self._saved_step or 0
+            self._say(f"stopped at once during step {self.step + 1}; the last checkpoint "
+                      f"({'step ' + str(last_saved) if self._saved_step else 'none yet'}) stands")
+            return TrainResult(self.run_dir, last_saved, self.tokens, self._val_loss, interrupted=True, forced=True)
+        finally:
             if bar is not None:
                 bar.close()
-            return TrainResult(self.run_dir, self.step, self.tokens, val_loss, interrupted=True)
+            self._lock.release()
+        return TrainResult(self.run_dir, self.step, self.tokens, self._val_loss)
+
+    def _train_step(self, signals: StopSignals, bar) -> bool:
+        """One whole step (all micro-batches, the update, the balancing hook); returns whether to stop after it."""
+        t = self.run.train
+        started = time.perf_counter()
+        loss_sum, aux_sum, exchanged, last_stats = 0.0, 0.0, 0.0, {}
+        for micro in range(t.grad_accum):
+            inputs, targets = self.parallel.next_batch(self.sampler)  # under torchrun: this rank's share
+            inputs, targets = inputs.to(self.device), targets.to(self.device)
+            with self.parallel.no_sync(micro == t.grad_accum - 1):  # DDP reduces after the last micro-batch
+                with self._autocast():
+                    out = self.forward_model(inputs, targets=targets)
+                ((out.loss + out.aux_loss) / t.grad_accum).backward()
+            loss_sum += float(out.loss.detach()) / t.grad_accum
+            aux_sum += float(out.aux_loss.detach()) / t.grad_accum
+            exchanged += sum(float(s.get("all_to_all_bytes", 0.0)) for s in out.moe_stats.values())
+            last_stats = out.moe_stats
+        grad_norm = float(self.parallel.finish_gradients(self.model, t.grad_clip))
+        bad = next((f"{name} is {value}" for name, value in (("the loss", loss_sum), ("the aux loss", aux_sum),
+                                                              ("the gradient norm", grad_norm))
+                    if not math.isfinite(value)), None)
+        bad_any, stop = self.parallel.agree(bad is not None, signals.requested is not None)
+        if bad_any:
+            self._skip_step(bad or "a non-finite value on another rank")
+        else:
+            self.optimizer.step()
+            self.scheduler.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            self.parallel.update_router_biases(self.model)
+        self.step += 1
+        world = self.parallel.world_size
+        step_tokens = t.grad_accum * t.batch_size * t.block_size * world
+        self.tokens += step_tokens
+        self.wall_s = self._wall_before + (time.perf_counter() - self._session_start)
+        self._last = {"loss": loss_sum, "aux": aux_sum, "exchanged": exchanged, "stats": last_stats,
+                      "grad_norm": grad_norm, "tokens_per_s": step_tokens / max(time.perf_counter() - started, 1e-9),
+                      "skipped": bad_any}
+        return stop
+
+    def _skip_step(self, what: str) -> None:
+        """No update for a step with a non-finite value: within the budget, skip it; else stop with an error."""
+        t = self.run.train
+        self.optimizer.zero_grad(set_to_none=True)
+        for module in self.model.modules():  # the bad step's router counts must not move the selection bias
+            if isinstance(module, MoELayer):
+                module.load_since_update.zero_()
+        if len(self.skipped_steps) >= t.max_skipped_steps:
+            raise NonFiniteTraining(self._nonfinite_message(f"at step {self.step + 1} {what}"))
+        self.skipped_steps.append(self.step + 1)
+        self.scheduler.step()  # the schedule stays aligned with the step count
+        self._log({"kind": "skip", "step": self.step + 1, "reason": what})
+        self._say(f"step {self.step + 1} skipped: {what} (skipped {len(self.skipped_steps)} of at most "
+                  f"{t.max_skipped_steps}, train.max_skipped_steps)")
+
+    def _nonfinite_message(self, what: str) -> str:
+        t = self.run.train
+        kept = (f"the last checkpoint (step {self._saved_step}) is kept in {self.run_dir}" if self._saved_step
+                else "no checkpoint had been written yet")
+        return (f"training stopped: {what}; nothing of this step was saved, {kept}. The run diverged: try a lower "
+                f"train.lr (now {t.lr:g}), a smaller train.grad_clip (now {t.grad_clip:g}), more "
+                f"train.warmup_steps (now {t.warmup_steps}), train.dtype=float32, or let a few bad steps be "
+                f"skipped with train.max_skipped_steps=N (now {t.max_skipped_steps})")
+
+    def _after_step(self, last: int, bar) -> None:
+        """Log, evaluate and checkpoint as the intervals say, and move the progress bar."""
+        t, info, world = self.run.train, self._last, self.parallel.world_size
+        logging = (self.step % t.log_interval == 0 or self.step == 1) and not info["skipped"]
+        loss, aux, exchanged, stats = info["loss"], info["aux"], info["exchanged"], info["stats"]
+        if logging and self.parallel.distributed:  # the same steps on every rank: collectives line up
+            loss, aux, exchanged = self.parallel.mean(loss, aux, exchanged)
+            exchanged *= world
+            stats = self.parallel.summarise(stats)
+        summary = _moe_summary(stats, with_load=logging) if logging or bar is not None else {}
+        if logging:
+            origin = {"init_from": t.init_from} if self.step == 1 and t.init_from is not None else {}
+            parallel = {"world_size": world, "all_to_all_bytes": exchanged} if self.parallel.distributed else {}
+            self._log({"kind": "train", "step": self.step, "tokens": self.tokens, "loss": loss, "aux_loss": aux,
+                       "lr": self.scheduler.get_last_lr()[0], "grad_norm": info["grad_norm"],
+                       "tokens_per_s": info["tokens_per_s"], "elapsed_s": self.wall_s, **summary, **origin,
+                       **parallel})
+        if self.step % t.eval_interval == 0 or self.step == t.max_steps:
+            record = self.evaluate()
+            self._val_loss = record["val_loss"]
+            self._log({"kind": "eval", "step": self.step, "tokens": self.tokens, **record})
+        if self.step % t.checkpoint_interval == 0 or self.step == last:
+            self.save()
         if bar is not None:
-            bar.close()
-        return TrainResult(self.run_dir, self.step, self.tokens, val_loss)
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{info['tokens_per_s']:,.0f}",
+                            maxvio=f"{summary.get('max_violation', 0.0):.2f}")
+
+
+def write_json_lines(path: Path, records: list[dict[str, Any]]) -> None:
+    """Rewrite a JSON-lines log atomically with `records`."""
+    from .._files import atomic_write
+
+    atomic_write(path, "".join(json.dumps(r) + "\n" for r in records), what="training log")
 
 
 def _progress(enabled: bool, total: int, initial: int):

@@ -9,7 +9,13 @@ reads the same with one process or many:
   gradients are summed over the ranks that hold the same slice, and the clipping norm is the whole model's;
 - every rank draws the same sequence of micro-batches and keeps every `world_size`-th one, so a step at
   `batch_size` B on W ranks sees the batches one process sees at `grad_accum` W (and trains the same way);
-- router-choice counts are summed before the aux-loss-free bias update; logs are written by rank 0.
+- router-choice counts are summed before the aux-loss-free bias update; logs are written by rank 0;
+- once per step the ranks agree (one small all-reduce) on whether any of them saw a non-finite loss or gradient
+  norm and whether any was asked to stop (Ctrl-C, SIGTERM), so all take the same decision at the same step;
+- every collective waits at most `train.collective_timeout_s`; a rank that hangs, stops or dies is then reported
+  as a `PeerLost` error instead of a 10-minute wait.
+
+`LocalParallel` is the same interface for one process (no communication), so the trainer has no branches on it.
 """
 
 from __future__ import annotations
@@ -28,6 +34,11 @@ from ..distributed.grads import all_reduce_router_loads, clip_grad_norm_, reduce
 from ..distributed.mesh import ParallelGroups, check_sizes, init_parallel, launched_by_torchrun
 from ..layer import update_aux_free_biases
 from ..layer.balance import max_violation
+from . import checkpoint as ckpt
+from .errors import PeerLost
+
+_PEER_FAILURE_WORDS = ("timed out", "timeout", "connection closed", "connection reset", "broken pipe",
+                       "connection refused", "peer", "socket")
 
 
 def wants_parallel(expert_parallel: int) -> bool:
@@ -46,12 +57,17 @@ class TrainParallel:
         self.ddp: nn.Module | None = None
         self.device = torch.device("cpu")  # where small reductions live (the model's device: NCCL needs CUDA)
 
+    distributed = True
+
     @classmethod
-    def start(cls, expert_parallel: int, device_type: str, num_experts: int | None) -> TrainParallel:
+    def start(cls, expert_parallel: int, device_type: str, num_experts: int | None,
+              timeout_s: float = 300.0) -> TrainParallel:
         """Join torchrun's process group and lay the ranks out; errors name the fix."""
         if launched_by_torchrun():
             check_sizes(int(os.environ["WORLD_SIZE"]), expert_parallel, num_experts if expert_parallel > 1 else None)
-        return cls(init_parallel(expert_parallel, device_type))
+        parallel = cls(init_parallel(expert_parallel, device_type, timeout_s=timeout_s))
+        parallel.timeout_s = timeout_s
+        return parallel
 
     # ------------------------------------------------------------------ who does what
     @property
@@ -68,6 +84,28 @@ class TrainParallel:
 
     def barrier(self) -> None:
         dist.barrier(group=self.groups.dense_group)
+
+    def agree(self, *flags: bool) -> tuple[bool, ...]:
+        """For each flag, whether any rank raised it (one all-reduce)."""
+        values = torch.tensor([float(f) for f in flags], device=self.device)
+        dist.all_reduce(values, op=dist.ReduceOp.MAX, group=self.groups.dense_group)
+        return tuple(bool(v) for v in values.tolist())
+
+    def all_ok(self, ok: bool) -> bool:
+        """True only when every rank passed True (a barrier that also carries failure)."""
+        return not self.agree(not ok)[0]
+
+    def peer_lost(self, error: BaseException, step: int, last_saved: int | None) -> PeerLost | None:
+        """A PeerLost explaining `error` when it is a collective that timed out or lost its peer, else None."""
+        backend_error = getattr(dist, "DistBackendError", ())
+        text = str(error).lower()
+        if not (isinstance(error, backend_error) or any(word in text for word in _PEER_FAILURE_WORDS)):
+            return None
+        kept = f"the last checkpoint (step {last_saved}) is kept" if last_saved else "no checkpoint was written yet"
+        return PeerLost(f"rank {self.rank}: another rank stopped answering during step {step + 1} (no reply within "
+                        f"train.collective_timeout_s={getattr(self, 'timeout_s', '?')} s: a rank hung, was "
+                        f"stopped or died); training stopped, {kept}. Check the other ranks' logs, then resume "
+                        f"with --resume ({str(error).splitlines()[0][:160]})")
 
     # ------------------------------------------------------------------ the model
     def wrap(self, model: nn.Module, device: torch.device) -> nn.Module:
@@ -108,7 +146,7 @@ class TrainParallel:
                 sampler.skip_batch()
         return batch
 
-    def finish_gradients(self, max_norm: float) -> torch.Tensor:
+    def finish_gradients(self, model: nn.Module, max_norm: float) -> torch.Tensor:
         """Reduce the expert gradients and clip by the global norm (DDP has reduced the dense ones)."""
         if self.expert_params:
             reduce_expert_grads(self.expert_params, self.groups)
@@ -146,6 +184,70 @@ class TrainParallel:
         return {"rank": self.rank, "world_size": self.world_size, "ep_rank": self.groups.ep_rank,
                 "ep_size": self.groups.ep_size, "dp_rank": self.groups.dp_rank}
 
+    def save_checkpoint(self, run_dir, model: nn.Module, model_config: dict[str, Any], state: dict[str, Any],
+                        meta: dict[str, Any], keep: int):
+        """Every rank writes its part of one checkpoint; rank 0 publishes it."""
+        return ckpt.save_sharded_checkpoint(run_dir, model, model_config, state, meta,
+                                            expert_slices=self.expert_slices, all_ok=self.all_ok, keep=keep,
+                                            **self.layout())
+
+    def load_training_state(self, run_dir, model: nn.Module, model_config: dict[str, Any],
+                            param_names: list[str]) -> tuple[dict[str, Any], dict]:
+        """This rank's weights and training state, from a checkpoint of any layout."""
+        return ckpt.load_training_state(run_dir, model, model_config, self.rank, self.world_size,
+                                        self.expert_slices, param_names)
+
     def close(self) -> None:
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+class LocalParallel:
+    """`TrainParallel`'s interface for a single process: nothing to communicate, nothing to wrap."""
+
+    distributed = False
+    rank, world_size, is_main = 0, 1, True
+
+    def barrier(self) -> None:
+        """Nothing to wait for."""
+
+    def agree(self, *flags: bool) -> tuple[bool, ...]:
+        return tuple(bool(f) for f in flags)
+
+    def all_ok(self, ok: bool) -> bool:
+        return ok
+
+    def peer_lost(self, error: BaseException, step: int, last_saved: int | None) -> None:
+        return None
+
+    def wrap(self, model: nn.Module, device: torch.device) -> nn.Module:
+        return model
+
+    def no_sync(self, last_micro_batch: bool):
+        return contextlib.nullcontext()
+
+    def next_batch(self, sampler) -> tuple[torch.Tensor, torch.Tensor]:
+        return sampler.next_batch()
+
+    def finish_gradients(self, model: nn.Module, max_norm: float) -> torch.Tensor:
+        return torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+
+    def update_router_biases(self, model: nn.Module) -> None:
+        update_aux_free_biases(model)
+
+    def mean(self, *values: float) -> list[float]:
+        return list(values)
+
+    def summarise(self, stats: dict[int, dict[str, torch.Tensor]]) -> dict[int, dict[str, torch.Tensor]]:
+        return stats
+
+    def save_checkpoint(self, run_dir, model: nn.Module, model_config: dict[str, Any], state: dict[str, Any],
+                        meta: dict[str, Any], keep: int):
+        return ckpt.save_checkpoint(run_dir, model, model_config, state, meta, keep=keep)
+
+    def load_training_state(self, run_dir, model: nn.Module, model_config: dict[str, Any],
+                            param_names: list[str]) -> tuple[dict[str, Any], dict]:
+        return ckpt.load_checkpoint(run_dir, model, model_config)
+
+    def close(self) -> None:
+        """Nothing to tear down."""

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import io
 import json
 from pathlib import Path
 from typing import Any
+
+from .._files import atomic_write, read_json_lines
 
 
 def read_metrics(run_dir: Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
@@ -13,11 +16,29 @@ def read_metrics(run_dir: Path) -> tuple[list[dict[str, Any]], list[dict[str, An
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: is {run_dir} a run directory written by `moekit train`?")
     train, evals = [], []
-    for line in path.read_text().splitlines():
-        if line.strip():
-            record = json.loads(line)
-            (evals if record.get("kind") == "eval" else train).append(record)
+    for record in read_json_lines(path):  # a last line cut by a crash is skipped
+        if record.get("kind") == "eval":
+            evals.append(record)
+        elif record.get("kind", "train") == "train":
+            train.append(record)
     return train, evals
+
+
+def wall_clock_tokens_per_s(train: list[dict[str, Any]]) -> float | None:
+    """Tokens over the wall-clock training time (evaluation and checkpoints included), from the last record.
+
+    `elapsed_s` counts every session of a resumed run. None for logs written before it was recorded.
+    """
+    if not train or not train[-1].get("elapsed_s"):
+        return None
+    return train[-1]["tokens"] / train[-1]["elapsed_s"]
+
+
+def _save_figure(fig: Any, path: Path) -> None:
+    """A matplotlib figure as PNG, written atomically."""
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110)
+    atomic_write(path, buffer.getvalue(), what="plot")
 
 
 def _plots(run_dir: Path, train: list[dict], evals: list[dict]) -> list[tuple[str, str]]:
@@ -33,7 +54,7 @@ def _plots(run_dir: Path, train: list[dict], evals: list[dict]) -> list[tuple[st
 
     def save(fig, name: str, title: str) -> None:
         fig.tight_layout()
-        fig.savefig(plot_dir / name, dpi=110)
+        _save_figure(fig, plot_dir / name)
         plt.close(fig)
         out.append((title, f"plots/{name}"))
 
@@ -53,8 +74,11 @@ def _plots(run_dir: Path, train: list[dict], evals: list[dict]) -> list[tuple[st
         fig, axes = plt.subplots(1, len(layers), figsize=(3.2 * len(layers), 3.2), squeeze=False)
         for ax, layer in zip(axes[0], layers, strict=True):
             grid = [[v / max(1e-9, sum(r["load"][layer])) for v in r["load"][layer]] for r in moe]
+            first, last = moe[0]["step"], moe[-1]["step"]
+            if first == last:  # one logged step: give it a width of one step
+                first, last = first - 0.5, last + 0.5
             image = ax.imshow(list(map(list, zip(*grid, strict=True))), aspect="auto", cmap="viridis",
-                              extent=(moe[0]["step"], moe[-1]["step"], len(grid[0]) - 0.5, -0.5))
+                              extent=(first, last, len(grid[0]) - 0.5, -0.5))
             ax.set_title(f"layer {layer}")
             ax.set_xlabel("step")
             ax.set_ylabel("expert")
@@ -85,8 +109,15 @@ def write_report(run_dir: Path, extra: dict[str, Any] | None = None) -> Path:
     rows = [("steps", train[-1]["step"] if train else 0), ("tokens", f"{train[-1]['tokens']:,}" if train else 0)]
     if train:
         rows.append(("final train loss", f"{train[-1]['loss']:.4f}"))
-        speeds = [r["tokens_per_s"] for r in train[1:]] or [train[-1]["tokens_per_s"]]
-        rows.append(("tokens/s (mean)", f"{sum(speeds) / len(speeds):,.0f}"))
+        wall = wall_clock_tokens_per_s(train)
+        if wall is not None:
+            rows.append(("tokens/s (wall clock: tokens / training time, eval and checkpoints included)",
+                         f"{wall:,.0f}"))
+            rows.append(("training time", f"{train[-1]['elapsed_s']:,.1f} s"))
+        else:  # a log written before elapsed time was recorded: say what the number is
+            speeds = sorted(r["tokens_per_s"] for r in train)
+            rows.append(("tokens/s (median of logged steps; eval and checkpoints not counted)",
+                         f"{speeds[len(speeds) // 2]:,.0f}"))
     if evals:
         rows += [("val loss", f"{evals[-1]['val_loss']:.4f}"), ("val perplexity", f"{evals[-1]['val_ppl']:.2f}")]
         if "val_max_violation" in evals[-1]:
@@ -110,7 +141,7 @@ def write_report(run_dir: Path, extra: dict[str, Any] | None = None) -> Path:
         for title, path in plots:
             lines += [f"## {title}", "", f"![{title}]({path})", ""]
     path = run_dir / "report.md"
-    path.write_text("\n".join(lines) + "\n")
+    atomic_write(path, "\n".join(lines) + "\n", what="report")
     return path
 
 
@@ -118,7 +149,8 @@ def _summary(run_dir: Path) -> dict[str, Any]:
     train, evals = read_metrics(run_dir)
     config = json.loads((run_dir / "config.json").read_text())
     moe = (config.get("model") or {}).get("moe")
-    speeds = [r["tokens_per_s"] for r in train[1:]] or [r["tokens_per_s"] for r in train] or [0.0]
+    wall = wall_clock_tokens_per_s(train)
+    speeds = sorted(r["tokens_per_s"] for r in train) or [0.0]
     return {
         "run": config.get("name", run_dir.name),
         "dir": str(run_dir),
@@ -129,7 +161,7 @@ def _summary(run_dir: Path) -> dict[str, Any]:
         "val_loss": evals[-1]["val_loss"] if evals else None,
         "val_ppl": evals[-1]["val_ppl"] if evals else None,
         "val_max_violation": evals[-1].get("val_max_violation") if evals else None,
-        "tokens_per_s": sum(speeds) / len(speeds),
+        "tokens_per_s": wall if wall is not None else speeds[len(speeds) // 2],
         "train": train,
         "evals": evals,
     }
@@ -177,8 +209,8 @@ def compare_runs(run_dirs: list[Path], out_dir: Path | None = None) -> tuple[str
             for ax in axes:
                 ax.legend(fontsize=8)
             fig.tight_layout()
-            fig.savefig(out_dir / "compare.png", dpi=110)
+            _save_figure(fig, out_dir / "compare.png")
             plt.close(fig)
             text += ["![val loss and MaxVio](compare.png)", ""]
-        (out_dir / "compare.md").write_text("\n".join(text) + "\n")
+        atomic_write(out_dir / "compare.md", "\n".join(text) + "\n", what="comparison")
     return table, summaries

@@ -1,0 +1,14 @@
+"""Fixtures shared by the test files."""
+
+from pathlib import Path
+
+import pytest
+from run_helpers import TEXT
+
+
+@pytest.fixture
+def corpus(tmp_path: Path) -> Path:
+    """A small text file to train on."""
+    path = tmp_path / "corpus.txt"
+    path.write_text(TEXT)
+    return path
