@@ -89,8 +89,11 @@ _Rule = tuple[Callable[[Any], bool], str | Callable[[Any], str]]
 _BOOL_TEXT = "true or false"
 
 
-def _finite_number(value: Any) -> bool:
-    """An int or float (not a bool) whose float value is finite (huge ints overflow the conversion)."""
+def is_finite_number(value: Any) -> bool:
+    """An int or float (not a bool) whose float value is finite (huge ints overflow the conversion).
+
+    The one test every moekit argument check uses for "a real number" (configs, merge configs, sampling).
+    """
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         return False
     try:
@@ -125,7 +128,7 @@ def _matches(value: Any, hint: Any) -> bool:
     if hint is int:
         return isinstance(value, int) and not isinstance(value, bool)
     if hint is float:
-        return _finite_number(value)
+        return is_finite_number(value)
     if hint is str:
         return isinstance(value, str)
     origin = typing.get_origin(hint)

@@ -405,7 +405,7 @@ def test_a_stopped_rank_is_reported_within_the_collective_timeout(tmp_path):
     worker = _worker_pids(process.pid)[1]
     os.kill(worker, signal.SIGSTOP)  # a hung peer: alive, silent
     try:
-        out, err = process.communicate(timeout=150)  # torchrun ends once rank 0 gives up (and it kills rank 1)
+        _, err = process.communicate(timeout=150)  # torchrun ends once rank 0 gives up (and it kills rank 1)
     finally:
         for sig in (signal.SIGCONT, signal.SIGKILL):
             try:
@@ -418,3 +418,15 @@ def test_a_stopped_rank_is_reported_within_the_collective_timeout(tmp_path):
         err[-3000:]
     assert "the last checkpoint (step " in line
     _assert_one_consistent_checkpoint(tmp_path / "run")  # the checkpoints before the hang are intact
+
+
+def test_a_refusal_on_rank_0_ends_every_rank_at_once(tmp_path):
+    occupied = tmp_path / "run"
+    occupied.mkdir()
+    (occupied / "notes.txt").write_text("not a run")
+    process = _launch(tmp_path, _long_run(collective_timeout_s=600))  # a hang would last 10 minutes
+    _, err = process.communicate(timeout=120)
+    assert process.returncode != 0
+    assert "already exists and is not empty" in err, err[-3000:]
+    assert (occupied / "notes.txt").read_text() == "not a run" and sorted(p.name for p in occupied.iterdir()) == [
+        "notes.txt"]

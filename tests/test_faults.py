@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import pytest
@@ -415,6 +416,17 @@ def test_overwrite_replaces_only_a_moekit_run_holding_nothing_else(corpus, tmp_p
         "train"]["seed"]
 
 
+def test_a_run_directory_may_not_overlap_its_own_corpus(corpus, tmp_path, capsys):
+    texts = tmp_path / "texts"
+    texts.mkdir()
+    (texts / "a.txt").write_text(TEXT)
+    for out in (texts / "run", tmp_path):  # inside the corpus folder, or holding it
+        assert main(["train", "--out", str(out), "--overwrite", "--no-progress", *[f"--set={s}" for s in SMALL],
+                     f"--set=train.data={texts}", "--set=train.max_steps=1"]) == 2
+        assert "overlaps the run's own input" in capsys.readouterr().err
+    assert sorted(p.name for p in texts.iterdir()) == ["a.txt"]
+
+
 def test_overwrite_keeps_the_old_run_when_the_new_one_cannot_start(corpus, tmp_path, capsys):
     run_dir = tmp_path / "run"
     assert _train(run_dir, corpus) == 0
@@ -558,3 +570,77 @@ def test_a_resume_on_another_number_of_ranks_must_keep_the_micro_batches_per_ste
     with pytest.raises(ValueError, match=r"would draw 2 micro-batches per step, but the run drew 4.*grad_accum=4"):
         check_resume_changes({}, 3, False, grad_accum=(2, 2), world_size=(2, 1))
     check_resume_changes({"train.grad_accum": (2, 4)}, 3, False, grad_accum=(2, 4), world_size=(2, 1))
+
+
+# ---------------------------------------------------------------------------------- kill -9, many times
+@pytest.mark.slow
+def test_kill_9_at_random_moments_always_leaves_a_run_that_finishes_bit_equal(corpus, tmp_path):
+    import random
+
+    steps = 300  # long enough that six kills land before the end
+    extra = (f"train.max_steps={steps}", "train.checkpoint_interval=1", "train.eval_interval=50")
+    run_dir = tmp_path / "run"
+    chance = random.Random(13)
+    kills = 0
+    command = _train_command(run_dir, corpus, *extra)
+    while kills < 6:
+        process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                                   env=_env())
+        time.sleep(chance.uniform(2.0, 4.0))  # startup takes ~2 s: most kills land in steps and checkpoint writes
+        if process.poll() is not None:
+            break  # it finished before the kill
+        process.kill()
+        process.communicate()
+        kills += 1
+        try:
+            ckpt.find_checkpoint(run_dir, need="all")
+        except FileNotFoundError:  # killed before its first checkpoint: start again over what it left
+            command = [*_train_command(run_dir, corpus, *extra), "--overwrite"]
+            continue
+        command = [sys.executable, "-m", "moekit", "train", "--resume", str(run_dir), "--no-progress"]
+    if (run_dir / "config.json").is_file() and ckpt.checkpoint_candidates(run_dir):
+        final = subprocess.run([sys.executable, "-m", "moekit", "train", "--resume", str(run_dir), "--no-progress"],
+                               capture_output=True, text=True, env=_env(), timeout=300)
+        assert final.returncode == 0, final.stderr
+    assert kills == 6
+    straight = Trainer(small_run("tiny-mixtral", corpus, *extra), tmp_path / "straight", progress=False)
+    straight.train()
+    _assert_same(weights(straight.model), _loaded(run_dir))
+    steps_logged = [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()
+                    if line.strip() and '"train"' in line]
+    assert steps_logged == list(range(1, steps + 1))
+
+
+# ---------------------------------------------------------------------------------- random --set through the CLI
+def test_random_overrides_through_the_cli_give_a_clear_error_or_a_finite_run(corpus, tmp_path_factory):
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    fields = ["train.lr", "train.weight_decay", "train.grad_clip", "train.beta1", "train.warmup_steps",
+              "train.min_lr_ratio", "model.rms_norm_eps", "model.rope_theta", "model.initializer_range",
+              "model.moe.capacity_factor", "model.moe.routed_scaling_factor", "model.moe.router_z_loss_coef",
+              "model.moe.router_aux_loss_coef", "model.moe.norm_topk_prob", "model.moe.router_jitter_noise",
+              "model.moe.num_experts_per_tok", "model.moe.router", "allow_token_mixing", "train.keep_checkpoints"]
+    values = st.sampled_from(["0", "-1", "1", "2", "1e-3", "0.5", "nan", "inf", "-inf", "1e30", "true", "false",
+                              "abc", "null", "soft", "topk", "switch", "[]", "3"])
+
+    @settings(max_examples=20, deadline=None, suppress_health_check=list(HealthCheck), database=None)
+    @given(st.lists(st.tuples(st.sampled_from(fields), values), min_size=1, max_size=3))
+    def check(overrides):
+        out = tmp_path_factory.mktemp("fuzz") / "run"
+        argv = ["train", "--out", str(out), "--no-progress", *[f"--set={s}" for s in SMALL],
+                f"--set=train.data={corpus}", "--set=train.max_steps=2", "--set=train.eval_interval=2",
+                *[f"--set={key}={value}" for key, value in overrides]]
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            code = main(argv)  # an unexpected exception fails the test with its traceback
+        assert code in (0, 2), overrides
+        if code == 2:
+            assert not out.exists(), overrides  # refused before anything was written
+            return
+        for record in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()):
+            for key in ("loss", "val_loss", "grad_norm"):
+                if key in record:
+                    assert math.isfinite(record[key]), (overrides, record)
+
+    check()

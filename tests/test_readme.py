@@ -24,3 +24,18 @@ def test_readme_install_and_test_commands_are_what_ci_runs():
     ci_lines = [line.strip() for line in ci.splitlines() if line.strip() and not line.startswith("#")]
     for line in install + test:
         assert line.strip() in ci_lines, line
+
+
+def test_every_test_the_guarantees_section_names_exists():
+    section = README.read_text().split("## What moekit guarantees", 1)[1].split("\n## ", 1)[0]
+    tests = Path(__file__).resolve().parent
+    current, named = None, []
+    for file, name in re.findall(r"`(test_\w+\.py)?(?:::(test_\w+))?`", section):
+        current = file or current
+        if file and not name:
+            assert (tests / file).is_file(), file
+        if name:
+            named.append((current, name))
+    assert len(named) >= 20
+    for file, name in named:
+        assert re.search(rf"^def {name}\(", (tests / file).read_text(), re.M), f"{file}::{name}"

@@ -32,11 +32,12 @@ download them.
 
 from __future__ import annotations
 
-import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from ..config import is_finite_number
 
 __all__ = ["ARCHITECTURES", "MERGE_GATE_MODES", "ExpertSpec", "MergeConfig", "load_merge_config"]
 
@@ -70,26 +71,16 @@ def _refuse(where: str, value: Any, allowed: str) -> ValueError:
     return ValueError(f"merge config: {where}={value!r} is not allowed: {allowed}")
 
 
-def _finite_number(value: Any) -> bool:
-    """An int or float (not a bool) whose float value is finite."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return False
-    try:
-        return math.isfinite(float(value))
-    except OverflowError:
-        return False
-
-
 def _check_scale(value: Any, where: str) -> None:
     """`noise_scale` (>= 0) or `residual_scale` (> 0): None or a finite number up to `MAX_SCALE`."""
     if value is None:
         return
     if where.endswith("noise_scale"):
-        ok = _finite_number(value) and 0 <= value <= MAX_SCALE
+        ok = is_finite_number(value) and 0 <= value <= MAX_SCALE
         allowed = (f"None or a finite number in [0, {MAX_SCALE:g}] (the standard deviation of the Gaussian noise "
                    "added to the expert's weights)")
     else:
-        ok = _finite_number(value) and 0 < value <= MAX_SCALE
+        ok = is_finite_number(value) and 0 < value <= MAX_SCALE
         allowed = (f"None or a finite number in (0, {MAX_SCALE:g}] (the factor on the expert's down_proj; 0 would "
                    "silence it, a negative one flip its sign)")
     if not ok:

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
 from torch import Tensor
 
+from ..config import is_finite_number
 from .transformer import MoETransformer
 
 
@@ -15,22 +15,13 @@ def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _is_finite(value: Any) -> bool:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return False
-    try:
-        return math.isfinite(float(value))
-    except OverflowError:
-        return False
-
-
 def check_sampling(temperature: float, top_k: int | None, top_p: float | None) -> None:
     """Raise `ValueError` naming the argument when a sampling setting is not a usable value."""
-    if not _is_finite(temperature) or temperature < 0:
+    if not is_finite_number(temperature) or temperature < 0:
         raise ValueError(f"generate: temperature={temperature!r} is not allowed: a finite number >= 0 (0 = greedy)")
     if top_k is not None and (not _is_int(top_k) or top_k < 1):
         raise ValueError(f"generate: top_k={top_k!r} is not allowed: None (no limit) or an integer >= 1")
-    if top_p is not None and (not _is_finite(top_p) or not 0 < top_p <= 1):
+    if top_p is not None and (not is_finite_number(top_p) or not 0 < top_p <= 1):
         raise ValueError(f"generate: top_p={top_p!r} is not allowed: None (no limit) or a number in (0, 1]")
 
 

@@ -971,14 +971,20 @@ class PreparedTokens:
         """True when a valid cache was found: nothing was tokenised and :meth:`write` maps it."""
         _split_sizes(self.num_tokens, self.val_fraction, block_size or 1)  # too small: fail before writing
 
-    def write(self) -> TokenDataset:
+    def write(self, cache_dir: str | os.PathLike[str] | None = None) -> TokenDataset:
         """Write ``tokens.bin`` and ``tokens.json`` (or reuse the valid cache) and return the memory-mapped dataset.
 
         If the cache that :meth:`TokenDataset.prepare` found valid has changed or gone since (e.g. its folder was
-        replaced), it is checked again and rebuilt from the text when needed. Raises
-        :class:`moekit._files.StorageError` when the storage refuses the write (nothing half-written is left, a
-        previous cache stays as it was).
+        replaced), it is checked again and rebuilt from the text when needed. `cache_dir` writes the cache into
+        another folder than the one prepared for (a run directory being assembled under a temporary name); the
+        tokens must then have been tokenised, not found in a cache. Raises :class:`moekit._files.StorageError`
+        when the storage refuses the write (nothing half-written is left, a previous cache stays as it was).
         """
+        if cache_dir is not None and Path(cache_dir) != self.cache_dir:
+            if self._ids is None:
+                raise ValueError(f"these tokens were found in the cache {self.cache_dir}; write them there, or "
+                                 "prepare with reuse=False to write them elsewhere")
+            self.cache_dir, self._signature = Path(cache_dir), None
         if self._cache_still_valid():
             return self._dataset(_map(self.cache_dir / TOKENS_FILE, self.num_tokens, self._dtype), reused=True)
         assert self._ids is not None

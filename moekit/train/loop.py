@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 import shutil
 import sys
 import time
@@ -27,7 +28,16 @@ from typing import Any
 
 import torch
 
-from .._files import append_line, read_json_lines, remove_stale_temps, storage_faults, write_json
+from .._files import (
+    append_line,
+    fsync_dir,
+    overlapping_input,
+    read_json_lines,
+    remove_stale_temps,
+    storage_faults,
+    temp_sibling,
+    write_json,
+)
 from ..config import RunConfig
 from ..layer import MoELayer
 from ..model import MoETransformer
@@ -163,11 +173,10 @@ class Trainer:
         self._lock = rundir.RunLock(self.run_dir)
         self._saved_step: int | None = None
         self._history_entry: dict[str, Any] | None = None
+        self._overwrite = overwrite
         try:
             if resume:
                 self._open_existing(extend_schedule)
-            else:
-                self._create_new(overwrite)
             self._build(resume)
         except BaseException:
             self._lock.release()
@@ -185,8 +194,7 @@ class Trainer:
         if not config_path.is_file():
             raise FileNotFoundError(f"cannot resume: {self.run_dir} has no config.json; pass a run directory "
                                     "written by `moekit train`")
-        if not self.read_only and self.is_main:
-            self._lock.acquire()
+        self._on_rank_0(lambda: None if self.read_only else self._lock.acquire())
         try:
             stored = json.loads(config_path.read_text(encoding="utf-8"))
         except (UnicodeDecodeError, json.JSONDecodeError) as error:
@@ -210,10 +218,28 @@ class Trainer:
             if self.is_main:
                 write_json(config_path, self.run.to_dict(), what="run config")
 
+    def _on_rank_0(self, work) -> Any:
+        """Run `work` on rank 0 only; every rank raises if it failed (so none waits for a rank that gave up)."""
+        error: BaseException | None = None
+        result = None
+        if self.is_main:
+            try:
+                result = work()
+            except BaseException as caught:
+                error = caught
+        if not self.parallel.all_ok(error is None):
+            raise error if error is not None else RuntimeError(
+                f"rank 0 could not open the run directory {self.run_dir}; its error is in its log")
+        return result
+
     def _create_new(self, overwrite: bool) -> None:
         """A new run: refuse an occupied directory unless it is a moekit run that --overwrite may replace."""
-        if not self.is_main:  # rank 0 alone looks at and writes the directory
-            return
+        t = self.run.train
+        source = overlapping_input(self.run_dir, [t.data, t.init_from])
+        if source is not None:
+            raise ValueError(f"the run directory {self.run_dir} overlaps the run's own input {source} (train.data or "
+                             "train.init_from): the run would write into what it reads, or --overwrite delete it; "
+                             "choose another --out")
         remove_stale_temps(self.run_dir)  # a run set aside by a killed --overwrite comes back first
         self._occupied = self.run_dir.exists() and (not self.run_dir.is_dir() or any(self.run_dir.iterdir()))
         if self._occupied and not overwrite:
@@ -228,16 +254,8 @@ class Trainer:
         init_model = None
         if resume:
             self.dataset = self._dataset(write=not self.read_only)
-        else:
-            error: BaseException | None = None
-            if self.is_main:  # rank 0 checks and writes; the other ranks wait for its verdict, then read
-                try:
-                    init_model = self._set_up_new_run()
-                except BaseException as caught:
-                    error = caught
-            if not self.parallel.all_ok(error is None):
-                raise error if error is not None else RuntimeError(
-                    "rank 0 could not set up the run directory; its error is in its log")
+        else:  # rank 0 checks and writes; the other ranks wait for its verdict, then read what it wrote
+            init_model = self._on_rank_0(self._set_up_new_run)
             if not self.is_main:
                 self.tokenizer = load_tokenizer(self.run_dir / "tokenizer")
                 self.dataset = self._dataset(write=True)  # the cache rank 0 wrote: verified and reused
@@ -289,23 +307,32 @@ class Trainer:
         A failure while writing removes the new directory and puts a replaced run back.
         """
         t = self.run.train
+        self._create_new(self._overwrite)
         init_model = _model_from_checkpoint(self.run.model, t.init_from) if t.init_from is not None else None
         self.tokenizer = build_tokenizer(t)
         self._check_vocabulary()
         prepared = TokenDataset.prepare(t.data, self.tokenizer, self.run_dir / "data", val_fraction=t.val_fraction,
                                         block_size=t.block_size, reuse=not self._occupied)
         self.corpus_sha256 = prepared.source_sha256
-        aside = rundir.set_aside(self.run_dir) if self._occupied else None
+        # the directory is assembled under a temporary name and renamed into place with its first files, so a
+        # kill at any moment leaves either no run or a run with its config, tokenizer and token cache
+        building = temp_sibling(self.run_dir)
+        aside = None
         try:
             with storage_faults("run directory", self.run_dir):
-                self.run_dir.mkdir(parents=True, exist_ok=True)
+                self.run_dir.parent.mkdir(parents=True, exist_ok=True)
+                building.mkdir()
+                write_json(building / "config.json", self.run.to_dict(), what="run config")
+                self.tokenizer.save(building / "tokenizer")
+                self.dataset = prepared.write(building / "data")
+                fsync_dir(building)
+                aside = rundir.set_aside(self.run_dir) if self._occupied else None
+                os.replace(building, self.run_dir)
+                fsync_dir(self.run_dir.parent)
                 self._lock.acquire()
-                write_json(self.run_dir / "config.json", self.run.to_dict(), what="run config")
-                self.tokenizer.save(self.run_dir / "tokenizer")
-                self.dataset = prepared.write()
         except BaseException:
             self._lock.release()
-            shutil.rmtree(self.run_dir, ignore_errors=True)
+            shutil.rmtree(building, ignore_errors=True)
             if aside is not None:
                 rundir.restore(aside, self.run_dir)
             raise
