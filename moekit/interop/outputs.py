@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from .._files import overlapping_input, write_json
+from ..train.rundir import is_run_config
 
 __all__ = ["MARKER_NAME", "OUTPUT_COMMANDS", "check_not_input", "check_output", "is_training_run", "marker_content",
            "read_marker", "replace_refusal", "write_marker"]
@@ -76,16 +77,8 @@ def read_marker(folder: PathLike) -> dict[str, Any] | None:
 
 
 def is_training_run(folder: PathLike) -> bool:
-    """Whether `folder` is a moekit training run: its ``config.json`` has ``"model"`` and ``"train"`` sections."""
-    path = Path(folder) / "config.json"
-    if not path.is_file():
-        return False
-    try:
-        content = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-        return False
-    return isinstance(content, dict) and isinstance(content.get("model"), dict) \
-        and isinstance(content.get("train"), dict)
+    """Whether `folder` is a moekit training run (the run directory's rule, `moekit.train.rundir`)."""
+    return is_run_config(Path(folder))
 
 
 def replace_refusal(folder: PathLike) -> str | None:
