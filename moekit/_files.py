@@ -205,6 +205,11 @@ def read_json_lines(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
     return records
 
 
+def write_json_lines(path: str | os.PathLike[str], records: list[dict[str, Any]], *, what: str | None = None) -> None:
+    """Rewrite a JSON-lines log with `records`, atomically (a log cut back on resume)."""
+    atomic_write(path, "".join(json.dumps(r) + "\n" for r in records), what=what)
+
+
 # ------------------------------------------------------------------------------------------ temporary folders
 def _writer_tag() -> str:
     host = "".join(c if c.isalnum() else "_" for c in socket.gethostname())[:32] or "host"

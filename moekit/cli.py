@@ -79,25 +79,11 @@ def load_run_dict(preset: str | None, config: str | None) -> dict[str, Any]:
     return _read_yaml(resources.files("moekit.configs").joinpath(f"{name}.yaml").read_text(), f"preset {name}")
 
 
-def _read_run_config(run_dir: Path, what: str = "resume") -> dict[str, Any]:
-    """A run directory's config.json as a dict, with errors that say what to do."""
-    config_path = Path(run_dir) / "config.json"
-    if not config_path.is_file():
-        raise FileNotFoundError(f"cannot {what}: {config_path} not found; pass a run directory written by "
-                                "`moekit train`")
-    try:
-        values = json.loads(config_path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise ValueError(f"cannot {what}: {config_path} is damaged ({error}); it is not a run config") from error
-    if not isinstance(values, dict):
-        raise ValueError(f"cannot {what}: {config_path} holds no run config")
-    return values
-
-
 def _train_values(args: argparse.Namespace) -> dict[str, Any]:
     """The run config dict a `moekit train` invocation describes (nothing read but configs and checkpoints)."""
     from .config import apply_overrides
     from .train.init_from import init_from_values
+    from .train.rundir import read_run_config
 
     overrides = list(args.set or [])
     if args.max_steps is not None:
@@ -114,7 +100,7 @@ def _train_values(args: argparse.Namespace) -> dict[str, Any]:
             raise ValueError(f"{', '.join(given)} cannot be combined with --resume: a resumed run continues with its "
                              "own config.json (change what a resume honours with --set; see README, 'What moekit "
                              "guarantees')")
-        return apply_overrides(_read_run_config(Path(args.resume)), overrides)
+        return apply_overrides(read_run_config(Path(args.resume)), overrides)
     if args.extend_schedule:
         raise ValueError("--extend-schedule applies to --resume only; a new run plans its schedule from max_steps")
     values = load_run_dict(args.preset, args.config)
@@ -175,9 +161,10 @@ def _load_run(run_dir: str):
     from .model import MoETransformer
     from .train.checkpoint import find_checkpoint, load_weights
     from .train.data import load_tokenizer
+    from .train.rundir import read_run_config
 
     path = Path(run_dir)
-    run = RunConfig.from_dict(_read_run_config(path, "load the run"))
+    run = RunConfig.from_dict(read_run_config(path, "load the run"))
     model = MoETransformer(run.model)
     load_weights(find_checkpoint(path), model)  # weights only: a damaged optimiser state does not matter here
     return run, model.eval(), load_tokenizer(path / "tokenizer")
@@ -214,10 +201,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from .config import RunConfig, apply_overrides
     from .extras import require
     from .train.loop import Trainer
+    from .train.rundir import read_run_config
 
     require("eval")
     path = Path(args.run_dir)
-    values = _read_run_config(path, "evaluate")
+    values = read_run_config(path, "evaluate")
     # one process evaluates any run, whatever --ep trained it (its checkpoint joins the expert slices); it reads
     # only the weights and writes nothing
     run = RunConfig.from_dict(apply_overrides(values, [f"train.eval_batches={args.batches}",

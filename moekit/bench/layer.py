@@ -28,7 +28,6 @@ every timed call and the peak memory of one call per row.
 from __future__ import annotations
 
 import datetime
-import json
 import os
 import platform
 import statistics
@@ -37,6 +36,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
@@ -44,6 +44,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .._files import write_json
 from ..config import MoEConfig
 from ..layer import MoELayer
 from ..model.transformer import DenseMLP as DenseSwiGLU  # the floor: a dense SwiGLU FFN
@@ -777,7 +778,6 @@ def _run(names: list[str], tokens: list[int], env: Env, threads: int, repeats: i
     output = {"machine": info, "device": env.device.type, "dtype": str(env.dtype).removeprefix("torch."),
               "repeats": repeats, "warmup": WARMUP, "results": results}
     if json_path:
-        with open(json_path, "w") as f:
-            json.dump(output, f, indent=2)
+        write_json(Path(json_path), output, what="benchmark results")
         print_fn(f"\nwrote {json_path}")
     return output

@@ -54,23 +54,22 @@ def check_sizes(world_size: int, ep_size: int, num_experts: int | None = None) -
                          f"same number of experts; choose an ep dividing {num_experts}")
 
 
-def _subgroups(layout: torch.Tensor, timeout: timedelta) -> object:
-    """One process group per row of `layout` (every rank creates all of them, in order); returns this rank's."""
-    mine = None
-    for row in layout.tolist():
-        group = dist.new_group(row, timeout=timeout)
-        if dist.get_rank() in row:
-            mine = group
-    return mine
+def _group_options(backend: str, timeout: timedelta) -> tuple[str, object]:
+    """Backend options giving a DeviceMesh group `timeout` (a group made without one waits torch's 30 minutes)."""
+    if backend == "nccl":
+        options = dist.ProcessGroupNCCL.Options()
+        options._timeout = timeout  # the options' own timeout field, which new_group reads
+        return backend, options
+    return backend, dist.ProcessGroupGloo.Options(backend, timeout)
 
 
 def init_parallel(ep_size: int, device_type: str = "cpu", timeout_s: float = 600.0) -> ParallelGroups:
     """Join the process group torchrun describes (gloo on CPU, nccl on CUDA) and build the ("dp", "ep") mesh.
 
-    Every group, the default one and each created here, waits at most `timeout_s` in a collective (groups made
+    Every group, the default one, the mesh's and DDP's, waits at most `timeout_s` in a collective (groups made
     without a timeout would wait torch's default of 30 minutes for a rank that hangs).
     """
-    from torch.distributed.device_mesh import DeviceMesh
+    from torch.distributed.device_mesh import init_device_mesh
 
     if not dist.is_initialized():
         if not launched_by_torchrun():
@@ -86,12 +85,11 @@ def init_parallel(ep_size: int, device_type: str = "cpu", timeout_s: float = 600
     check_sizes(world, ep_size)
     dp_size = world // ep_size
     timeout = timedelta(seconds=timeout_s)
-    layout = torch.arange(world).view(dp_size, ep_size)  # rank = dp * ep_size + ep
-    ep_group = _subgroups(layout, timeout)  # consecutive ranks share the experts
-    expert_dp_group = _subgroups(layout.t(), timeout)  # the ranks that hold the same expert slice
-    mesh = DeviceMesh.from_group([expert_dp_group, ep_group], device_type, mesh=layout, mesh_dim_names=("dp", "ep"))
+    options = _group_options(dist.get_backend(), timeout)
+    mesh = init_device_mesh(device_type, (dp_size, ep_size), mesh_dim_names=("dp", "ep"),
+                            backend_override={"dp": options, "ep": options})
     # its own communicator: DDP's buckets never meet the exchange
     dense_group = dist.new_group(list(range(world)), timeout=timeout)
     return ParallelGroups(rank=rank, world_size=world, ep_rank=rank % ep_size, ep_size=ep_size,
-                          dp_rank=rank // ep_size, dp_size=dp_size, ep_group=ep_group,
-                          expert_dp_group=expert_dp_group, dense_group=dense_group, mesh=mesh)
+                          dp_rank=rank // ep_size, dp_size=dp_size, ep_group=mesh.get_group("ep"),
+                          expert_dp_group=mesh.get_group("dp"), dense_group=dense_group, mesh=mesh)

@@ -37,6 +37,7 @@ from .._files import (
     storage_faults,
     temp_sibling,
     write_json,
+    write_json_lines,
 )
 from ..config import RunConfig
 from ..layer import MoELayer
@@ -190,15 +191,8 @@ class Trainer:
     # ------------------------------------------------------------------ opening a run
     def _open_existing(self, extend_schedule: bool) -> None:
         """Check what a resume asks for against config.json and the checkpoint, before anything is written."""
-        config_path = self.run_dir / "config.json"
-        if not config_path.is_file():
-            raise FileNotFoundError(f"cannot resume: {self.run_dir} has no config.json; pass a run directory "
-                                    "written by `moekit train`")
+        stored = rundir.read_run_config(self.run_dir, "evaluate" if self.read_only else "resume")
         self._on_rank_0(lambda: None if self.read_only else self._lock.acquire())
-        try:
-            stored = json.loads(config_path.read_text(encoding="utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as error:
-            raise ValueError(f"{config_path} is damaged ({error}); it cannot be resumed") from error
         self.tokenizer = load_tokenizer(self.run_dir / "tokenizer")
         if self.read_only:
             return
@@ -218,7 +212,7 @@ class Trainer:
             self._history_entry = {"step": meta["step"], "changed": {k: list(v) for k, v in changes.items()}}
             self.run.history = [*self.run.history, self._history_entry]
             if self.is_main:
-                write_json(config_path, self.run.to_dict(), what="run config")
+                write_json(self.run_dir / "config.json", self.run.to_dict(), what="run config")
 
     def _on_rank_0(self, work) -> Any:
         """Run `work` on rank 0 only; every rank raises if it failed (so none waits for a rank that gave up)."""
@@ -296,11 +290,16 @@ class Trainer:
             raise ValueError(f"model.vocab_size={self.run.model.vocab_size} is smaller than the tokenizer's "
                              f"{vocab}; set --set model.vocab_size={vocab}")
 
-    def _dataset(self, write: bool) -> TokenDataset:
+    def _prepare(self, reuse: bool = True):
+        """The corpus read, checked and (unless its cache is valid) tokenised in memory; nothing written."""
         t = self.run.train
         prepared = TokenDataset.prepare(t.data, self.tokenizer, self.run_dir / "data", val_fraction=t.val_fraction,
-                                        block_size=t.block_size)
+                                        block_size=t.block_size, reuse=reuse)
         self.corpus_sha256 = prepared.source_sha256
+        return prepared
+
+    def _dataset(self, write: bool) -> TokenDataset:
+        prepared = self._prepare()
         return prepared.write() if write else prepared.in_memory()
 
     def _set_up_new_run(self) -> MoETransformer | None:
@@ -313,9 +312,7 @@ class Trainer:
         init_model = _model_from_checkpoint(self.run.model, t.init_from) if t.init_from is not None else None
         self.tokenizer = build_tokenizer(t)
         self._check_vocabulary()
-        prepared = TokenDataset.prepare(t.data, self.tokenizer, self.run_dir / "data", val_fraction=t.val_fraction,
-                                        block_size=t.block_size, reuse=not self._occupied)
-        self.corpus_sha256 = prepared.source_sha256
+        prepared = self._prepare(reuse=not self._occupied)
         # the directory is assembled under a temporary name and renamed into place with its first files, so a
         # kill at any moment leaves either no run or a run with its config, tokenizer and token cache
         building = temp_sibling(self.run_dir)
@@ -617,13 +614,6 @@ class Trainer:
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{info['tokens_per_s']:,.0f}",
                             maxvio=f"{summary.get('max_violation', 0.0):.2f}")
-
-
-def write_json_lines(path: Path, records: list[dict[str, Any]]) -> None:
-    """Rewrite a JSON-lines log atomically with `records`."""
-    from .._files import atomic_write
-
-    atomic_write(path, "".join(json.dumps(r) + "\n" for r in records), what="training log")
 
 
 def _progress(enabled: bool, total: int, initial: int):

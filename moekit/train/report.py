@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import io
-import json
 from pathlib import Path
 from typing import Any
 
 from .._files import atomic_write, read_json_lines
+from .rundir import read_run_config
 
 
 def read_metrics(run_dir: Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
@@ -104,7 +104,7 @@ def write_report(run_dir: Path, extra: dict[str, Any] | None = None) -> Path:
     """Write `run_dir/report.md` (and `plots/*.png` when matplotlib is installed)."""
     run_dir = Path(run_dir)
     train, evals = read_metrics(run_dir)
-    config = json.loads((run_dir / "config.json").read_text())
+    config = read_run_config(run_dir, "report")
     lines = [f"# Run report: {config.get('name', run_dir.name)}", ""]
     rows = [("steps", train[-1]["step"] if train else 0), ("tokens", f"{train[-1]['tokens']:,}" if train else 0)]
     if train:
@@ -147,7 +147,7 @@ def write_report(run_dir: Path, extra: dict[str, Any] | None = None) -> Path:
 
 def _summary(run_dir: Path) -> dict[str, Any]:
     train, evals = read_metrics(run_dir)
-    config = json.loads((run_dir / "config.json").read_text())
+    config = read_run_config(run_dir, "report")
     moe = (config.get("model") or {}).get("moe")
     wall = wall_clock_tokens_per_s(train)
     speeds = sorted(r["tokens_per_s"] for r in train) or [0.0]

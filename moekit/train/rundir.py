@@ -35,6 +35,21 @@ RUN_ENTRIES = frozenset({
 """Every top-level name `moekit train` writes into a run directory (hidden `.NAME.tmp-*` files are its temps)."""
 
 
+def read_run_config(run_dir: Path, what: str = "resume") -> dict[str, Any]:
+    """A run directory's config.json as a dict; errors say which command could not go on (`what`) and why."""
+    config_path = Path(run_dir) / "config.json"
+    if not config_path.is_file():
+        raise FileNotFoundError(f"cannot {what}: {config_path} not found; pass a run directory written by "
+                                "`moekit train`")
+    try:
+        values = json.loads(config_path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ValueError(f"cannot {what}: {config_path} is damaged ({error}); it is not a run config") from error
+    if not isinstance(values, dict):
+        raise ValueError(f"cannot {what}: {config_path} holds no run config")
+    return values
+
+
 def _is_moekit_temp(name: str) -> bool:
     return name.startswith(".") and ".tmp-" in name and name.split(".tmp-", 1)[0].lstrip(".") in RUN_ENTRIES
 
