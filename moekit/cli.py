@@ -361,6 +361,8 @@ def _add_output_options(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .interop.hf import EXPORT_FORMATS
+
     parser = argparse.ArgumentParser(prog="moekit", description="Mixture-of-Experts toolkit for PyTorch")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -415,8 +417,9 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("run_dir")
     exp.add_argument("out")
     exp.add_argument("--format", default="hf", choices=["hf"], help="output format (hf: transformers directory)")
-    exp.add_argument("--arch", default="auto", choices=["auto", "mixtral", "qwen2_moe", "glm4_moe", "llama"],
-                     help="transformers architecture (auto picks the one that computes the model exactly)")
+    exp.add_argument("--arch", default="auto", choices=EXPORT_FORMATS,
+                     help="transformers architecture, a family's model_type (auto picks the first that computes the "
+                          "model exactly)")
     exp.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
     exp.add_argument("--overwrite", action="store_true")
     exp.set_defaults(func=cmd_export)

@@ -31,7 +31,9 @@ from typing import Any, Union
 
 ROUTER_NAMES = ("topk", "noisy_topk", "switch", "expert_choice", "deepseek_v3", "soft", "hierarchical")
 TOKEN_CHOICE_ROUTERS = ("topk", "noisy_topk", "switch", "deepseek_v3", "hierarchical")
-HIDDEN_ACTS = ("silu", "gelu")
+HIDDEN_ACTS = ("silu", "gelu", "clamped_swiglu")
+#: hidden_act values whose experts are gated (gate and up projections, `gate_up_proj`)
+GATED_ACTS = ("silu", "clamped_swiglu")
 SCORING_FUNCS = ("softmax", "sigmoid")
 EXPERT_BACKENDS = ("auto", "loop", "bmm", "grouped_mm")
 
@@ -39,11 +41,18 @@ EXPERT_BACKENDS = ("auto", "loop", "bmm", "grouped_mm")
 _BIAS_ROUTERS = ("topk", "switch", "deepseek_v3")
 # Routers that can limit each token's experts to a few devices (DeepSeek-V3's node-limited routing).
 _DEVICE_LIMITED_ROUTERS = ("topk", "deepseek_v3")
+# Routers computed by `TopKRouter` (one [E, H] weight), which can also carry a logit bias (GPT-OSS).
+_LINEAR_ROUTERS = ("topk", "switch", "deepseek_v3")
 # Routers whose every output mixes several tokens of a sequence (not causal as such).
 _TOKEN_MIXING_ROUTERS = ("expert_choice", "soft")
 
 #: the largest accepted loss coefficient and routed scaling factor (published values: 1e-3 to 16)
 MAX_COEFFICIENT = 1000.0
+#: the largest accepted clamp of activations (`clip_qkv`, `swiglu_limit`; published values: 7 to 10), far below
+#: float16's largest value so a clamp is always representable
+MAX_ACTIVATION_CLAMP = 10000.0
+#: the largest accepted RoPE scaling number (factors, betas, mscales; published values: 1 to 64)
+MAX_ROPE_NUMBER = 1e6
 #: the accepted range of `TrainConfig.collective_timeout_s`: 1 ms (a `datetime.timedelta` rounds below 1 us to
 #: 0) to a week (it overflows near 1e14 s)
 MIN_COLLECTIVE_TIMEOUT_S = 0.001
@@ -230,7 +239,12 @@ _MOE_RULES: dict[str, _Rule] = {
     "n_shared_experts": (lambda v: v >= 0, "an integer >= 0"),
     "shared_expert_intermediate_size": (lambda v: v >= 1, "a positive integer, or None for n_shared_experts * "
                                         "moe_intermediate_size"),
-    "hidden_act": (lambda v: v in HIDDEN_ACTS, "'silu' (SwiGLU experts) or 'gelu' (plain GELU FFN experts)"),
+    "hidden_act": (lambda v: v in HIDDEN_ACTS, "'silu' (SwiGLU experts), 'gelu' (plain GELU FFN experts) or "
+                   "'clamped_swiglu' (GPT-OSS's SwiGLU with clamped inputs; needs swiglu_limit and swiglu_alpha)"),
+    "swiglu_limit": (lambda v: 0 < v <= MAX_ACTIVATION_CLAMP, "None, or with hidden_act='clamped_swiglu' a number in "
+                     f"(0, {MAX_ACTIVATION_CLAMP:g}] (the clamp)"),
+    "swiglu_alpha": (lambda v: 0 < v <= MAX_COEFFICIENT, "None, or with hidden_act='clamped_swiglu' a number in "
+                     f"(0, {MAX_COEFFICIENT:g}] (the slope of the gate's sigmoid)"),
     "router": (lambda v: v in ROUTER_NAMES,
                lambda v: f"one of {', '.join(ROUTER_NAMES)}{_close_hint(v, ROUTER_NAMES)}"),
     "scoring_func": (lambda v: v in SCORING_FUNCS, "'softmax' or 'sigmoid'"),
@@ -270,6 +284,10 @@ class MoEConfig(_DictMixin):
     `shared_expert_intermediate_size=None` means `n_shared_experts * moe_intermediate_size`
     (DeepSeekMoE fuses its shared experts into one FFN of that width).
 
+    GPT-OSS's experts: `hidden_act="clamped_swiglu"` computes ``(clamp(up, -L, L) + 1) * g * sigmoid(alpha * g)``
+    with ``g = clamp(gate, max=L)``, ``L = swiglu_limit`` and ``alpha = swiglu_alpha``; `expert_bias=True` gives every
+    routed expert a bias on both projections; `router_bias=True` adds a bias to the router's logits.
+
     Device-limited routing (DeepSeek-V3's node-limited routing): with `max_devices_per_token=M`, the
     experts are seen as `expert_devices` contiguous blocks (one per expert-parallel rank) and each token
     picks its k experts inside the M blocks whose best ceil(k / M) selection scores sum highest, so
@@ -284,7 +302,11 @@ class MoEConfig(_DictMixin):
     shared_expert_intermediate_size: int | None = None
     shared_expert_gate: bool = False
     hidden_act: str = "silu"
+    swiglu_limit: float | None = None
+    swiglu_alpha: float | None = None
+    expert_bias: bool = False
     router: str = "topk"
+    router_bias: bool = False
     scoring_func: str = "softmax"
     norm_topk_prob: bool | None = None
     routed_scaling_factor: float = 1.0
@@ -313,6 +335,17 @@ class MoEConfig(_DictMixin):
         if self.shared_expert_gate and self.n_shared_experts == 0:
             _fail("shared_expert_gate", self.shared_expert_gate,
                   "True only with n_shared_experts >= 1 (there is no shared expert to gate)")
+
+        clamped = self.hidden_act == "clamped_swiglu"
+        for name in ("swiglu_limit", "swiglu_alpha"):
+            if clamped and getattr(self, name) is None:
+                _fail(name, None, "a finite number > 0 with hidden_act='clamped_swiglu' (GPT-OSS: limit 7.0, alpha "
+                      "1.702)")
+            if not clamped and getattr(self, name) is not None:
+                _fail(name, getattr(self, name), f"None with hidden_act={self.hidden_act!r} (it is a parameter of "
+                      "'clamped_swiglu')")
+        if self.router_bias and self.router not in _LINEAR_ROUTERS:
+            _fail("router_bias", True, f"False for router={self.router!r}; a logit bias exists for {_LINEAR_ROUTERS}")
 
         E, k = self.num_local_experts, self.num_experts_per_tok
         if k > E:
@@ -402,6 +435,11 @@ class MoEConfig(_DictMixin):
         return self.router in _TOKEN_MIXING_ROUTERS
 
     @property
+    def gated(self) -> bool:
+        """True when the experts are gated (a gate and an up projection): SwiGLU or clamped SwiGLU."""
+        return self.hidden_act in GATED_ACTS
+
+    @property
     def resolved_norm_topk_prob(self) -> bool:
         """`norm_topk_prob` with `None` resolved to the router's convention."""
         if self.norm_topk_prob is not None:
@@ -451,6 +489,10 @@ def fine_grained(config: MoEConfig, m: int) -> MoEConfig:
     )
 
 
+QK_NORMS = ("head", "projection")
+LAYER_TYPES = ("full_attention", "sliding_attention")
+ROPE_TYPES = ("linear", "llama3", "yarn")
+
 _MODEL_RULES: dict[str, _Rule] = {
     "vocab_size": _positive_int(),
     "hidden_size": _positive_int(),
@@ -467,8 +509,106 @@ _MODEL_RULES: dict[str, _Rule] = {
                           "initial weights; 0.02 usually)"),
     "first_k_dense_replace": (lambda v: v >= 0, "an integer >= 0, at most num_hidden_layers"),
     "moe_layer_freq": _positive_int(),
+    "mlp_only_layers": (lambda v: all(i >= 0 for i in v) and len(set(v)) == len(v),
+                        "a list of distinct layer indices >= 0 whose FFN stays dense (Qwen-MoE's mlp_only_layers)"),
+    "head_dim": (lambda v: v >= 2 and v % 2 == 0, "None (hidden_size / num_attention_heads) or an even integer >= 2"),
+    "qkv_bias": (lambda v: True, _BOOL_TEXT),
+    "o_proj_bias": (lambda v: True, _BOOL_TEXT),
+    "qk_norm": (lambda v: v in QK_NORMS, "None, 'head' (an RMSNorm over each head's query and key: Qwen3, GLM-4.5) "
+                "or 'projection' (over the whole query and key projections: OLMoE)"),
+    "clip_qkv": (lambda v: 0 < v <= MAX_ACTIVATION_CLAMP, f"None or a number in (0, {MAX_ACTIVATION_CLAMP:g}] "
+                 "(queries, keys and values are clamped to it: OLMoE)"),
+    "partial_rotary_factor": (lambda v: 0 < v <= 1, "a number in (0, 1]: the share of each head's dimensions RoPE "
+                              "rotates (GLM-4.5: 0.5)"),
+    "rope_scaling": (lambda v: True, "None or a mapping with rope_type 'linear', 'llama3' or 'yarn' and its "
+                     "parameters, as transformers' rope_parameters"),
+    "rope_interleave": (lambda v: True, _BOOL_TEXT),
+    "sliding_window": (lambda v: v >= 1, "None or a positive integer (each token attends to itself and the "
+                       "sliding_window - 1 tokens before it)"),
+    "layer_types": (lambda v: all(t in LAYER_TYPES for t in v), f"None or a list of {' / '.join(LAYER_TYPES)}, one "
+                    "per layer"),
+    "attention_sinks": (lambda v: True, _BOOL_TEXT),
+    "mla": (lambda v: True, "None (grouped-query attention), a mapping of MLAConfig fields or an MLAConfig"),
     "moe": (lambda v: True, "None (a dense model), a mapping of MoEConfig fields or a MoEConfig"),
 }
+
+#: the keys each scaled RoPE takes besides rope_type (required ones first; transformers' names and meanings)
+ROPE_KEYS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
+    "linear": (("factor",), ()),
+    "llama3": (("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"), ()),
+    "yarn": (("original_max_position_embeddings",),
+             ("factor", "attention_factor", "beta_fast", "beta_slow", "mscale", "mscale_all_dim", "truncate")),
+}
+
+
+def check_rope_scaling(scaling: Any, owner: str = "ModelConfig.rope_scaling") -> None:
+    """Raise a ValueError naming what is wrong with a rope scaling mapping (see `ROPE_KEYS`)."""
+    if not isinstance(scaling, dict):
+        raise ValueError(f"{owner}={scaling!r} is not allowed: None or a mapping with a rope_type")
+    rope_type = scaling.get("rope_type")
+    if rope_type not in ROPE_TYPES:
+        raise ValueError(f"{owner}.rope_type={rope_type!r} is not allowed: one of {', '.join(ROPE_TYPES)} (moekit "
+                         "computes these exactly as transformers defines them; 'dynamic' and 'longrope' change with "
+                         "the sequence length and are not supported)")
+    required, optional = ROPE_KEYS[rope_type]
+    for key in required:
+        if key not in scaling:
+            raise ValueError(f"{owner} with rope_type={rope_type!r} needs {key!r}")
+    for key, value in scaling.items():
+        if key == "rope_type":
+            continue
+        if key not in required and key not in optional:
+            raise ValueError(f"{owner} has {key!r}, which rope_type={rope_type!r} does not take; it takes "
+                             f"{', '.join(required + optional)}")
+        if key == "truncate":
+            if not isinstance(value, bool):
+                raise ValueError(f"{owner}.truncate={value!r} is not allowed: true or false")
+        elif key == "original_max_position_embeddings":
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{owner}.{key}={value!r} is not allowed: a positive integer (the pretraining length)")
+        elif value is not None and (not is_finite_number(value) or not 0 < value <= MAX_ROPE_NUMBER):
+            raise ValueError(f"{owner}.{key}={value!r} is not allowed: a number in (0, {MAX_ROPE_NUMBER:g}]")
+        elif value is None and key in required:
+            raise ValueError(f"{owner}.{key}=None is not allowed: a finite number > 0")
+    if rope_type == "llama3" and scaling["high_freq_factor"] <= scaling["low_freq_factor"]:
+        raise ValueError(f"{owner}: high_freq_factor={scaling['high_freq_factor']} must be greater than "
+                         f"low_freq_factor={scaling['low_freq_factor']}")
+
+
+_MLA_RULES: dict[str, _Rule] = {
+    "q_lora_rank": (lambda v: v >= 1, "None (a plain q_proj) or a positive integer (the query's low-rank width)"),
+    "kv_lora_rank": _positive_int(),
+    "qk_nope_head_dim": (lambda v: v >= 0, "an integer >= 0 (each head's query/key dimensions without RoPE)"),
+    "qk_rope_head_dim": (lambda v: v >= 2 and v % 2 == 0, "an even integer >= 2 (each head's rotated dimensions)"),
+    "v_head_dim": _positive_int(),
+    "latent_norm_eps": (lambda v: 0 < v < 1, "a finite number in (0, 1)"),
+}
+
+
+@dataclass
+class MLAConfig(_DictMixin):
+    """Multi-head latent attention (DeepSeek-V2/V3), with transformers' `DeepseekV3Config` names.
+
+    Queries come from `q_proj`, or with `q_lora_rank` from `q_b_proj(norm(q_a_proj(x)))`; keys and values from one
+    RMS-normalised latent of width `kv_lora_rank` (`kv_b_proj`), except the `qk_rope_head_dim` rotated key
+    dimensions, which are one vector shared by every head. `latent_norm_eps` is the latents' RMSNorm epsilon
+    (transformers builds those norms with its default, 1e-6, not `rms_norm_eps`).
+    """
+
+    q_lora_rank: int | None = None
+    kv_lora_rank: int = 32
+    qk_nope_head_dim: int = 16
+    qk_rope_head_dim: int = 8
+    v_head_dim: int = 16
+    latent_norm_eps: float = 1e-6
+
+    def __post_init__(self) -> None:
+        _check_fields(self, "MLAConfig", _MLA_RULES)
+
+    @property
+    def qk_head_dim(self) -> int:
+        """Each head's query/key width: nope + rope dimensions."""
+        return self.qk_nope_head_dim + self.qk_rope_head_dim
 
 
 @dataclass
@@ -494,14 +634,28 @@ class ModelConfig(_DictMixin):
     initializer_range: float = 0.02
     first_k_dense_replace: int = 0
     moe_layer_freq: int = 1
+    mlp_only_layers: list[int] = dataclasses.field(default_factory=list)
+    head_dim: int | None = None
+    qkv_bias: bool = False
+    o_proj_bias: bool = False
+    qk_norm: str | None = None
+    clip_qkv: float | None = None
+    partial_rotary_factor: float = 1.0
+    rope_scaling: dict[str, Any] | None = None
+    rope_interleave: bool = False
+    sliding_window: int | None = None
+    layer_types: list[str] | None = None
+    attention_sinks: bool = False
+    mla: MLAConfig | None = None
     moe: MoEConfig | None = None
 
     def __post_init__(self) -> None:
-        if isinstance(self.moe, dict):
-            try:
-                self.moe = MoEConfig.from_dict(self.moe)
-            except ValueError as error:
-                raise ValueError(f"ModelConfig.moe: {error}") from None
+        for name, cls in (("mla", MLAConfig), ("moe", MoEConfig)):
+            if isinstance(getattr(self, name), dict):
+                try:
+                    setattr(self, name, cls.from_dict(getattr(self, name)))
+                except ValueError as error:
+                    raise ValueError(f"ModelConfig.{name}: {error}") from None
         self.validate()
 
     def validate(self) -> None:
@@ -511,24 +665,58 @@ class ModelConfig(_DictMixin):
             raise ValueError(f"ModelConfig.{name}={value!r} is not allowed: {allowed}")
 
         _check_fields(self, "ModelConfig", _MODEL_RULES)
-        if self.hidden_size % self.num_attention_heads:
-            fail("num_attention_heads", self.num_attention_heads, f"a divisor of hidden_size={self.hidden_size}")
-        if (self.hidden_size // self.num_attention_heads) % 2:
-            fail("num_attention_heads", self.num_attention_heads,
-                 "a value giving an even head dimension (hidden_size / heads), which RoPE needs")
+        layers = self.num_hidden_layers
+        if self.head_dim is None:
+            if self.hidden_size % self.num_attention_heads:
+                fail("num_attention_heads", self.num_attention_heads, f"a divisor of hidden_size={self.hidden_size} "
+                     "(or set head_dim)")
+            if (self.hidden_size // self.num_attention_heads) % 2:
+                fail("num_attention_heads", self.num_attention_heads,
+                     "a value giving an even head dimension (hidden_size / heads), which RoPE needs (or set head_dim)")
         kv = self.num_key_value_heads
         if kv is not None and self.num_attention_heads % kv:
             fail("num_key_value_heads", kv, f"None or a divisor of num_attention_heads={self.num_attention_heads}")
-        if self.first_k_dense_replace > self.num_hidden_layers:
-            fail("first_k_dense_replace", self.first_k_dense_replace,
-                 f"an integer in [0, num_hidden_layers={self.num_hidden_layers}]")
+        if self.first_k_dense_replace > layers:
+            fail("first_k_dense_replace", self.first_k_dense_replace, f"an integer in [0, num_hidden_layers={layers}]")
+        if any(i >= layers for i in self.mlp_only_layers):
+            fail("mlp_only_layers", self.mlp_only_layers, f"layer indices below num_hidden_layers={layers}")
+        if self.rope_scaling is not None:
+            check_rope_scaling(self.rope_scaling)
+        rotary = self.rotary_dim
+        if rotary < 2 or rotary % 2:
+            fail("partial_rotary_factor", self.partial_rotary_factor, f"a factor giving an even rotary width >= 2 "
+                 f"(head_dim {self.head_dim or self.hidden_size // self.num_attention_heads} x factor = {rotary})")
+        if self.layer_types is not None:
+            if len(self.layer_types) != layers:
+                fail("layer_types", self.layer_types, f"None or one entry per layer ({layers})")
+            if "sliding_attention" in self.layer_types and self.sliding_window is None:
+                fail("layer_types", self.layer_types, "sliding_attention layers only with a sliding_window")
+        if self.mla is not None:
+            if kv is not None and kv != self.num_attention_heads:
+                fail("num_key_value_heads", kv, "None or num_attention_heads with mla (latent attention expands "
+                     "one key and value per head)")
+            for name, default in (("head_dim", None), ("qk_norm", None), ("clip_qkv", None),
+                                  ("partial_rotary_factor", 1.0), ("attention_sinks", False)):
+                if getattr(self, name) != default:
+                    fail(name, getattr(self, name), f"{default!r} with mla (latent attention has no such option; "
+                         "its rotated width is mla.qk_rope_head_dim)")
+            if self.qkv_bias != self.o_proj_bias:
+                fail("o_proj_bias", self.o_proj_bias, "equal to qkv_bias with mla (DeepSeek's attention_bias puts a "
+                     "bias on q_a_proj, kv_a_proj_with_mqa and o_proj together)")
         if self.moe is not None and self.moe.hidden_size != self.hidden_size:
             fail("moe.hidden_size", self.moe.hidden_size, f"equal to hidden_size={self.hidden_size}")
 
     @property
-    def head_dim(self) -> int:
-        """Width of one attention head: hidden_size / num_attention_heads."""
-        return self.hidden_size // self.num_attention_heads
+    def attention_head_dim(self) -> int:
+        """Width of one (grouped-query) attention head: `head_dim`, or hidden_size / num_attention_heads."""
+        return self.head_dim if self.head_dim is not None else self.hidden_size // self.num_attention_heads
+
+    @property
+    def rotary_dim(self) -> int:
+        """How many dimensions of each head RoPE rotates (MLA: `qk_rope_head_dim`)."""
+        if self.mla is not None:
+            return self.mla.qk_rope_head_dim
+        return int(self.attention_head_dim * self.partial_rotary_factor)
 
     @property
     def kv_heads(self) -> int:
@@ -537,9 +725,17 @@ class ModelConfig(_DictMixin):
 
     def is_moe_layer(self, index: int) -> bool:
         """True when layer `index` (0-based) uses an MoE FFN."""
-        if self.moe is None or index < self.first_k_dense_replace:
+        if self.moe is None or index < self.first_k_dense_replace or index in self.mlp_only_layers:
             return False
         return (index - self.first_k_dense_replace) % self.moe_layer_freq == 0
+
+    def layer_window(self, index: int) -> int | None:
+        """The sliding window of layer `index`'s attention, or None for full causal attention."""
+        if self.sliding_window is None:
+            return None
+        if self.layer_types is not None and self.layer_types[index] != "sliding_attention":
+            return None
+        return self.sliding_window
 
 
 _SEED_RULE: _Rule = (lambda v: 0 <= v < 2**63, "an integer in [0, 2**63)")

@@ -173,7 +173,7 @@ def test_mla_dims_match_standard_attention():
     config._experts_implementation = "eager"
     hf_attention = transformers.DeepseekV3ForCausalLM(config).model.layers[0].self_attn
     assert sum(p.numel() for p in hf_attention.parameters()) == mla
-    assert config.qk_nope_head_dim + config.qk_rope_head_dim == run.model.head_dim == config.v_head_dim
+    assert config.qk_nope_head_dim + config.qk_rope_head_dim == run.model.attention_head_dim == config.v_head_dim
 
 
 def test_model_benchmark_refuses_bad_presets():

@@ -15,6 +15,7 @@ from run_helpers import small_run, weights
 
 from moekit import _files
 from moekit.cli import main
+from moekit.config import RunConfig
 from moekit.train import checkpoint as ckpt
 from moekit.train.loop import Trainer
 
@@ -251,7 +252,8 @@ def test_config_json_survives_a_crash_while_it_is_rewritten(corpus, tmp_path, mo
 # (so the folder, not the file, is the atomic unit), or by a library that writes into such a folder.
 ATOMIC_BY_FOLDER = {
     "train/checkpoint.py": "checkpoint files land in checkpoints/.step-N.tmp-*/, published by a rename",
-    "interop/merge.py": "shards are streamed into the output's temporary folder, published by a rename",
+    "interop/writer.py": "shards are streamed into the output's temporary folder, published by a rename",
+    "interop/merge.py": "tokenizer files and extra files go into the output's temporary folder",
     "interop/hf.py": "shards and copied tokenizer files go into the output's temporary folder",
     "train/data.py": "tokens.bin is streamed to a temporary file, fsynced and renamed (too large to buffer)",
 }
@@ -283,3 +285,36 @@ def test_checkpoint_files_are_durable_before_they_are_published(corpus, tmp_path
         Trainer(small_run("dense", corpus, "train.max_steps=1"), tmp_path / "run", progress=False).train()
     publish = order.index("replace step-00000001")
     assert order[:publish].count("fsync") >= 3  # weights, state and meta.json synced before the rename
+
+
+# the model fields of moekit's config.json before the real-checkpoint families added attention and MoE options
+_OLDER_MODEL_FIELDS = {"vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+                       "intermediate_size", "max_position_embeddings", "rope_theta", "rms_norm_eps",
+                       "tie_word_embeddings", "initializer_range", "first_k_dense_replace", "moe_layer_freq", "moe"}
+_OLDER_MOE_FIELDS = {"hidden_size", "moe_intermediate_size", "num_local_experts", "num_experts_per_tok",
+                     "n_shared_experts", "shared_expert_intermediate_size", "shared_expert_gate", "hidden_act",
+                     "router", "scoring_func", "norm_topk_prob", "routed_scaling_factor", "n_group", "topk_group",
+                     "capacity_factor", "router_jitter_noise", "slots_per_expert", "router_aux_loss_coef",
+                     "router_z_loss_coef", "importance_loss_coef", "load_loss_coef", "seq_aux_loss_coef",
+                     "aux_free_bias_update_rate", "expert_backend"}  # expert_devices came later too
+
+
+def test_runs_written_before_later_model_fields_still_resume(corpus, tmp_path):
+    from moekit.cli import load_run_dict, preset_names
+    from moekit.train.resume import hashed_model_dict
+
+    for preset in preset_names():  # what a checkpoint hashes is what older moekit hashed, for every preset
+        model = RunConfig.from_dict(load_run_dict(preset, None)).model.to_dict()
+        hashed = hashed_model_dict(model)
+        assert set(hashed) == _OLDER_MODEL_FIELDS, preset
+        if hashed["moe"] is not None:
+            assert set(hashed["moe"]) == _OLDER_MOE_FIELDS, preset
+    run_dir = tmp_path / "run"
+    Trainer(small_run("tiny-mixtral", corpus, "train.max_steps=4", "train.checkpoint_interval=1"), run_dir,
+            progress=False).train(stop_at=2)
+    config = json.loads((run_dir / "config.json").read_text())  # rewrite it as older moekit wrote it
+    config["model"] = {k: v for k, v in config["model"].items() if k in _OLDER_MODEL_FIELDS}
+    config["model"]["moe"] = {k: v for k, v in config["model"]["moe"].items() if k in _OLDER_MOE_FIELDS}
+    (run_dir / "config.json").write_text(json.dumps(config))
+    Trainer(RunConfig.from_dict(config), run_dir, progress=False, resume=True).train()
+    assert ckpt.read_meta(ckpt.find_checkpoint(run_dir))["step"] == 4

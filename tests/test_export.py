@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from moekit.config import ModelConfig, MoEConfig
-from moekit.interop import export_hf, load_hf
+from moekit.interop import export_hf, load_hf, writer
 from moekit.model import MoETransformer
 from moekit.model.generate import generate
 
@@ -295,15 +295,15 @@ def test_existing_out_dir_is_refused_unless_overwrite(tmp_path):
 # ---------------------------------------------------------------------------------------------- atomicity
 def test_out_dir_appears_only_when_complete(tmp_path, monkeypatch):
     out = tmp_path / "hf"
-    real_save = safetensors_torch.save_file
+    real_write = writer.stream_safetensors
     seen = []
 
-    def checking_save(tensors, filename, metadata=None):
+    def checking_write(entries, filename, on_tensor=None):
         seen.append(Path(filename).parent)
         assert not out.exists(), "out_dir must not exist while it is being written"
-        return real_save(tensors, filename, metadata=metadata)
+        return real_write(entries, filename, on_tensor)
 
-    monkeypatch.setattr(safetensors_torch, "save_file", checking_save)
+    monkeypatch.setattr(writer, "stream_safetensors", checking_write)
     export_hf(_random_model(CASES["glm4_moe"][0]), out, max_shard_bytes=40_000)
     assert len(seen) > 1 and all(parent != out and parent.parent == tmp_path for parent in seen)
     assert (out / "config.json").is_file()
@@ -313,13 +313,13 @@ def test_out_dir_appears_only_when_complete(tmp_path, monkeypatch):
 def test_a_failure_mid_write_leaves_no_out_dir(tmp_path, monkeypatch):
     calls = []
 
-    def failing_save(tensors, filename, metadata=None):
+    def failing_write(entries, filename, on_tensor=None):
         calls.append(filename)
         if len(calls) == 2:
             raise OSError("disk full")
         return None
 
-    monkeypatch.setattr(safetensors_torch, "save_file", failing_save)
+    monkeypatch.setattr(writer, "stream_safetensors", failing_write)
     model = _random_model(CASES["mixtral"][0])
     with pytest.raises(OSError, match="disk full"):
         export_hf(model, tmp_path / "hf", max_shard_bytes=40_000)
@@ -329,7 +329,7 @@ def test_a_failure_mid_write_leaves_no_out_dir(tmp_path, monkeypatch):
     monkeypatch.undo()
     previous = export_hf(model, tmp_path / "prev", format="qwen2_moe")
     before = {p.name: p.read_bytes() for p in previous.iterdir()}
-    monkeypatch.setattr(safetensors_torch, "save_file", failing_save)
+    monkeypatch.setattr(writer, "stream_safetensors", failing_write)
     calls.clear()
     with pytest.raises(OSError, match="disk full"):
         export_hf(model, previous, max_shard_bytes=40_000, overwrite=True)
@@ -416,21 +416,22 @@ def test_load_hf_refuses_unsupported_input_clearly(tmp_path):
     _edit_config(out, model_type="deepseek_v3")
     with pytest.raises(ValueError, match="multi-head latent attention"):
         load_hf(out)
-    _edit_config(out, model_type="glm4_moe", rope_parameters={"rope_type": "default", "rope_theta": 5000.0},
-                 partial_rotary_factor=0.5)
-    with pytest.raises(ValueError, match=r"partial_rotary_factor=0\.5"):
+    _edit_config(out, model_type="glm4_moe", rope_parameters={"rope_type": "dynamic", "factor": 2.0,
+                                                              "rope_theta": 5000.0})
+    with pytest.raises(ValueError, match=r"rope_type='dynamic' is not supported.*linear, llama3 and yarn"):
         load_hf(out)
 
     out = export_hf(_random_model(CASES["qwen2_moe"][0]), tmp_path / "qwen")
+    assert json.loads((out / "config.json").read_text())["qkv_bias"] is False
     tensors = safetensors_torch.load_file(str(out / "model.safetensors"))
-    tensors["model.layers.0.self_attn.q_proj.bias"] += 1.0
+    tensors["model.layers.0.self_attn.q_proj.bias"] = torch.ones(HIDDEN)  # this config has no q/k/v biases
     del tensors["model.layers.2.mlp.experts.3.up_proj.weight"]
     safetensors_torch.save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
-    with pytest.raises(ValueError, match=r"'model.layers.0.self_attn.q_proj.bias' is nonzero"):
-        load_hf(out)
-    tensors["model.layers.0.self_attn.q_proj.bias"].zero_()
-    safetensors_torch.save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
     with pytest.raises(ValueError, match=r"'model.layers.2.mlp.experts.3.up_proj.weight' is missing"):
+        load_hf(out)
+    tensors["model.layers.2.mlp.experts.3.up_proj.weight"] = torch.zeros(16, HIDDEN)
+    safetensors_torch.save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=r"'model.layers.0.self_attn.q_proj.bias' has no place"):
         load_hf(out)
     with pytest.raises(FileNotFoundError, match=r"no config\.json"):
         load_hf(tmp_path)

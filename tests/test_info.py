@@ -109,10 +109,14 @@ def test_other_published_models():
 
 
 def test_unsupported_model_type_names_it_and_the_supported_ones():
-    with pytest.raises(ValueError, match=r"model_type='gpt2' .*mixtral, qwen2_moe, qwen3_moe, deepseek_v3"):
+    with pytest.raises(ValueError, match=r"model_type='gpt2' .*mixtral, qwen2_moe, qwen3_moe, olmoe, glm4_moe, "
+                                         r"deepseek_v3, gpt_oss \(MoE\) and llama, mistral, qwen2, qwen3"):
         info_from_hf_config({"model_type": "gpt2", "hidden_size": 8})
-    with pytest.raises(ValueError, match=r"'mixtral' lacks 'num_local_experts'"):
-        info_from_hf_config({k: v for k, v in MIXTRAL_8X7B.items() if k != "num_local_experts"})
+    with pytest.raises(ValueError, match=r"lacks 'hidden_size', which a mixtral config needs"):
+        info_from_hf_config({k: v for k, v in MIXTRAL_8X7B.items() if k != "hidden_size"})
+    # a key transformers defaults is read with transformers' default (Mixtral: 8 local experts)
+    eight = info_from_hf_config({k: v for k, v in MIXTRAL_8X7B.items() if k != "num_local_experts"})
+    assert eight.total_params == info_from_hf_config(MIXTRAL_8X7B).total_params
 
 
 # ---------------------------------------------------------------------------------------------- moekit models

@@ -22,8 +22,8 @@ from merge_fixtures import (  # noqa: E402
     tiny_config,
 )
 
-import moekit.interop.merge as merge_module  # noqa: E402
 from moekit.cli import main  # noqa: E402
+from moekit.interop import writer  # noqa: E402
 from moekit.interop.gates import ExpertPrompts, compute_gate_weights  # noqa: E402
 from moekit.interop.merge import choose_architecture, merge  # noqa: E402
 from moekit.interop.merge_config import load_merge_config  # noqa: E402
@@ -193,7 +193,7 @@ def test_interrupted_merge_leaves_nothing_and_keeps_existing_output(models, tmp_
     out = merge(_config(base, sources, "random"), tmp_path / "out", progress=False, max_shard_bytes=50_000).out
     before = {p.name: p.read_bytes() for p in out.iterdir()}
     calls = []
-    real = merge_module._stream_safetensors
+    real = writer.stream_safetensors
 
     def failing(entries, path, on_tensor=None):
         calls.append(path)
@@ -201,7 +201,7 @@ def test_interrupted_merge_leaves_nothing_and_keeps_existing_output(models, tmp_
             raise OSError("disk full (simulated)")
         real(entries, path, on_tensor)
 
-    monkeypatch.setattr(merge_module, "_stream_safetensors", failing)
+    monkeypatch.setattr(writer, "stream_safetensors", failing)
     with pytest.raises(OSError, match="disk full"):
         merge(_config(base, sources, "random"), out, overwrite=True, progress=False, max_shard_bytes=50_000)
     assert len(calls) == 2

@@ -156,3 +156,63 @@ def test_upcycled_smollm2_generates_like_the_dense_model(tmp_path: Path) -> None
         expected = dense_model.generate(ids, max_new_tokens=12, do_sample=False)
         got = moe.generate(ids, max_new_tokens=12, do_sample=False)
         assert got.tolist() == expected.tolist(), tokenizer.decode(got[0])
+
+
+# ---------------------------------------------------------------------------------------------- every base x layout
+#: the dense bases a merge or upcycle takes, with the features their families' checkpoints use
+BASES = {
+    "llama": ("llama", {}),
+    "llama3_rope": ("llama", {"rope_parameters": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                                  "high_freq_factor": 4.0, "original_max_position_embeddings": 32,
+                                                  "rope_theta": 10000.0}}),
+    "llama_linear_rope_biased": ("llama", {"rope_parameters": {"rope_type": "linear", "factor": 2.0,
+                                                               "rope_theta": 10000.0}, "attention_bias": True}),
+    "mistral_window": ("mistral", {"sliding_window": 6}),
+    "qwen2": ("qwen2", {}),
+    "qwen3": ("qwen3", {}),
+}
+
+
+@pytest.fixture(scope="module")
+def bases(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("bases")
+    return {name: make_dense_model(root / name, family, seed=6, **fields) for name, (family, fields) in BASES.items()}
+
+
+@pytest.mark.parametrize("architecture", ["mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v3"])
+@pytest.mark.parametrize("base", list(BASES))
+def test_every_base_and_layout_is_written_exactly_or_refused(bases, tmp_path: Path, base: str,
+                                                             architecture: str) -> None:
+    # what is written loads back through moekit's load_hf and through transformers with the dense base's logits;
+    # what cannot be written exactly (attention features a layout lacks) is refused, naming the feature
+    from moekit.interop import load_hf
+
+    shared = 0 if architecture in ("mixtral", "qwen3_moe") else 1
+    try:
+        plan = upcycle(bases[base], tmp_path / "out", 4, 2, shared_experts=shared, architecture=architecture,
+                       progress=False)
+    except ValueError as error:
+        assert f"architecture {architecture!r} cannot hold this model" in str(error), str(error)
+        assert "lacks" in str(error) or "has no" in str(error) or "always" in str(error), str(error)
+        assert not (tmp_path / "out").exists()
+        return
+    reference = load_checked(bases[base])
+    with torch.no_grad():
+        expected = reference(IDS).logits
+        torch.testing.assert_close(load_checked(plan.out)(IDS).logits, expected, atol=1e-5, rtol=0)
+        torch.testing.assert_close(load_hf(plan.out)(IDS).logits, expected, atol=1e-5, rtol=0)
+
+
+def test_the_default_layout_is_the_first_that_holds_the_model(bases, tmp_path: Path) -> None:
+    for name, path in bases.items():
+        if name == "llama_linear_rope_biased":  # an o_proj bias: no MoE layout has one
+            with pytest.raises(ValueError, match=r"no MoE layout can hold this model exactly:\n  mixtral: .*o_proj "
+                                                 r"bias, which Mixtral attention lacks"):
+                upcycle(path, tmp_path / name, 4, 2, progress=False)
+            continue
+        plan = upcycle(path, tmp_path / name, 4, 2, progress=False)
+        assert plan.out is not None and (plan.out / "config.json").is_file(), name
+    # with shared experts, a Mistral base's sliding window rules out the DeepSeek layout (GLM-4.5 has none): Qwen2-MoE
+    plan = upcycle(bases["mistral_window"], tmp_path / "shared", 4, 2, shared_experts=1, progress=False)
+    assert plan.architecture == "qwen2_moe"
+    assert any("default layout 'deepseek_v3' cannot hold" in note and "sliding-window" in note for note in plan.notes)

@@ -28,7 +28,6 @@ from moekit.config import ModelConfig, RunConfig, TrainConfig, apply_overrides
 from moekit.interop.merge_config import ExpertSpec, MergeConfig, load_merge_config
 from moekit.model import MoETransformer
 from moekit.model.generate import generate
-from moekit.model.transformer import rope_tables
 from moekit.train.loop import build_optimizer, lr_factor
 
 NAN, INF = float("nan"), float("inf")
@@ -198,7 +197,7 @@ def check_model_outcome(fields: dict[str, Any], field: str) -> None:
     out = model(ids, targets=ids)
     assert finite(out.logits), f"{field}={fields[field]!r}: non-finite logits"
     assert not bad, f"{field}={fields[field]!r}: non-finite outputs inside {bad}"
-    cos, sin = rope_tables(cfg.head_dim, torch.arange(cfg.max_position_embeddings), cfg.rope_theta)
+    cos, sin = model.rotary_tables(torch.arange(cfg.max_position_embeddings))
     assert finite(cos) and finite(sin), f"{field}={fields[field]!r}: non-finite RoPE tables"
     assert out.loss is not None and finite(out.loss) and finite(out.aux_loss), f"{field}={fields[field]!r}"
 

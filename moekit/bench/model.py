@@ -165,7 +165,7 @@ def mla_dims(run: RunConfig) -> dict[str, int | None]:
     ``H * (r + rope) + r * heads * (nope + v)`` has the parameters of standard k/v, ``2 * H * kv_heads * head_dim``.
     """
     m = run.model
-    hidden, heads, head_dim = m.hidden_size, m.num_attention_heads, m.head_dim
+    hidden, heads, head_dim = m.hidden_size, m.num_attention_heads, m.attention_head_dim
     rope = max(2, (head_dim // 2) // 2 * 2)  # even, as the rotary embedding needs
     nope = head_dim - rope
     target = 2 * hidden * m.kv_heads * head_dim
@@ -177,7 +177,7 @@ def mla_dims(run: RunConfig) -> dict[str, int | None]:
 def attention_parameters(run: RunConfig) -> tuple[int, int]:
     """(standard attention, the `mla_dims` MLA) parameters per layer, the MLA latent norm included."""
     m, d = run.model, mla_dims(run)
-    hidden, heads, head_dim = m.hidden_size, m.num_attention_heads, m.head_dim
+    hidden, heads, head_dim = m.hidden_size, m.num_attention_heads, m.attention_head_dim
     standard = 2 * hidden * heads * head_dim + 2 * hidden * m.kv_heads * head_dim
     rank, rope, nope, v = d["kv_lora_rank"], d["qk_rope_head_dim"], d["qk_nope_head_dim"], d["v_head_dim"]
     q_and_o = hidden * heads * (nope + rope) + heads * v * hidden
@@ -317,7 +317,8 @@ def prepare(run: RunConfig, tf: SimpleNamespace, workdir: Path) -> Prepared:
             f"DeepseekV3ForCausalLM uses multi-head latent attention, not moekit's standard attention: random "
             f"weights (no output of moekit's to compare with), q_lora_rank=None, kv_lora_rank={dims['kv_lora_rank']}, "
             f"qk_nope_head_dim={dims['qk_nope_head_dim']} + qk_rope_head_dim={dims['qk_rope_head_dim']} = head_dim "
-            f"{run.model.head_dim}, v_head_dim={dims['v_head_dim']}: {mla:,} attention parameters per layer vs "
+            f"{run.model.attention_head_dim}, v_head_dim={dims['v_head_dim']}: {mla:,} attention parameters per "
+            "layer vs "
             f"{standard:,} standard ({100 * (mla - standard) / standard:+.2f}%), same score/value widths")
     moe = run.model.moe
     shared = moe.resolved_shared_intermediate_size

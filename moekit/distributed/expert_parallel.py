@@ -43,15 +43,16 @@ class ExpertParallelExperts(GroupedExperts):
             raise ValueError(f"expert parallelism: {experts.num_experts} experts per layer cannot be split evenly "
                              f"over ep={ep_size} ranks; choose an ep that divides num_local_experts")
         local = experts.num_experts // ep_size
-        super().__init__(local, experts.hidden_size, experts.intermediate_size, experts.hidden_act, experts.backend)
+        super().__init__(local, experts.hidden_size, experts.intermediate_size, experts.hidden_act, experts.backend,
+                         experts.bias, experts.swiglu_limit, experts.swiglu_alpha)
         self.num_global_experts, self.expert_offset = experts.num_experts, ep_rank * local
         self.group, self.ep_rank, self.ep_size = group, ep_rank, ep_size
         span = slice(self.expert_offset, self.expert_offset + local)
         reference = experts.down_proj
         self.to(device=reference.device, dtype=reference.dtype)
-        with torch.no_grad():
-            self.in_proj.copy_(experts.in_proj[span])
-            self.down_proj.copy_(experts.down_proj[span])
+        with torch.no_grad():  # every stacked parameter (weights, biases) is this rank's rows of the full one
+            for name, param in self.named_parameters():
+                param.copy_(getattr(experts, name)[span])
         self.exchange_stats: dict[str, float] = {}
 
     def dispatch_and_combine(self, x: Tensor, group_sizes: list[int], row_scale: Tensor, row_index: Tensor) -> Tensor:

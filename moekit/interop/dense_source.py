@@ -9,7 +9,9 @@
   (`from_pretrained(dir, gguf_file=...)`), so a GGUF input is held in memory whole, as float32. Streaming does
   not apply to it.
 
-`check_same_shapes` compares the tensors a merge takes from each model and names the first one that differs.
+The model's config is read by its family (`moekit.families`), so a dense base is refused for exactly what moekit
+cannot compute (and the tensors it must have are the family's tensor map of that config). `check_same_shapes`
+compares the tensors a merge takes from each model and names the first one that differs.
 """
 
 from __future__ import annotations
@@ -25,25 +27,15 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["DENSE_FAMILIES", "DenseSource", "check_same_shapes", "check_tensors", "layer_tensors",
-           "open_dense", "required_tensors", "safetensors_dtype"]
+from ..config import ModelConfig
+from ..families import DENSE_FAMILIES, FAMILIES, MOE_TYPES
+from ..families.tensor_map import hf_name, moekit_shapes
 
-DENSE_FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
-"""`model_type`s accepted as merge inputs."""
+__all__ = ["DENSE_FAMILIES", "DenseSource", "check_same_shapes", "check_tensors", "open_dense", "required_tensors"]
 
-_MOE_TYPES = ("mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v2", "deepseek_v3", "glm4_moe", "dbrx", "olmoe",
-              "phimoe", "granitemoe", "jamba", "jetmoe", "minimax", "gpt_oss")
 _DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
            "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
            "BOOL": torch.bool}
-_CODES = {dtype: code for code, dtype in _DTYPES.items()}
-
-
-def safetensors_dtype(dtype: torch.dtype) -> str:
-    """The safetensors code of a torch dtype (``torch.bfloat16`` -> ``"BF16"``)."""
-    if dtype not in _CODES:
-        raise ValueError(f"dtype {dtype} has no safetensors code")
-    return _CODES[dtype]
 
 
 @dataclass
@@ -103,6 +95,7 @@ class DenseSource:
         config: the model's transformers config as a dict (`PretrainedConfig.to_dict()`, so RoPE settings are in
             transformers 5's `rope_parameters` form whatever the file's version).
         family: `model_type`, one of `DENSE_FAMILIES`.
+        model_config: the moekit `ModelConfig` computing this model (its family's reading of `config`).
         gguf_file: the GGUF file name inside `path.parent` when the model is a GGUF file, else None.
         cache_size: how many recently read tensors to keep (upcycling reads one layer's FFN for every expert).
     """
@@ -110,6 +103,7 @@ class DenseSource:
     path: Path
     config: dict[str, Any]
     family: str
+    model_config: ModelConfig
     gguf_file: str | None = None
     cache_size: int = 0
     _table: dict[str, _TensorInfo] = field(default_factory=dict, repr=False)
@@ -177,8 +171,13 @@ class DenseSource:
         """Drop cached tensors."""
         self._cache.clear()
 
+    def hf_name(self, name: str) -> str:
+        """The checkpoint name of moekit's tensor `name` in this model (its family's tensor map)."""
+        return hf_name(FAMILIES[self.family], self.model_config, name)[0]
+
     def mlp_name(self, layer: int, proj: str) -> str:
-        return f"model.layers.{layer}.mlp.{proj}.weight"
+        """The checkpoint name of layer `layer`'s FFN projection `proj` (gate_proj, up_proj or down_proj)."""
+        return self.hf_name(f"layers.{layer}.mlp.{proj}.weight")
 
 
 def _load_config(model_dir: Path, gguf_file: str | None) -> dict[str, Any]:
@@ -195,23 +194,16 @@ def _load_config(model_dir: Path, gguf_file: str | None) -> dict[str, Any]:
     return config.to_dict()
 
 
-def _check_family(config: dict[str, Any], where: Path) -> str:
+def _check_family(config: dict[str, Any], where: Path) -> tuple[str, ModelConfig]:
+    """The dense family and moekit config of a model, or a ValueError saying why it cannot be merged."""
     model_type = config.get("model_type")
-    if model_type in _MOE_TYPES:
+    if model_type in MOE_TYPES:
         raise ValueError(f"{where} is a Mixture-of-Experts model (model_type {model_type!r}); merge and upcycle "
                          f"take dense models: {', '.join(DENSE_FAMILIES)}")
     if model_type not in DENSE_FAMILIES:
         raise ValueError(f"{where} has model_type {model_type!r}, which moekit cannot merge; supported dense "
                          f"families: {', '.join(DENSE_FAMILIES)}")
-    if config.get("mlp_bias"):
-        raise ValueError(f"{where} has mlp_bias=True; no supported MoE layout has biases in its experts")
-    if model_type != "qwen2" and config.get("attention_bias"):
-        raise ValueError(f"{where} has attention_bias=True ({model_type}); the MoE layouts cannot hold an "
-                         "o_proj bias, so this model is not supported")
-    if config.get("hidden_act", "silu") not in ("silu", "swish"):
-        raise ValueError(f"{where} uses hidden_act={config.get('hidden_act')!r}; moekit merges SwiGLU (silu) "
-                         "models only")
-    return str(model_type)
+    return str(model_type), FAMILIES[model_type].read_config(config, str(where))
 
 
 def _load_gguf(path: Path) -> tuple[dict[str, Any], dict[str, Tensor]]:
@@ -243,8 +235,8 @@ def open_dense(path: str | os.PathLike[str]) -> DenseSource:
         if where.suffix != ".gguf":
             raise ValueError(f"{where} is a file but not a .gguf file; pass a model directory or a .gguf file")
         config, state = _load_gguf(where)
-        family = _check_family(config, where)
-        return DenseSource(where, config, family, gguf_file=where.name, _state=state)
+        family, model_config = _check_family(config, where)
+        return DenseSource(where, config, family, model_config, gguf_file=where.name, _state=state)
     if not (where / "config.json").is_file():
         raise FileNotFoundError(f"{where} has no config.json; pass a Hugging Face model directory")
     index = where / "model.safetensors.index.json"
@@ -262,41 +254,20 @@ def open_dense(path: str | os.PathLike[str]) -> DenseSource:
     if missing:
         raise FileNotFoundError(f"{where}: shard {missing[0].name} listed in the index is missing")
     config = _load_config(where, None)
-    family = _check_family(config, where)
+    family, model_config = _check_family(config, where)
     table: dict[str, _TensorInfo] = {}
     for file in files:
         table.update(_read_header(file))
-    return DenseSource(where, config, family, _table=table)
-
-
-def layer_tensors(source: DenseSource, layer: int, mlp: bool) -> list[str]:
-    """The FFN tensors (`mlp`) or the other tensors of one decoder layer, by HF name."""
-    prefix = f"model.layers.{layer}"
-    if mlp:
-        return [source.mlp_name(layer, p) for p in ("gate_proj", "up_proj", "down_proj")]
-    names = [f"{prefix}.input_layernorm.weight", f"{prefix}.post_attention_layernorm.weight"]
-    names += [f"{prefix}.self_attn.{p}_proj.weight" for p in "qkvo"]
-    if source.family == "qwen2":
-        names += [f"{prefix}.self_attn.{p}_proj.bias" for p in "qkv"]
-    if source.family == "qwen3":
-        names += [f"{prefix}.self_attn.q_norm.weight", f"{prefix}.self_attn.k_norm.weight"]
-    return names
+    return DenseSource(where, config, family, model_config, _table=table)
 
 
 def required_tensors(source: DenseSource, *, mlp: bool, rest: bool) -> list[str]:
-    """Names a merge reads from `source`: its MLPs (`mlp`) and/or everything else (`rest`)."""
-    names: list[str] = []
-    if rest:
-        names.append("model.embed_tokens.weight")
-    for layer in range(source.num_layers):
-        if rest:
-            names += layer_tensors(source, layer, mlp=False)
-        if mlp:
-            names += layer_tensors(source, layer, mlp=True)
-    if rest:
-        names.append("model.norm.weight")
-        if not source.tied:
-            names.append("lm_head.weight")
+    """Checkpoint names a merge reads from `source`: its FFNs (`mlp`) and/or everything else (`rest`)."""
+    names = []
+    for name in moekit_shapes(source.model_config):
+        is_mlp = name.startswith("layers.") and ".mlp." in name
+        if (mlp and is_mlp) or (rest and not is_mlp):
+            names.append(source.hf_name(name))
     return names
 
 

@@ -52,8 +52,8 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import shutil
-import struct
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -64,34 +64,33 @@ import torch
 from torch import Tensor
 
 from .._files import write_json
-from .dense_source import (
-    DenseSource,
-    check_same_shapes,
-    check_tensors,
-    layer_tensors,
-    open_dense,
-    required_tensors,
-    safetensors_dtype,
-)
-from .hf import _TOKENIZER_FILES, _check_destination, _Entry, _split_shards, _write_atomically, _write_weights
+from ..config import ModelConfig, MoEConfig
+from ..families import FAMILIES, Family
+from ..families.base import canonical
+from ..families.tensor_map import export_tensors
+from .dense_source import DenseSource, check_same_shapes, check_tensors, open_dense, required_tensors
+from .hf import TOKENIZER_FILES, dtype_name
 from .merge_config import MergeConfig, load_merge_config
+from .writer import TensorEntry, check_destination, split_shards, write_atomically, write_weights
 
-__all__ = ["DEFAULT_MERGE_SHARD_BYTES", "MergePlan", "choose_architecture", "merge"]
+__all__ = ["DEFAULT_MERGE_SHARD_BYTES", "LAYOUT_FAMILIES", "MergePlan", "choose_architecture", "merge"]
 
 DEFAULT_MERGE_SHARD_BYTES = 2_000_000_000
 """Largest safetensors file `merge`/`upcycle` write by default (2 GB); shards are streamed, so memory does not grow
 with it."""
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-_CLASSES = {"mixtral": ("MixtralConfig", "MixtralForCausalLM"), "qwen2_moe": ("Qwen2MoeConfig", "Qwen2MoeForCausalLM"),
-            "qwen3_moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM"),
-            "deepseek_v3": ("Glm4MoeConfig", "Glm4MoeForCausalLM")}
+#: merge layout (mergekit's names) -> the family that writes it
+LAYOUT_FAMILIES = {"mixtral": "mixtral", "qwen2_moe": "qwen2_moe", "qwen3_moe": "qwen3_moe", "deepseek_v3": "glm4_moe"}
 _PROJ = ("gate_proj", "up_proj", "down_proj")
 
 
 # ============================================================================================== layouts
 def choose_architecture(family: str, num_shared: int, shared_gated: bool, requested: str | None = None) -> str:
-    """The output layout for a `family` base (see the module docstring for the rule); refuse impossible ones.
+    """The output layout for a `family` base (see the module docstring for the rule).
+
+    Whether the layout can hold the model is decided by its family once the model's config is known
+    (`MoEBuild`), with the family's own reasons.
 
     Args:
         family: the base model's `model_type` (llama, mistral, qwen2, qwen3).
@@ -99,99 +98,58 @@ def choose_architecture(family: str, num_shared: int, shared_gated: bool, reques
         shared_gated: whether the shared experts need a gate (they have prompts).
         requested: an explicit layout, ``"qwen"`` (mergekit's prefix: qwen3_moe for Qwen3 bases, else
             qwen2_moe) or None.
-
-    Raises:
-        ValueError: the requested layout cannot hold this model, with why and what to use instead.
     """
     if requested == "qwen":
         requested = "qwen3_moe" if family == "qwen3" else "qwen2_moe"
-    if requested is None:
-        if num_shared == 0:
-            return {"llama": "mixtral", "mistral": "mixtral", "qwen2": "qwen2_moe", "qwen3": "qwen3_moe"}[family]
-        return "qwen2_moe" if shared_gated and family != "qwen3" else "deepseek_v3"
-    problem = None
-    if requested == "mixtral":
-        if family == "qwen2":
-            problem = "Qwen2 attention has q/k/v biases, which Mixtral attention lacks; use qwen2_moe or deepseek_v3"
-        elif family == "qwen3":
-            problem = ("Qwen3 attention normalises queries and keys per head (q_norm/k_norm), which Mixtral lacks; "
-                       "use qwen3_moe or deepseek_v3")
-        elif num_shared:
-            problem = "Mixtral has no shared experts; use qwen2_moe or deepseek_v3"
-    elif requested == "qwen2_moe" and family == "qwen3":
-        problem = "Qwen2-MoE attention has no q_norm/k_norm, which a Qwen3 base needs; use qwen3_moe or deepseek_v3"
-    elif requested == "qwen3_moe":
-        if family != "qwen3":
-            problem = (f"Qwen3-MoE attention always applies q_norm/k_norm, which a {family} base does not have; use "
-                       "mixtral, qwen2_moe or deepseek_v3")
-        elif num_shared:
-            problem = "Qwen3-MoE has no shared experts; use deepseek_v3"
-    elif requested == "deepseek_v3" and shared_gated:
-        problem = ("the DeepSeek-V3 layout (Glm4MoeForCausalLM) adds its shared experts without a gate; remove the "
-                   "shared experts' prompts, or use qwen2_moe, whose shared expert has a sigmoid gate")
-    if problem:
-        raise ValueError(f"architecture {requested!r} cannot hold this model: {problem}")
-    return requested
+    if requested is not None:
+        return requested
+    if num_shared == 0:
+        return {"llama": "mixtral", "mistral": "mixtral", "qwen2": "qwen2_moe", "qwen3": "qwen3_moe"}[family]
+    return "qwen2_moe" if shared_gated and family != "qwen3" else "deepseek_v3"
 
 
-def _active_window(config: dict[str, Any]) -> int | None:
-    window = config.get("sliding_window")
-    if config.get("model_type") in ("qwen2", "qwen3") and not config.get("use_sliding_window"):
-        return None
-    if window is None or window >= int(config.get("max_position_embeddings") or 0):
-        return None
-    return int(window)
+def fitting_build(default: str, requested: bool, make: Callable[[str], MoEBuild]) -> tuple[MoEBuild, str | None]:
+    """`make(default)`; when the layout was not requested and cannot hold the model, the first other layout that
+    can (with a note saying why). Every layout's reasons are given when none can.
+
+    Raises:
+        ValueError: the requested layout, or every layout, cannot hold the model.
+    """
+    if requested:
+        return make(default), None
+    reasons = {}
+    for architecture in (default, *(name for name in LAYOUT_FAMILIES if name != default)):
+        try:
+            build = make(architecture)
+        except ValueError as error:
+            reasons[architecture] = str(error).split(": ", 1)[-1]
+            continue
+        note = None if architecture == default else (f"the default layout {default!r} cannot hold this model "
+                                                     f"({reasons[default]}); wrote {architecture!r} instead")
+        return build, note
+    detail = "\n".join(f"  {name}: {why}" for name, why in reasons.items())
+    raise ValueError(f"no MoE layout can hold this model exactly:\n{detail}")
 
 
-def output_config(architecture: str, base: DenseSource, *, num_experts: int, experts_per_token: int,
-                  expert_width: int, shared_width: int, dtype: torch.dtype) -> dict[str, Any]:
-    """The `config.json` dict of the MoE model, built with transformers' own config class for the layout."""
-    import transformers
-
-    src = base.config
-    layers = base.num_layers
-    window = _active_window(src)
-    if window is not None and not (architecture == "mixtral" and base.family == "mistral"):
-        warnings.warn(f"{base.path} uses sliding-window attention (window {window}); the {architecture} output is "
-                      "written with full attention", stacklevel=3)
-    dtype_name = str(dtype).removeprefix("torch.")
-    fields: dict[str, Any] = {key: src[key] for key in (
-        "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "max_position_embeddings",
-        "rms_norm_eps", "tie_word_embeddings", "bos_token_id", "eos_token_id", "pad_token_id") if key in src}
-    fields.update(num_key_value_heads=src.get("num_key_value_heads") or src["num_attention_heads"],
-                  head_dim=base.head_dim, hidden_act=src.get("hidden_act", "silu"),
-                  initializer_range=src.get("initializer_range", 0.02),
-                  attention_dropout=src.get("attention_dropout", 0.0), use_cache=True, dtype=dtype_name,
-                  num_experts_per_tok=experts_per_token, output_router_logits=False)
-    rope = dict(src.get("rope_parameters") or {"rope_type": "default", "rope_theta": src.get("rope_theta", 1e4)})
-    dense_width = base.intermediate_size
-    if architecture == "mixtral":
-        fields.update(intermediate_size=expert_width, num_local_experts=num_experts, router_jitter_noise=0.0,
-                      sliding_window=window if base.family == "mistral" else None)
-    elif architecture == "qwen2_moe":
-        fields.update(intermediate_size=dense_width, moe_intermediate_size=expert_width, num_experts=num_experts,
-                      shared_expert_intermediate_size=shared_width, norm_topk_prob=True, decoder_sparse_step=1,
-                      mlp_only_layers=[], qkv_bias=base.family == "qwen2", use_sliding_window=False,
-                      sliding_window=None, max_window_layers=layers, layer_types=["full_attention"] * layers)
-    elif architecture == "qwen3_moe":
-        fields.update(intermediate_size=dense_width, moe_intermediate_size=expert_width, num_experts=num_experts,
-                      norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=[], attention_bias=False,
-                      use_sliding_window=False, sliding_window=None, max_window_layers=layers)
-    else:  # deepseek_v3 as Glm4MoeForCausalLM
-        rope["partial_rotary_factor"] = 1.0
-        fields.update(intermediate_size=dense_width, moe_intermediate_size=expert_width, n_routed_experts=num_experts,
-                      n_shared_experts=shared_width // expert_width, routed_scaling_factor=1.0, n_group=1,
-                      topk_group=1, norm_topk_prob=True, first_k_dense_replace=0,
-                      attention_bias=base.family == "qwen2", use_qk_norm=base.family == "qwen3",
-                      partial_rotary_factor=1.0, num_nextn_predict_layers=0)
-    fields["rope_parameters"] = rope
-    config_name, class_name = _CLASSES[architecture]
-    config = getattr(transformers, config_name)(**fields)
-    config.architectures = [class_name]
-    out = config.to_dict()
-    out["dtype"] = dtype_name
-    out.pop("transformers_version", None)
-    return out
+def moe_config(architecture: str, base: DenseSource, *, num_experts: int, experts_per_token: int,
+               expert_width: int, shared_width: int, shared_gated: bool) -> ModelConfig:
+    """The moekit config of the MoE model: the base's attention and norms, an MoE FFN in every layer with the
+    layout's routing (softmax top-k renormalised; DeepSeek-V3's sigmoid routing with a zero selection bias for
+    ``deepseek_v3``), `shared_width` of shared experts (gated when `shared_gated`)."""
+    dense = base.model_config
+    hidden = dense.hidden_size
+    routing: dict[str, Any] = {"router": "topk", "norm_topk_prob": True}
+    if architecture == "deepseek_v3":
+        routing = {"router": "deepseek_v3", "scoring_func": "sigmoid", "norm_topk_prob": True}
+    shared: dict[str, Any] = {}
+    if shared_width:
+        count = shared_width // expert_width if shared_width % expert_width == 0 else 1
+        shared = {"n_shared_experts": count, "shared_expert_intermediate_size": shared_width,
+                  "shared_expert_gate": shared_gated}
+    moe = MoEConfig(hidden_size=hidden, moe_intermediate_size=expert_width, num_local_experts=num_experts,
+                    num_experts_per_tok=experts_per_token, **routing, **shared)
+    return ModelConfig(**{**dense.to_dict(), "first_k_dense_replace": 0, "moe_layer_freq": 1, "mlp_only_layers": [],
+                          "moe": moe.to_dict()})
 
 
 # ============================================================================================== what to write
@@ -236,14 +194,21 @@ class MoEBuild:
     """Everything a layout needs to be written: the base, the experts and the router weights.
 
     Attributes:
-        architecture: one of mixtral, qwen2_moe, qwen3_moe, deepseek_v3.
+        architecture: one of mixtral, qwen2_moe, qwen3_moe, deepseek_v3 (the layouts in `LAYOUT_FAMILIES`).
         base: model giving everything but the FFNs.
         experts: routed experts, one `FFNPart` each, in router order.
         shared: parts fused (concatenated along the intermediate dimension) into the shared FFN.
         experts_per_token: top-k.
         dtype: dtype of the written weights.
+        shared_gated: the shared experts have a sigmoid gate (Qwen2-MoE, with prompts); without one, the layout's
+            family writes whatever computes an always-on shared expert.
         router: ``[layers, experts, hidden]`` float32, set before writing.
-        shared_gate: ``[layers, hidden]`` weights of Qwen2-MoE's shared-expert sigmoid gate, or None (zero gate).
+        shared_gate: ``[layers, hidden]`` weights of the shared experts' sigmoid gate (with `shared_gated`).
+        config: the moekit `ModelConfig` of the MoE model (`moe_config`).
+        family: the family writing the layout.
+
+    Raises:
+        ValueError: the layout cannot hold this model, with the family's reasons.
     """
 
     architecture: str
@@ -252,9 +217,11 @@ class MoEBuild:
     shared: list[FFNPart]
     experts_per_token: int
     dtype: torch.dtype
+    shared_gated: bool = False
     router: Tensor | None = None
     shared_gate: Tensor | None = None
-    config: dict[str, Any] = field(default_factory=dict)
+    config: ModelConfig = field(init=False)
+    family: Family = field(init=False)
 
     @property
     def expert_width(self) -> int:
@@ -271,9 +238,26 @@ class MoEBuild:
         if self.architecture == "deepseek_v3" and self.shared_width % self.expert_width:
             raise ValueError(f"the DeepSeek-V3 layout needs a shared width that is a multiple of the expert width "
                              f"{self.expert_width}; got {self.shared_width}")
-        self.config = output_config(self.architecture, self.base, num_experts=len(self.experts),
-                                    experts_per_token=self.experts_per_token, expert_width=self.expert_width,
-                                    shared_width=self.shared_width, dtype=self.dtype)
+        self.family = FAMILIES[LAYOUT_FAMILIES[self.architecture]]
+        self.config = moe_config(self.architecture, self.base, num_experts=len(self.experts),
+                                 experts_per_token=self.experts_per_token, expert_width=self.expert_width,
+                                 shared_width=self.shared_width, shared_gated=self.shared_gated)
+        problems = self.family.problems(canonical(self.config))
+        if problems:
+            hint = (" (the shared experts' prompts need a sigmoid gate: remove them, or use qwen2_moe)"
+                    if self.shared_gated and self.architecture != "qwen2_moe" else "")
+            raise ValueError(f"architecture {self.architecture!r} cannot hold this model ({self.base.family} base): "
+                             f"{'; '.join(problems)}{hint}")
+
+    def hf_config(self) -> dict[str, Any]:
+        """The output `config.json`: the family's fields, the base's token ids, the output dtype."""
+        written = self.family.export_config(self.config)
+        src = self.base.config
+        name = dtype_name(self.dtype)
+        return {"architectures": [self.family.architecture], "model_type": self.family.model_type,
+                **self.family.write_config(written), "bos_token_id": src.get("bos_token_id"),
+                "eos_token_id": src.get("eos_token_id"), "pad_token_id": src.get("pad_token_id"), "dtype": name,
+                "torch_dtype": name}
 
 
 def _width(part: FFNPart) -> int:
@@ -281,62 +265,56 @@ def _width(part: FFNPart) -> int:
     return len(range(*part.units.indices(total))) if part.units is not None else total
 
 
-def _fused(parts: list[FFNPart], layer: int, proj: str) -> Callable[[], Tensor]:
-    dim = 1 if proj == "down_proj" else 0
-    return lambda: torch.cat([p.read(layer, proj).float() for p in parts], dim=dim)
+_MOE_NAME = re.compile(r"layers\.(\d+)\.mlp\.(.+)")
 
 
-def _entries(build: MoEBuild) -> list[_Entry]:
+class _BuildSource:
+    """The MoE model's tensors under moekit's names, read from the inputs when asked (a `StateSource`)."""
+
+    def __init__(self, build: MoEBuild) -> None:
+        self.build = build
+        self._last: tuple[tuple[str, int], Tensor] | None = None  # export reads gate and up of one expert in turn
+
+    def get(self, name: str) -> Tensor:
+        build, match = self.build, _MOE_NAME.fullmatch(name)
+        if match is None:
+            return build.base.get(build.base.hf_name(name))
+        layer, rest = int(match[1]), match[2]
+        if rest == "router.weight":
+            if build.router is None:
+                raise RuntimeError("router weights were not computed before writing")
+            return build.router[layer]
+        if rest == "router.e_score_correction_bias":
+            return torch.zeros(len(build.experts))
+        if rest in ("experts.gate_up_proj", "experts.down_proj"):
+            return torch.stack([self.get_expert(name, e).float() for e in range(len(build.experts))])
+        if rest == "shared_experts.gate.weight":
+            if build.shared_gate is None:  # pragma: no cover - guarded by shared_gated
+                raise RuntimeError("shared-expert gate weights were not computed before writing")
+            return build.shared_gate[layer].reshape(1, -1)
+        proj = rest.removeprefix("shared_experts.").removesuffix(".weight")
+        return torch.cat([p.read(layer, proj).float() for p in build.shared], dim=1 if proj == "down_proj" else 0)
+
+    def get_expert(self, name: str, expert: int) -> Tensor:
+        if self._last is not None and self._last[0] == (name, expert):
+            return self._last[1]
+        match = _MOE_NAME.fullmatch(name)
+        assert match is not None
+        layer, part = int(match[1]), self.build.experts[expert]
+        if match[2] == "experts.gate_up_proj":
+            tensor = torch.cat([part.read(layer, "gate_proj").float(), part.read(layer, "up_proj").float()])
+        else:
+            tensor = part.read(layer, "down_proj")
+        self._last = ((name, expert), tensor)
+        return tensor
+
+
+def _entries(build: MoEBuild) -> list[TensorEntry]:
     """Every tensor of the output checkpoint, under the layout's names; each is read only when written."""
-    base, arch, dtype = build.base, build.architecture, build.dtype
-    hidden, width, shared_width = base.hidden_size, build.expert_width, build.shared_width
-    entries: list[_Entry] = []
-
-    def add(name: str, shape: tuple[int, ...], make: Callable[[], Tensor], dt: torch.dtype = dtype) -> None:
-        entries.append(_Entry(name, tuple(int(s) for s in shape), dt, make))
-
-    def copy(name: str) -> None:
-        add(name, base.shape(name), lambda: base.get(name))
-
-    def router(layer: int) -> Tensor:
-        if build.router is None:
-            raise RuntimeError("router weights were not computed before writing")
-        return build.router[layer]
-
-    def shared_gate(layer: int) -> Tensor:
-        if build.shared_gate is None:
-            return torch.zeros(1, hidden)
-        return build.shared_gate[layer].reshape(1, hidden)
-
-    copy("model.embed_tokens.weight")
-    for layer in range(base.num_layers):
-        prefix = f"model.layers.{layer}"
-        for name in layer_tensors(base, layer, mlp=False):
-            copy(name)
-        moe = f"{prefix}.block_sparse_moe" if arch == "mixtral" else f"{prefix}.mlp"
-        names = {"gate_proj": "w1", "up_proj": "w3", "down_proj": "w2"} if arch == "mixtral" else \
-            {p: p for p in _PROJ}
-        add(f"{moe}.gate.weight", (len(build.experts), hidden), lambda layer=layer: router(layer))
-        if arch == "deepseek_v3":
-            add(f"{moe}.gate.e_score_correction_bias", (len(build.experts),),
-                lambda: torch.zeros(len(build.experts)), torch.float32)
-        for index, part in enumerate(build.experts):
-            for proj in _PROJ:
-                shape = (hidden, width) if proj == "down_proj" else (width, hidden)
-                add(f"{moe}.experts.{index}.{names[proj]}.weight", shape,
-                    lambda part=part, layer=layer, proj=proj: part.read(layer, proj))
-        if arch in ("qwen2_moe", "deepseek_v3"):
-            shared = f"{moe}.shared_expert" if arch == "qwen2_moe" else f"{moe}.shared_experts"
-            for proj in _PROJ:
-                shape = (hidden, shared_width) if proj == "down_proj" else (shared_width, hidden)
-                make = _fused(build.shared, layer, proj) if build.shared else (lambda shape=shape: torch.zeros(shape))
-                add(f"{shared}.{proj}.weight", shape, make)
-        if arch == "qwen2_moe":
-            add(f"{moe}.shared_expert_gate.weight", (1, hidden), lambda layer=layer: shared_gate(layer))
-    copy("model.norm.weight")
-    if not base.tied:
-        copy("lm_head.weight")
-    return entries
+    written = build.family.export_config(build.config)
+    source = build.family.export_source(build.config, _BuildSource(build))
+    return [TensorEntry(t.name, t.shape, torch.float32 if t.float32 else build.dtype, t.make)
+            for t in export_tensors(build.family, written, source)]
 
 
 # ============================================================================================== plan
@@ -394,41 +372,19 @@ class MergePlan:
         return "\n".join(lines)
 
 
-def _plan(build: MoEBuild, entries: list[_Entry], max_shard_bytes: int, gate_mode: str) -> MergePlan:
+def _plan(build: MoEBuild, entries: list[TensorEntry], max_shard_bytes: int, gate_mode: str) -> MergePlan:
     total = sum(math.prod(e.shape) for e in entries if not e.name.endswith("e_score_correction_bias"))
     base = build.base
     idle = base.num_layers * (len(build.experts) - build.experts_per_token) * 3 * base.hidden_size * build.expert_width
     return MergePlan(
-        architecture=build.architecture, model_class=build.config["architectures"][0], num_layers=base.num_layers,
+        architecture=build.architecture, model_class=build.family.architecture, num_layers=base.num_layers,
         num_experts=len(build.experts), experts_per_token=build.experts_per_token, expert_width=build.expert_width,
         shared_width=build.shared_width, total_params=total, active_params=total - idle,
-        output_bytes=sum(e.nbytes for e in entries), num_shards=len(_split_shards(entries, max_shard_bytes)),
+        output_bytes=sum(e.nbytes for e in entries), num_shards=len(split_shards(entries, max_shard_bytes)),
         dtype=str(build.dtype).removeprefix("torch."), gate_mode=gate_mode)
 
 
 # ============================================================================================== files
-def _stream_safetensors(entries: list[_Entry], path: Path, on_tensor: Callable[[], None] | None = None) -> None:
-    """Write `entries` as one safetensors file: the header first (shapes are known), then each tensor in turn."""
-    header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
-    offset = 0
-    for entry in entries:
-        header[entry.name] = {"dtype": safetensors_dtype(entry.dtype), "shape": list(entry.shape),
-                              "data_offsets": [offset, offset + entry.nbytes]}
-        offset += entry.nbytes
-    blob = json.dumps(header, separators=(",", ":")).encode("utf-8")
-    blob += b" " * (-len(blob) % 8)
-    with open(path, "wb") as f:
-        f.write(struct.pack("<Q", len(blob)))
-        f.write(blob)
-        for entry in entries:
-            tensor = entry.materialize()
-            if tensor.numel():
-                f.write(tensor.reshape(-1).view(torch.uint8).numpy().data)
-            del tensor
-            if on_tensor is not None:
-                on_tensor()
-
-
 def _progress_bar(total: int, desc: str, enabled: bool) -> Any:
     if not enabled:
         return None
@@ -452,7 +408,7 @@ def _tokenizer_writer(base: DenseSource, tokenizer_source: str | None) -> Callab
 
         tokenizer = transformers.AutoTokenizer.from_pretrained(str(base.model_dir), gguf_file=base.gguf_file)
         return lambda out: tokenizer.save_pretrained(str(out))
-    files = [directory / name for name in _TOKENIZER_FILES if (directory / name).is_file()]
+    files = [directory / name for name in TOKENIZER_FILES if (directory / name).is_file()]
     if not files:
         warnings.warn(f"{directory} holds no tokenizer files; the output has none (copy them in before use)",
                       stacklevel=3)
@@ -484,27 +440,26 @@ def write_build(build: MoEBuild, out: str | os.PathLike[str], *, tokenizer_sourc
     raises one `StorageError` (the temporary folder is removed and a previous `out` kept).
     """
     entries = _entries(build)
+    hf_config = build.hf_config()
     write_tokenizer = _tokenizer_writer(build.base, tokenizer_source)
-    generation = _generation_config(build.base, build.config)
+    generation = _generation_config(build.base, hf_config)
     needed = sum(e.nbytes for e in entries) + sum(len(text.encode("utf-8")) for text in (extra_files or {}).values())
 
     def write(directory: Path) -> None:
         bar = _progress_bar(len(entries), f"moekit {caller}: writing", progress)
-        step = bar.update if bar is not None else None
         try:
-            _write_weights(directory, entries, max_shard_bytes,
-                           save=lambda shard, path: _stream_safetensors(shard, path, step))
+            write_weights(directory, entries, max_shard_bytes, on_tensor=bar.update if bar is not None else None)
         finally:
             if bar is not None:
                 bar.close()
-        write_json(directory / "config.json", build.config)
+        write_json(directory / "config.json", hf_config)
         write_json(directory / "generation_config.json", generation)
         write_tokenizer(directory)
         for name, text in (extra_files or {}).items():
             (directory / name).write_text(text, encoding="utf-8")
 
     with torch.no_grad():
-        return _write_atomically(out, overwrite, write, caller=caller, inputs=inputs, needed=needed)
+        return write_atomically(out, overwrite, write, caller=caller, inputs=inputs, needed=needed)
 
 
 def resolve_dtype(name: str | torch.dtype | None, base: DenseSource) -> torch.dtype:
@@ -615,6 +570,15 @@ def _warn_vocabularies(base: DenseSource, sources: list[DenseSource]) -> None:
                           stacklevel=4)
 
 
+def _shared_gated(config: MergeConfig, architecture: str) -> bool:
+    """Whether the shared experts get a sigmoid gate: their prompts need one (Qwen2-MoE's gate computes a router
+    row); with random router modes, Qwen2-MoE's gate gets random rows as mergekit writes it."""
+    if not config.shared_experts:
+        return False
+    return config.shared_have_prompts or (architecture == "qwen2_moe" and config.gate_mode in ("random",
+                                                                                               "uniform_random"))
+
+
 def merge_inputs(config: MergeConfig) -> list[str]:
     """The paths a merge reads: the base model, every expert's source model and the tokenizer source."""
     paths = [config.base_model, *(e.source_model for e in config.experts),
@@ -705,23 +669,30 @@ def merge(config: MergeConfig | str | os.PathLike[str] | dict[str, Any], out: st
     if device not in ("cpu", "cuda") and not str(device).startswith("cuda:"):
         raise ValueError(f"device={device!r} is not allowed; use cpu or cuda")
     inputs = merge_inputs(config)
-    _check_destination(Path(out).expanduser().absolute(), overwrite, "merge", inputs)  # before any work
+    check_destination(Path(out).expanduser().absolute(), overwrite, "merge", inputs)  # before any work
     base, experts, shared = _open_models(config)
-    architecture = choose_architecture(base.family, len(config.shared_experts), config.shared_have_prompts,
-                                       config.architecture)
-    build = MoEBuild(
-        architecture=architecture, base=base,
-        experts=[FFNPart(src, down_scale=spec.residual_scale if spec.residual_scale is not None else 1.0,
-                         noise=spec.noise_scale or 0.0, seed=config.seed * 1000 + index)
-                 for index, (src, spec) in enumerate(zip(experts, config.experts, strict=True))],
-        shared=[FFNPart(src, down_scale=spec.residual_scale if spec.residual_scale is not None else 1.0,
-                        noise=spec.noise_scale or 0.0, seed=config.seed * 1000 + 500 + index)
-                for index, (src, spec) in enumerate(zip(shared, config.shared_experts, strict=True))],
-        experts_per_token=config.experts_per_token, dtype=resolve_dtype(config.dtype, base))
+    default = choose_architecture(base.family, len(config.shared_experts), config.shared_have_prompts,
+                                  config.architecture)
+
+    def make(architecture: str) -> MoEBuild:
+        return MoEBuild(
+            architecture=architecture, base=base,
+            experts=[FFNPart(src, down_scale=spec.residual_scale if spec.residual_scale is not None else 1.0,
+                             noise=spec.noise_scale or 0.0, seed=config.seed * 1000 + index)
+                     for index, (src, spec) in enumerate(zip(experts, config.experts, strict=True))],
+            shared=[FFNPart(src, down_scale=spec.residual_scale if spec.residual_scale is not None else 1.0,
+                            noise=spec.noise_scale or 0.0, seed=config.seed * 1000 + 500 + index)
+                    for index, (src, spec) in enumerate(zip(shared, config.shared_experts, strict=True))],
+            experts_per_token=config.experts_per_token, dtype=resolve_dtype(config.dtype, base),
+            shared_gated=_shared_gated(config, architecture))
+
+    build, layout_note = fitting_build(default, config.architecture is not None, make)
     _check_prompts(config, base)
     if config.tokenizer_source is not None and not Path(config.tokenizer_source).is_dir():
         raise FileNotFoundError(f"tokenizer_source {config.tokenizer_source!r} is not a directory")
     plan = _plan(build, _entries(build), max_shard_bytes, config.gate_mode)
+    if layout_note:
+        plan.notes.append(layout_note)
     if dry_run:
         return plan
     build.router, shared_rows, bad = _router_rows(config, base, device)
@@ -732,12 +703,8 @@ def merge(config: MergeConfig | str | os.PathLike[str] | dict[str, Any], out: st
                    "more distinct")
         warnings.warn(message, stacklevel=2)
         plan.notes.append(message)
-    if architecture == "qwen2_moe" and build.shared:
-        if shared_rows is not None:
-            build.shared_gate = shared_rows.mean(dim=1)
-        else:  # zero gate: sigmoid(0) = 1/2 for every token, undone by doubling the shared down_proj
-            for part in build.shared:
-                part.down_scale *= 2.0
+    if build.shared_gated and shared_rows is not None:  # the prompts' rows (their mean) gate the shared experts
+        build.shared_gate = shared_rows.mean(dim=1)
     plan.out = write_build(build, out, tokenizer_source=config.tokenizer_source, overwrite=overwrite,
                            max_shard_bytes=max_shard_bytes, progress=progress, caller="merge", inputs=inputs)
     return plan

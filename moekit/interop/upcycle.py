@@ -49,14 +49,15 @@ from .merge import (
     FFNPart,
     MergePlan,
     MoEBuild,
-    _check_destination,
     _entries,
     _plan,
     check_max_shard_bytes,
     choose_architecture,
+    fitting_build,
     resolve_dtype,
     write_build,
 )
+from .writer import check_destination
 
 __all__ = ["upcycle"]
 
@@ -119,7 +120,7 @@ def upcycle(model: str | os.PathLike[str], out: str | os.PathLike[str], num_expe
             raise ValueError(f"upcycle: architecture={architecture!r} is not known; use one of mixtral, qwen2_moe, "
                              "qwen3_moe, deepseek_v3")
         architecture = _ARCHITECTURE_ALIASES[str(architecture).lower()]
-    _check_destination(Path(out).expanduser().absolute(), overwrite, "upcycle", [model])  # before any work
+    check_destination(Path(out).expanduser().absolute(), overwrite, "upcycle", [model])  # before any work
     source = open_dense(model)
     source.cache_size = 4  # one layer's gate/up/down are read once for all copies
     check_tensors(source, required_tensors(source, mlp=True, rest=True))
@@ -129,10 +130,9 @@ def upcycle(model: str | os.PathLike[str], out: str | os.PathLike[str], num_expe
                          f"of {source.path}; choose a divisor")
     if architecture is None and source.family == "qwen2":
         architecture = "qwen2_moe"  # Qwen's own MoE; its gated shared expert is written to be always on
-    arch = choose_architecture(source.family, shared_experts, False, architecture)
+    default = choose_architecture(source.family, shared_experts, False, architecture)
     width = dense_width // fine_grained
     holders = [sum(1 for n in range(shared_experts) if n % fine_grained == m) for m in range(fine_grained)]
-    shared_factor = 2.0 if arch == "qwen2_moe" else 1.0  # undo Qwen2-MoE's zero sigmoid gate (1/2)
     routed = [
         FFNPart(source, units=slice(m * width, (m + 1) * width), down_scale=fine_grained / (holders[m] + 1),
                 noise=float(noise), relative_noise=True, seed=seed * 1000 + copy * fine_grained + m)
@@ -140,12 +140,17 @@ def upcycle(model: str | os.PathLike[str], out: str | os.PathLike[str], num_expe
     ]
     shared = [
         FFNPart(source, units=slice((n % fine_grained) * width, (n % fine_grained + 1) * width),
-                down_scale=shared_factor / (holders[n % fine_grained] + 1))
+                down_scale=1.0 / (holders[n % fine_grained] + 1))
         for n in range(shared_experts)
     ]
-    build = MoEBuild(architecture=arch, base=source, experts=routed, shared=shared,
-                     experts_per_token=top_k * fine_grained, dtype=resolve_dtype(dtype, source))
+    out_dtype = resolve_dtype(dtype, source)
+    build, layout_note = fitting_build(
+        default, architecture is not None,
+        lambda arch: MoEBuild(architecture=arch, base=source, experts=routed, shared=shared,
+                              experts_per_token=top_k * fine_grained, dtype=out_dtype))
     plan = _plan(build, _entries(build), max_shard_bytes, "random (upcycled copies)")
+    if layout_note:
+        plan.notes.append(layout_note)
     if fine_grained > 1:
         plan.notes.append(f"fine-grained: {num_experts} copies x {fine_grained} segments = {len(routed)} experts, "
                           f"{top_k * fine_grained} per token; each copy's segments share one router row at init")

@@ -1,8 +1,13 @@
 """Expert FFNs with stacked weights `[E, ...]`, and the always-on shared experts.
 
 Weight layout follows transformers' fused MoE experts so checkpoints map one to one:
-SwiGLU (`hidden_act="silu"`): `gate_up_proj [E, 2*I, H]` (gate rows first, then up) and
-`down_proj [E, H, I]`; GELU: `up_proj [E, I, H]` and `down_proj [E, H, I]`.
+SwiGLU (`hidden_act="silu"`, or GPT-OSS's `"clamped_swiglu"`): `gate_up_proj [E, 2*I, H]` (gate rows first, then
+up) and `down_proj [E, H, I]`; GELU: `up_proj [E, I, H]` and `down_proj [E, H, I]`. With `bias=True` (GPT-OSS)
+every expert also has `gate_up_proj_bias [E, 2*I]` and `down_proj_bias [E, H]`.
+
+Experts with biases or the clamped activation run a plain autograd loop over the busy experts (`_forward_general`):
+correct for every backend setting, without the hand-written backwards' memory savings (which fold the combine
+weight into the activation, where a bias would not be scaled).
 """
 
 from __future__ import annotations
@@ -13,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..config import MoEConfig
+from ..config import GATED_ACTS, MoEConfig
 from .grouped_ffn import activate, check_grouped_mm, grouped_ffn, grouped_mm_fits, streams_weights
 
 #: the padded `bmm` backend is chosen automatically only when no expert has more rows than this
@@ -34,6 +39,15 @@ def _activation(name: str):
     return F.silu if name == "silu" else F.gelu
 
 
+def clamped_swiglu(h: Tensor, limit: float, alpha: float) -> Tensor:
+    """GPT-OSS's gated activation on [..., 2I] (gate columns first): (clamp(up, -L, L) + 1) * g * sigmoid(alpha g),
+    g = clamp(gate, max=L)."""
+    gate, up = h.chunk(2, dim=-1)
+    gate = gate.clamp(max=limit)
+    up = up.clamp(-limit, limit)
+    return (up + 1) * (gate * torch.sigmoid(gate * alpha))
+
+
 class GroupedExperts(nn.Module):
     """E expert FFNs stored as stacked tensors; run on tokens already grouped by expert.
 
@@ -43,12 +57,19 @@ class GroupedExperts(nn.Module):
     """
 
     def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int, hidden_act: str = "silu",
-                 backend: str = "auto") -> None:
+                 backend: str = "auto", bias: bool = False, swiglu_limit: float | None = None,
+                 swiglu_alpha: float | None = None) -> None:
         super().__init__()
         self.num_experts, self.hidden_size, self.intermediate_size = num_experts, hidden_size, intermediate_size
         self.hidden_act = hidden_act
-        self.gated = hidden_act == "silu"
+        self.gated = hidden_act in GATED_ACTS
         self.backend = backend
+        self.bias = bias
+        self.swiglu_limit, self.swiglu_alpha = swiglu_limit, swiglu_alpha
+        if hidden_act == "clamped_swiglu" and (swiglu_limit is None or swiglu_alpha is None):
+            raise ValueError("GroupedExperts: hidden_act='clamped_swiglu' needs swiglu_limit and swiglu_alpha")
+        # biases or GPT-OSS's activation: the plain autograd loop computes these experts
+        self.general = bias or hidden_act == "clamped_swiglu"
         in_rows = 2 * intermediate_size if self.gated else intermediate_size
         in_proj = torch.empty(num_experts, in_rows, hidden_size)
         self.down_proj = nn.Parameter(torch.empty(num_experts, hidden_size, intermediate_size))
@@ -56,18 +77,30 @@ class GroupedExperts(nn.Module):
             self.gate_up_proj = nn.Parameter(in_proj)
         else:
             self.up_proj = nn.Parameter(in_proj)
+        if bias:
+            self.gate_up_proj_bias = nn.Parameter(torch.zeros(num_experts, in_rows))
+            self.down_proj_bias = nn.Parameter(torch.zeros(num_experts, hidden_size))
         self.reset_parameters()
 
     @classmethod
     def from_config(cls, config: MoEConfig) -> GroupedExperts:
         return cls(config.num_local_experts, config.hidden_size, config.moe_intermediate_size,
-                   config.hidden_act, config.expert_backend)
+                   config.hidden_act, config.expert_backend, config.expert_bias, config.swiglu_limit,
+                   config.swiglu_alpha)
+
+    def same_kind(self, num_experts: int, intermediate_size: int | None = None) -> GroupedExperts:
+        """New experts of this kind (activation, biases, backend) with another count or width."""
+        return GroupedExperts(num_experts, self.hidden_size, intermediate_size or self.intermediate_size,
+                              self.hidden_act, self.backend, self.bias, self.swiglu_limit, self.swiglu_alpha)
 
     def reset_parameters(self) -> None:
-        """Each expert initialised like a pair of `nn.Linear` layers."""
+        """Each expert initialised like a pair of `nn.Linear` layers (biases zero)."""
         for weight in (self.in_proj, self.down_proj):
             bound = 1.0 / math.sqrt(weight.shape[-1])
             nn.init.uniform_(weight, -bound, bound)
+        if self.bias:
+            nn.init.zeros_(self.gate_up_proj_bias)
+            nn.init.zeros_(self.down_proj_bias)
 
     @property
     def in_proj(self) -> Tensor:
@@ -77,6 +110,12 @@ class GroupedExperts(nn.Module):
     def _activate(self, h: Tensor, scale: Tensor | None) -> Tensor:
         h = activate(h, self.gated)
         return h if scale is None else h * scale.unsqueeze(-1)
+
+    def activation(self, h: Tensor) -> Tensor:
+        """The experts' activation of a first projection h [..., 2I] (gated) or [..., I]."""
+        if self.hidden_act == "clamped_swiglu":
+            return clamped_swiglu(h, self.swiglu_limit, self.swiglu_alpha)
+        return activate(h, self.gated)
 
     def resolve_backend(self, x: Tensor, group_sizes: list[int]) -> str:
         """The backend that runs these rows: `expert_backend` unless it is "auto".
@@ -141,6 +180,8 @@ class GroupedExperts(nn.Module):
         """
         if row_scale is not None:
             row_scale = row_scale.to(x.dtype)
+        if self.general:
+            return self._forward_general(x, group_sizes, row_scale, row_index)
         rows = x.shape[0] if row_index is None else row_index.numel()
         backend = self.resolve_backend(x, group_sizes) if rows > 0 else "loop"
         if backend == "loop" or (backend == "grouped_mm" and not x.is_cuda and self._needs_grad(x)):
@@ -186,9 +227,28 @@ class GroupedExperts(nn.Module):
         h = self._activate(F.grouped_mm(x, self.in_proj.transpose(-2, -1), offs=offsets), scale)
         return F.grouped_mm(h, self.down_proj.transpose(-2, -1), offs=offsets)
 
+    def _forward_general(self, x: Tensor, group_sizes: list[int], row_scale: Tensor | None,
+                         row_index: Tensor | None) -> Tensor:
+        """Plain autograd, one expert at a time: biases and any activation; the weight scales the whole output."""
+        if row_index is not None:
+            x = x.index_select(0, row_index)
+        outs, start = [], 0
+        for expert, size in enumerate(group_sizes):
+            if size:
+                outs.append(self.expert_forward(x[start:start + size], expert))
+            start += size
+        if outs:
+            out = torch.cat(outs)
+        else:  # no rows: an empty output that still reaches the weights' graph
+            out = x.new_zeros(0, self.hidden_size) + 0.0 * self.down_proj.sum()
+        return out if row_scale is None else out * row_scale.unsqueeze(-1)
+
     def expert_forward(self, x: Tensor, expert: int) -> Tensor:
-        """Run one expert on `x: [n, H]` (for references and analysis, not the hot path)."""
-        return F.linear(activate(F.linear(x, self.in_proj[expert]), self.gated), self.down_proj[expert])
+        """Run one expert on `x: [n, H]` (for references, analysis and the biased experts' loop)."""
+        bias_in = self.gate_up_proj_bias[expert] if self.bias else None
+        bias_out = self.down_proj_bias[expert] if self.bias else None
+        h = F.linear(x, self.in_proj[expert], bias_in)
+        return F.linear(self.activation(h), self.down_proj[expert], bias_out)
 
     @torch.no_grad()
     def segment(self, m: int) -> GroupedExperts:
@@ -199,8 +259,11 @@ class GroupedExperts(nn.Module):
         """
         if self.intermediate_size % m != 0:
             raise ValueError(f"segment: intermediate_size={self.intermediate_size} is not divisible by m={m}")
+        if self.bias:
+            raise ValueError("segment: experts with biases cannot be split exactly (each segment would add the "
+                             "down_proj bias again)")
         piece = self.intermediate_size // m
-        new = GroupedExperts(self.num_experts * m, self.hidden_size, piece, self.hidden_act, self.backend)
+        new = self.same_kind(self.num_experts * m, piece)
         new.to(self.down_proj.device, self.down_proj.dtype)
         if self.gated:
             gate, up = self.gate_up_proj.split(self.intermediate_size, dim=1)
@@ -215,7 +278,8 @@ class GroupedExperts(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"num_experts={self.num_experts}, hidden_size={self.hidden_size}, "
-                f"intermediate_size={self.intermediate_size}, hidden_act={self.hidden_act!r}")
+                f"intermediate_size={self.intermediate_size}, hidden_act={self.hidden_act!r}"
+                + (", bias=True" if self.bias else ""))
 
 
 class SharedExperts(nn.Module):
@@ -226,10 +290,11 @@ class SharedExperts(nn.Module):
     """
 
     def __init__(self, hidden_size: int, intermediate_size: int, hidden_act: str = "silu",
-                 use_gate: bool = False) -> None:
+                 use_gate: bool = False, swiglu_limit: float | None = None, swiglu_alpha: float | None = None) -> None:
         super().__init__()
-        self.gated = hidden_act == "silu"
+        self.gated = hidden_act in GATED_ACTS
         self.act = _activation(hidden_act)
+        self.clamp = (swiglu_limit, swiglu_alpha) if hidden_act == "clamped_swiglu" else None
         if self.gated:
             self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
         self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
@@ -239,10 +304,12 @@ class SharedExperts(nn.Module):
     @classmethod
     def from_config(cls, config: MoEConfig) -> SharedExperts:
         return cls(config.hidden_size, config.resolved_shared_intermediate_size, config.hidden_act,
-                   config.shared_expert_gate)
+                   config.shared_expert_gate, config.swiglu_limit, config.swiglu_alpha)
 
     def forward(self, x: Tensor) -> Tensor:
-        if self.gated:
+        if self.clamp is not None:
+            h = clamped_swiglu(torch.cat([self.gate_proj(x), self.up_proj(x)], dim=-1), *self.clamp)
+        elif self.gated:
             h = self.act(self.gate_proj(x)) * self.up_proj(x)
         else:
             h = self.act(self.up_proj(x))

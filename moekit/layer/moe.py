@@ -224,9 +224,14 @@ class MoELayer(nn.Module):
     def from_hf(cls, module: nn.Module) -> MoELayer:
         """A moekit layer computing the same function as a transformers MoE block.
 
-        Supports `MixtralSparseMoeBlock`, `Qwen2MoeSparseMoeBlock` and `DeepseekV3MoE` (weights are
-        copied; transformers itself is not imported). Mixtral's `router_jitter_noise` is applied
-        to the router input only (Switch's definition), so outputs match in eval mode.
+        The block is recognised by its exact class, one of the native families' blocks
+        (`MixtralSparseMoeBlock`, `Qwen2MoeSparseMoeBlock`, `Qwen3MoeSparseMoeBlock`, `OlmoeSparseMoeBlock`,
+        `Glm4MoeMoE`, `DeepseekV3MoE`, `GptOssMLP`; see `moekit.families`), and read strictly: every tensor of
+        the block is used and every parameter of the layer filled, with every routing detail mapped (scores,
+        `norm_topk_prob`, selection bias, groups, scaling, shared experts and their gate, expert biases,
+        activation). Anything else is refused with a ValueError naming the class. Weights are copied;
+        transformers itself is not imported. Mixtral's `router_jitter_noise` is applied to the router input only
+        (Switch's definition), so outputs match in eval mode.
         """
         from .hf_blocks import config_and_state_from_hf
 
@@ -234,9 +239,10 @@ class MoELayer(nn.Module):
         layer = cls(config)
         reference = next(module.parameters())
         layer.to(device=reference.device, dtype=reference.dtype)
-        layer.load_state_dict(state, strict=False)
-        if layer.router.e_score_correction_bias is not None and "router.e_score_correction_bias" in state:
-            layer.router.e_score_correction_bias.copy_(state["router.e_score_correction_bias"].float())
+        layer.load_state_dict(state, strict=True)
+        bias = getattr(layer.router, "e_score_correction_bias", None)
+        if bias is not None:  # the selection bias stays float32 whatever the layer's dtype
+            bias.copy_(state["router.e_score_correction_bias"].float())
         return layer
 
 

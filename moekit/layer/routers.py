@@ -81,7 +81,8 @@ class Router(nn.Module):
 
 
 class TopKRouter(Router):
-    """Softmax (or sigmoid) top-k, as in Mixtral / Qwen-MoE: logits = x W^T, keep the k best scores.
+    """Softmax (or sigmoid) top-k, as in Mixtral / Qwen-MoE: logits = x W^T (+ b with `router_bias`), keep the k
+    best scores.
 
     With `norm_topk_prob` the kept weights are renormalised to sum to 1 (Mixtral). With the
     aux-loss-free balancer on, `e_score_correction_bias` is added to the scores for selection only.
@@ -90,6 +91,8 @@ class TopKRouter(Router):
     def __init__(self, config: MoEConfig) -> None:
         super().__init__(config)
         self.weight = _gate_weight(self.num_experts, config.hidden_size)
+        # a bias on the logits (GPT-OSS's router); it shifts the scores the weights come from, unlike the selection bias
+        self.bias = nn.Parameter(torch.zeros(self.num_experts)) if config.router_bias else None
         self.norm_topk_prob = config.resolved_norm_topk_prob
         self.e_score_correction_bias: Tensor | None
         if config.uses_aux_free_bias:
@@ -140,9 +143,9 @@ class TopKRouter(Router):
 
     def forward(self, x: Tensor, seq_ids: Tensor, num_sequences: int) -> Routing:
         if self.fp32_logits:
-            logits = F.linear(x.float(), self.weight.float())  # [T, E]
+            logits = F.linear(x.float(), self.weight.float(), None if self.bias is None else self.bias.float())
         else:
-            logits = F.linear(x, self.weight)
+            logits = F.linear(x, self.weight, self.bias)  # [T, E]
         scores, probs = self._scores(logits)
         topk_index = self._select(scores)
         topk_weights = scores.gather(1, topk_index)

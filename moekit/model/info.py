@@ -15,15 +15,20 @@ Conventions (shared by every entry point):
   `MoETransformer.num_parameters(active=True)` does).
 * **flops_per_token_forward**: 2 FLOPs (multiply + add) per *active matmul weight* — every weight
   matrix a token is multiplied by, including the routers and `lm_head` but excluding the embedding
-  lookup, norms and biases — plus the attention scores and weighted values of one token attending
-  to `context` positions: ``2 * 2 * num_layers * context * num_heads * head_dim`` (for MLA:
-  ``2 * num_layers * context * num_heads * (qk_head_dim + v_head_dim)``). No causal halving: it is
-  the cost of the token at position `context`. Elementwise work (activations, softmax, RoPE) and
-  Soft MoE's dispatch/combine mixing are ignored.
+  lookup, norms, biases and attention sinks — plus the attention scores and weighted values of one token
+  attending to `context` positions: ``2 * 2 * num_layers * context * num_heads * head_dim`` (for MLA:
+  ``2 * num_layers * context * num_heads * (qk_head_dim + v_head_dim)``). No causal halving and no sliding
+  window: it is the cost of a token that attends to `context` positions. Elementwise work (activations, softmax,
+  RoPE) and Soft MoE's dispatch/combine mixing are ignored.
 * **train_flops_per_token**: 3 x forward (backward = 2 x forward), no activation recomputation.
 * **memory_inference_bytes**: all parameters at `dtype_bytes` each (2 = bf16/fp16) plus the KV
   cache for `batch` sequences of `context` tokens: ``2 * layers * kv_heads * head_dim * context *
-  batch * dtype_bytes``. Framework workspace and activations are not included.
+  batch * dtype_bytes`` (MLA caches its latent and rotary key: ``kv_lora_rank + qk_rope_head_dim`` values per
+  token and layer). Framework workspace and activations are not included.
+
+Hugging Face configs are read by their family (`moekit.families`), so the counts are those of the model
+`moekit.interop.load_hf` builds, which holds exactly the checkpoint's tensors (plus any the family writes for
+parts of width 0, such as Qwen2-MoE's gate of a missing shared expert, counted here too).
 * **memory_training_bytes**: 16 bytes per parameter (fp32 master weights 4 + fp32 gradients 4 +
   AdamW first and second moments 4 + 4). Activations, which depend on batch, sequence length and
   checkpointing, are **not** included.
@@ -34,9 +39,9 @@ Byte and FLOP counts are printed in decimal units (1 GB = 1e9 bytes).
 from __future__ import annotations
 
 import json
+import math
 import os
 import stat
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -45,10 +50,6 @@ from ..config import ModelConfig, MoEConfig
 
 #: Bytes per parameter for mixed-precision AdamW training: fp32 weights, gradients and two moments.
 TRAINING_BYTES_PER_PARAM = 16
-
-HF_MOE_TYPES = ("mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v3")
-HF_DENSE_TYPES = ("llama", "mistral", "qwen2")
-HF_MODEL_TYPES = HF_MOE_TYPES + HF_DENSE_TYPES
 
 
 # ---------------------------------------------------------------------------------------------- result
@@ -195,14 +196,32 @@ class _Attention:
     kv_elements: int  # cache elements per token and layer
 
 
-def _gqa(hidden: int, heads: int, kv_heads: int, head_dim: int, qkv_bias: bool = False, o_bias: bool = False,
-         qk_norm: bool = False) -> _Attention:
-    """Multi-head / grouped-query attention (Llama, Mixtral, Qwen); `qk_norm`: Qwen3's per-head q/k RMSNorm."""
-    q, kv = heads * head_dim, kv_heads * head_dim
-    params = _linear(hidden, q, qkv_bias) + _linear(hidden, kv, qkv_bias) + _linear(hidden, kv, qkv_bias)
-    params = params + _linear(q, hidden, o_bias)
-    if qk_norm:
+def _attention(config: ModelConfig) -> _Attention:
+    """One attention block of `config`: grouped-query attention with its options, or multi-head latent attention."""
+    hidden, heads = config.hidden_size, config.num_attention_heads
+    mla = config.mla
+    if mla is not None:  # DeepSeek's MLA, as transformers' DeepseekV3Attention builds it
+        bias = config.qkv_bias
+        if mla.q_lora_rank:
+            q = _linear(hidden, mla.q_lora_rank, bias) + _norm(mla.q_lora_rank) + _linear(mla.q_lora_rank,
+                                                                                         heads * mla.qk_head_dim)
+        else:
+            q = _linear(hidden, heads * mla.qk_head_dim)
+        kv = (_linear(hidden, mla.kv_lora_rank + mla.qk_rope_head_dim, bias) + _norm(mla.kv_lora_rank)
+              + _linear(mla.kv_lora_rank, heads * (mla.qk_nope_head_dim + mla.v_head_dim)))
+        o = _linear(heads * mla.v_head_dim, hidden, config.o_proj_bias)
+        return _Attention(q + kv + o, heads * (mla.qk_head_dim + mla.v_head_dim),
+                          mla.kv_lora_rank + mla.qk_rope_head_dim)
+    head_dim = config.attention_head_dim
+    q, kv = heads * head_dim, config.kv_heads * head_dim
+    params = _linear(hidden, q, config.qkv_bias) + _linear(hidden, kv, config.qkv_bias)
+    params = params + _linear(hidden, kv, config.qkv_bias) + _linear(q, hidden, config.o_proj_bias)
+    if config.qk_norm == "head":
         params = params + _norm(head_dim) + _norm(head_dim)
+    elif config.qk_norm == "projection":
+        params = params + _norm(q) + _norm(kv)
+    if config.attention_sinks:
+        params = params + _norm(heads)  # one logit per head: used by every token, no matmul
     return _Attention(params, heads * 2 * head_dim, 2 * kv)
 
 
@@ -259,9 +278,14 @@ def _router_params(moe: MoEConfig) -> int:
 
 
 def _moekit_moe(moe: MoEConfig) -> _Block:
-    gated = moe.hidden_act == "silu"
+    gated = moe.gated
     router = _Block(_router_params(moe), _router_params(moe), _router_params(moe))
+    if moe.router_bias:
+        router = router + _norm(moe.num_local_experts)  # a logit bias: used by every token, no matmul
     expert = _ffn(moe.hidden_size, moe.moe_intermediate_size, gated)
+    if moe.expert_bias:  # one bias per projection output: 2I (or I) + H values, no matmul
+        width = (2 if gated else 1) * moe.moe_intermediate_size + moe.hidden_size
+        expert = expert + _norm(width)
     shared = _ZERO
     if moe.n_shared_experts:
         shared = _ffn(moe.hidden_size, moe.resolved_shared_intermediate_size, gated)
@@ -281,7 +305,7 @@ def info_from_model_config(config: ModelConfig, context: int = 4096, batch: int 
     inference (2 = bf16). See the module docstring for the conventions.
     """
     H = config.hidden_size
-    attention = _gqa(H, config.num_attention_heads, config.kv_heads, config.head_dim)
+    attention = _attention(config)
     ffns: list[_Block] = []
     moe_layers = 0
     notes: list[str] = []
@@ -299,114 +323,63 @@ def info_from_model_config(config: ModelConfig, context: int = 4096, batch: int 
 
 
 # ---------------------------------------------------------------------------------------------- HF configs
-_REQUIRED = object()
-
-
-_Get = Callable[..., Any]
-
-
-def _getter(config: dict[str, Any], model_type: str) -> _Get:
-    """`get(key, default)` on an HF config; a missing required key is a `ValueError` naming it."""
-
-    def get(key: str, default: Any = _REQUIRED) -> Any:
-        value = config.get(key)
-        if value is None:
-            if default is _REQUIRED:
-                raise ValueError(f"HF config of model_type {model_type!r} lacks {key!r}, which the estimate needs")
-            return default
-        return value
-
-    return get
+#: settings that change what a model computes but not its parameters: `info` counts a model moekit would refuse
+#: to load for one of these (a dynamic RoPE, say), and says so in a note
+_COMPUTE_ONLY_KEYS = ("rope_scaling", "layer_types", "use_sliding_window", "sliding_window", "clip_qkv")
 
 
 def info_from_hf_config(config: dict[str, Any], context: int = 4096, batch: int = 1,
                         dtype_bytes: float = 2) -> ModelInfo:
     """Size, FLOPs and memory of a Hugging Face model from its `config.json` dict.
 
-    Supported `model_type`s: mixtral, qwen2_moe, qwen3_moe, deepseek_v3 (MoE) and llama, mistral,
-    qwen2 (dense). Parameter counts follow the transformers implementations (biases and extra norms
-    included); multi-token-prediction modules that transformers does not build (DeepSeek-V3's
-    `num_nextn_predict_layers`) are not counted. Conventions as in the module docstring.
+    Every native family (`moekit.families.FAMILIES`) is read by its own module, with its own keys and defaults,
+    so shared experts, dense layers, MLA, biases, sinks and q/k norms are counted as transformers builds them.
+    Multi-token-prediction modules that transformers does not build (DeepSeek-V3's `num_nextn_predict_layers`) are
+    not counted. Conventions as in the module docstring.
+
+    Raises:
+        ValueError: a `model_type` moekit has no family for (naming the supported ones), or a config value the
+            counts need that is missing or wrong.
     """
+    from ..families import family_for
+    from ..families.base import read_rope
+
     model_type = config.get("model_type")
-    if model_type not in HF_MODEL_TYPES:
-        raise ValueError(f"model_type={model_type!r} is not supported; supported model types: "
-                         f"{', '.join(HF_MODEL_TYPES)}")
-    get = _getter(config, model_type)
-    H, L, V = get("hidden_size"), get("num_hidden_layers"), get("vocab_size")
-    heads = get("num_attention_heads")
-    kv_heads = get("num_key_value_heads", heads)
-    head_dim = get("head_dim", H // heads)
-    tie = bool(config.get("tie_word_embeddings", False))
+    family = family_for(model_type, "info")
     notes: list[str] = []
-    attention: list[_Attention] = []
-    ffns: list[_Block] = []
-    moe_layers = 0
+    counted = dict(config)
+    try:  # a RoPE moekit does not compute still has no parameters
+        from ..families.base import HFConfig
 
-    if model_type == "deepseek_v3":
-        mla = _deepseek_mla(config, get, H, heads)
-        attention = [mla] * L
-        notes.append("KV cache counted as transformers' DeepseekV3Attention stores it (decompressed per-head "
-                     "keys and values); an MLA latent cache would hold kv_lora_rank + qk_rope_head_dim "
-                     "values per token and layer")
-        if config.get("num_nextn_predict_layers"):
-            notes.append(f"the {config['num_nextn_predict_layers']} multi-token-prediction layer(s) are not counted")
-    else:
-        qkv_bias = model_type == "qwen2" or (model_type == "qwen2_moe" and bool(config.get("qkv_bias", True)))
-        all_bias = model_type in ("llama", "qwen3_moe") and bool(config.get("attention_bias", False))
-        attention = [_gqa(H, heads, kv_heads, head_dim, qkv_bias=qkv_bias or all_bias, o_bias=all_bias,
-                          qk_norm=model_type == "qwen3_moe")] * L
-
-    if model_type in HF_DENSE_TYPES:
-        mlp_bias = model_type == "llama" and bool(config.get("mlp_bias", False))
-        ffns = [_ffn(H, get("intermediate_size"), bias=mlp_bias)] * L
-    elif model_type == "mixtral":
-        E, k = get("num_local_experts"), get("num_experts_per_tok")
-        ffns = [_moe(_linear(H, E), _ffn(H, get("intermediate_size")), E, k)] * L
-        moe_layers = L
-    elif model_type in ("qwen2_moe", "qwen3_moe"):
-        E, k = get("num_experts"), get("num_experts_per_tok")
-        step = get("decoder_sparse_step", 1)
-        mlp_only = set(get("mlp_only_layers", []))
-        shared = _ZERO
-        if model_type == "qwen2_moe":
-            shared = _ffn(H, get("shared_expert_intermediate_size")) + _linear(H, 1)  # + sigmoid gate [1, H]
-        moe = _moe(_linear(H, E), _ffn(H, get("moe_intermediate_size")), E, k, shared)
-        for index in range(L):
-            is_moe = index not in mlp_only and E > 0 and (index + 1) % step == 0
-            ffns.append(moe if is_moe else _ffn(H, get("intermediate_size")))
-            moe_layers += is_moe
-    else:  # deepseek_v3
-        E, k = get("n_routed_experts"), get("num_experts_per_tok")
-        first_dense, freq = get("first_k_dense_replace", 0), get("moe_layer_freq", 1)
-        shared = _ffn(H, get("moe_intermediate_size") * get("n_shared_experts", 0))
-        moe = _moe(_linear(H, E), _ffn(H, get("moe_intermediate_size")), E, k, shared)
-        for index in range(L):
-            is_moe = index >= first_dense and index % freq == 0
-            ffns.append(moe if is_moe else _ffn(H, get("intermediate_size")))
-            moe_layers += is_moe
-    return _assemble(model_type, V, H, tie, attention, ffns, moe_layers, context, batch, dtype_bytes, notes)
-
-
-def _deepseek_mla(config: dict[str, Any], get: _Get, hidden: int, heads: int) -> _Attention:
-    """Multi-head latent attention as transformers' DeepseekV3Attention builds it.
-
-    q: `q_a_proj` [q_lora_rank, H] + `q_a_layernorm` + `q_b_proj` [heads*(nope+rope), q_lora_rank]
-    (or one `q_proj` without `q_lora_rank`); kv: `kv_a_proj_with_mqa` [kv_lora_rank+rope, H] +
-    `kv_a_layernorm` + `kv_b_proj` [heads*(nope+v), kv_lora_rank]; `o_proj` [H, heads*v].
-    """
-    q_rank = config.get("q_lora_rank")
-    kv_rank, rope = get("kv_lora_rank"), get("qk_rope_head_dim")
-    nope, v_dim = get("qk_nope_head_dim"), get("v_head_dim")
-    bias = bool(config.get("attention_bias", False))
-    qk_dim = nope + rope
-    if q_rank:
-        q = _linear(hidden, q_rank, bias) + _norm(q_rank) + _linear(q_rank, heads * qk_dim)
-    else:
-        q = _linear(hidden, heads * qk_dim)
-    kv = _linear(hidden, kv_rank + rope, bias) + _norm(kv_rank) + _linear(kv_rank, heads * (nope + v_dim))
-    o = _linear(heads * v_dim, hidden, bias)
-    return _Attention(q + kv + o, heads * (qk_dim + v_dim), heads * (qk_dim + v_dim))
+        read_rope(HFConfig(counted, family, "info"))
+    except ValueError as error:
+        notes.append(f"moekit cannot load this model ({error}); the counts do not depend on it")
+        counted["rope_parameters"] = {"rope_type": "default", "rope_theta": 10000.0}
+        counted.pop("rope_scaling", None)
+    for key in _COMPUTE_ONLY_KEYS[1:]:
+        counted.pop(key, None)
+    mlp_bias = bool(counted.pop("mlp_bias", False)) and not family.is_moe
+    model = family.read_config(counted, f"info ({model_type})")
+    info = info_from_model_config(model, context=context, batch=batch, dtype_bytes=dtype_bytes)
+    extra = sum(math.prod(shape) for shape, _ in family.extra_tensors(family.export_config(model)).values())
+    if mlp_bias:  # Llama's optional FFN biases: gate and up (I each) and down (H) per layer, no matmul
+        extra += model.num_hidden_layers * (2 * model.intermediate_size + model.hidden_size)
+        notes.append("mlp_bias=True: counted, but moekit cannot load FFN biases")
+    if extra:
+        info.total_params += extra
+        info.active_params += extra
+        info.weights_bytes = round(info.total_params * dtype_bytes)
+        info.memory_inference_bytes = info.weights_bytes + info.kv_cache_bytes
+        info.memory_training_bytes = TRAINING_BYTES_PER_PARAM * info.total_params
+    if model.mla is not None:
+        notes.append("KV cache counted as latent attention stores it (the normalised latent and the rotary key: "
+                     "kv_lora_rank + qk_rope_head_dim values per token and layer)")
+    mtp = config.get("num_nextn_predict_layers") or config.get("num_mtp_layers")
+    if mtp and family.model_type in ("deepseek_v3", "glm4_moe"):
+        notes.append(f"the {mtp} multi-token-prediction layer(s) are not counted")
+    info.name = str(model_type)
+    info.notes = notes + info.notes
+    return info
 
 
 # ---------------------------------------------------------------------------------------------- files

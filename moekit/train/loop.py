@@ -49,7 +49,7 @@ from .errors import NonFiniteTraining
 from .init_from import _model_from_checkpoint, init_from_values
 from .interrupts import StopSignals
 from .parallel import LocalParallel, TrainParallel, wants_parallel
-from .resume import check_resume_changes, lr_factor, planned_total, resume_changes
+from .resume import check_resume_changes, hashed_model_dict, lr_factor, planned_total, resume_changes
 
 __all__ = ["TrainResult", "Trainer", "build_optimizer", "init_from_values", "lr_factor", "make_adamw"]
 
@@ -397,10 +397,7 @@ class Trainer:
 
     def _hashed_config(self) -> dict[str, Any]:
         """What the checkpoint's config hash covers: the model, and the checkpoint it started from if any."""
-        config = self.run.model.to_dict()
-        moe = config.get("moe")
-        if moe is not None and moe.get("max_devices_per_token") is None and moe.get("expert_devices") == 1:
-            del moe["max_devices_per_token"], moe["expert_devices"]  # their defaults: runs saved before them resume
+        config = hashed_model_dict(self.run.model.to_dict())  # later fields at their defaults: older runs resume
         if self.run.train.init_from is not None:  # absent otherwise, so older checkpoints still resume
             config["init_from"] = self.run.train.init_from
         return config
