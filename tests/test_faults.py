@@ -149,6 +149,17 @@ def _env() -> dict[str, str]:
     return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
 
+def _train_as_the_subprocesses(trainer: Trainer) -> None:
+    """Train in this process with one thread, as `_env()` runs the subprocesses: sums split over threads differ in
+    their last bits, so a bit-for-bit comparison needs the same thread count on both sides."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        trainer.train()
+    finally:
+        torch.set_num_threads(threads)
+
+
 def _train_command(out: Path, corpus: Path, *extra: str, preset: str = "tiny-mixtral") -> list[str]:
     return [sys.executable, "-m", "moekit", "train", "--preset", preset, "--out", str(out), "--no-progress",
             *[f"--set={s}" for s in small_overrides(preset, corpus, *extra)]]
@@ -182,12 +193,7 @@ def test_sigterm_and_ctrl_c_to_a_training_process_write_a_checkpoint_that_resume
                               "--no-progress"], capture_output=True, text=True, env=_env(), timeout=300)
     assert resumed.returncode == 0, resumed.stderr
     straight = Trainer(small_run("tiny-mixtral", corpus, *extra), tmp_path / "straight", progress=False)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # the processes above ran with OMP_NUM_THREADS=1: sums split over threads differ in bits
-    try:
-        straight.train()
-    finally:
-        torch.set_num_threads(threads)
+    _train_as_the_subprocesses(straight)
     _assert_same(weights(straight.model), _loaded(tmp_path / "run"))
 
 
@@ -609,7 +615,7 @@ def test_kill_9_at_random_moments_always_leaves_a_run_that_finishes_bit_equal(co
         assert final.returncode == 0, final.stderr
     assert kills == 6
     straight = Trainer(small_run("tiny-mixtral", corpus, *extra), tmp_path / "straight", progress=False)
-    straight.train()
+    _train_as_the_subprocesses(straight)
     _assert_same(weights(straight.model), _loaded(run_dir))
     steps_logged = [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()
                     if line.strip() and '"train"' in line]

@@ -295,3 +295,10 @@ def test_load_info_source_reads_run_dirs_yaml_and_hf_dirs(tmp_path):
     bad.write_text(json.dumps({"hidden_size": 8}))
     with pytest.raises(ValueError, match="neither an HF config"):
         load_info_source(bad)
+
+
+def test_a_rope_moekit_cannot_compute_is_still_counted_with_a_note():
+    config = {**HF_TINY["llama"], "rope_parameters": {"rope_type": "dynamic", "factor": 2.0, "rope_theta": 1e4}}
+    info = info_from_hf_config(config)
+    assert info.total_params == _hf_param_count(config)
+    assert any("moekit cannot load this model" in note and "dynamic" in note for note in info.notes)

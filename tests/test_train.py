@@ -220,3 +220,25 @@ def test_export_cli_writes_a_checkpoint_transformers_loads_with_the_same_logits(
         torch.testing.assert_close(hf(ids).logits, ours(ids).logits, atol=1e-4, rtol=1e-4)
     assert main(["export", str(run), str(tmp_path / "hf"), "--format", "hf"]) == 2  # exists: refused
     assert "overwrite" in capsys.readouterr().err
+
+
+def test_tiny_deepseek_v3_trains_and_exports_as_deepseek_v3(corpus, tmp_path):
+    # the preset with DeepSeek-V3's latent attention: trained, exported, and computed alike by transformers' own class
+    transformers = pytest.importorskip("transformers")
+    from run_helpers import small_overrides
+
+    from moekit.cli import _load_run
+
+    run = tmp_path / "run"
+    sets = small_overrides("tiny-deepseek-v3", corpus, "train.max_steps=3")
+    assert main(["train", "--preset", "tiny-deepseek-v3", "--out", str(run), "--no-progress",
+                 *[f"--set={s}" for s in sets]]) == 0
+    assert main(["export", str(run), str(tmp_path / "hf")]) == 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf", attn_implementation="eager").eval()
+    assert type(hf).__name__ == "DeepseekV3ForCausalLM"
+    _, ours, _ = _load_run(str(run))
+    ids = torch.randint(0, 257, (2, 20), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(hf(ids).logits, ours(ids).logits, atol=1e-4, rtol=0)

@@ -479,6 +479,13 @@ def attention_problems(config: ModelConfig, name: str, *, qkv_bias: bool = False
     return problems
 
 
+def dense_problems(config: ModelConfig, name: str) -> list[str]:
+    """A dense family holds no MoE layer."""
+    if config.moe is not None and any(config.is_moe_layer(i) for i in range(config.num_hidden_layers)):
+        return [f"{name} has no experts, and this model has MoE layers"]
+    return []
+
+
 def moe_problems(config: ModelConfig, name: str, *, scoring: str = "softmax", norm_topk_prob: bool | None = None,
                  shared: str = "none", groups: bool = False, router_bias: bool = False, expert_bias: bool = False,
                  activation: str = "silu", selection_bias: bool = False, scaling: bool = True,
@@ -673,6 +680,16 @@ def silu_act(module: object, where: str) -> None:
     if "silu" not in name and "swish" not in name:
         raise ValueError(f"{where}: expert activation {type(module).__name__} is not supported; moekit's gated "
                          "experts use SiLU (SwiGLU)")
+
+
+def zero_width_mlp(prefix: str, hidden: int) -> dict[str, tuple[tuple[int, ...], Callable[[], Tensor]]]:
+    """The tensors of a width-0 SwiGLU MLP at `prefix` (``...shared_expert``): what transformers builds for a
+    missing shared expert (its output is exactly 0)."""
+    import torch
+
+    return {f"{prefix}.gate_proj.weight": ((0, hidden), lambda: torch.zeros(0, hidden)),
+            f"{prefix}.up_proj.weight": ((0, hidden), lambda: torch.zeros(0, hidden)),
+            f"{prefix}.down_proj.weight": ((hidden, 0), lambda: torch.zeros(hidden, 0))}
 
 
 def experts_activation(experts: nn.Module) -> object:

@@ -41,6 +41,7 @@ from .base import (
     silu_act,
     write_common,
     write_rope,
+    zero_width_mlp,
 )
 
 BLOCK_NAMES = {"router.weight": "gate.weight", "router.e_score_correction_bias": "gate.e_score_correction_bias",
@@ -150,12 +151,9 @@ class DeepSeekMoE(Family):
         moe = config.moe
         if moe is None or moe.n_shared_experts:
             return {}
-        hidden, out = config.hidden_size, {}
+        out = {}
         for i in moe_layers(config):  # transformers builds a width-0 shared MLP for n_shared_experts=0
-            block = f"model.layers.{i}.mlp"
-            out[f"{block}.shared_experts.gate_proj.weight"] = ((0, hidden), lambda: torch.zeros(0, hidden))
-            out[f"{block}.shared_experts.up_proj.weight"] = ((0, hidden), lambda: torch.zeros(0, hidden))
-            out[f"{block}.shared_experts.down_proj.weight"] = ((hidden, 0), lambda: torch.zeros(hidden, 0))
+            out.update(zero_width_mlp(f"model.layers.{i}.mlp.shared_experts", config.hidden_size))
         return out
 
     def ignorable_tensors(self, config: ModelConfig) -> dict[str, bool]:

@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from ..config import ModelConfig
-from .base import Family, HFConfig, attention_problems, read_common, read_rope, write_common, write_rope
+from .base import Family, HFConfig, attention_problems, dense_problems, read_common, read_rope, write_common, write_rope
 
 
 def read_tied_bias(f: HFConfig) -> dict[str, Any]:
@@ -39,9 +39,7 @@ class Llama(Family):
 
     def problems(self, config: ModelConfig) -> list[str]:
         problems = attention_problems(config, "Llama", qkv_bias=True, o_proj_bias=True, tied_biases=True)
-        if config.moe is not None and any(config.is_moe_layer(i) for i in range(config.num_hidden_layers)):
-            problems.append("Llama has no experts, and this model has MoE layers")
-        return problems
+        return problems + dense_problems(config, "Llama")
 
 
 FAMILY = Llama()

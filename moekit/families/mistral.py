@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from ..config import ModelConfig
-from .base import Family, HFConfig, attention_problems, read_common, read_rope, write_common, write_rope
+from .base import Family, HFConfig, attention_problems, dense_problems, read_common, read_rope, write_common, write_rope
 
 
 def read_window(f: HFConfig) -> dict[str, Any]:
@@ -41,9 +41,7 @@ class Mistral(Family):
 
     def problems(self, config: ModelConfig) -> list[str]:
         problems = attention_problems(config, "Mistral", windows="all")
-        if config.moe is not None and any(config.is_moe_layer(i) for i in range(config.num_hidden_layers)):
-            problems.append("Mistral has no experts, and this model has MoE layers")
-        return problems
+        return problems + dense_problems(config, "Mistral")
 
 
 FAMILY = Mistral()

@@ -10,6 +10,7 @@ from .base import (
     Family,
     HFConfig,
     attention_problems,
+    dense_problems,
     layer_types_of,
     read_common,
     read_layer_types,
@@ -58,9 +59,7 @@ class Qwen2(Family):
         problems = attention_problems(config, "Qwen2", qkv_bias=True, windows="per_layer")
         if not config.qkv_bias:
             problems.append("Qwen2 attention always has q/k/v biases (this model: qkv_bias=False)")
-        if config.moe is not None and any(config.is_moe_layer(i) for i in range(config.num_hidden_layers)):
-            problems.append("Qwen2 has no experts, and this model has MoE layers")
-        return problems
+        return problems + dense_problems(config, "Qwen2")
 
 
 FAMILY = Qwen2()

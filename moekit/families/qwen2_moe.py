@@ -33,6 +33,7 @@ from .base import (
     silu_act,
     write_common,
     write_rope,
+    zero_width_mlp,
 )
 
 SHARED_NAMES = {"shared_experts.gate_proj.weight": "shared_expert.gate_proj.weight",
@@ -149,12 +150,9 @@ class Qwen2Moe(SoftmaxMoE):
         if moe is None or moe.n_shared_experts:
             return {}
         hidden, out = config.hidden_size, {}
-        for i in moe_layers(config):
-            block = f"model.layers.{i}.mlp"
-            out[f"{block}.shared_expert.gate_proj.weight"] = ((0, hidden), lambda: torch.zeros(0, hidden))
-            out[f"{block}.shared_expert.up_proj.weight"] = ((0, hidden), lambda: torch.zeros(0, hidden))
-            out[f"{block}.shared_expert.down_proj.weight"] = ((hidden, 0), lambda: torch.zeros(hidden, 0))
-            out[f"{block}.shared_expert_gate.weight"] = ((1, hidden), lambda: torch.zeros(1, hidden))
+        for i in moe_layers(config):  # a width-0 shared expert (its gate multiplies 0)
+            out.update(zero_width_mlp(f"model.layers.{i}.mlp.shared_expert", hidden))
+            out[f"model.layers.{i}.mlp.shared_expert_gate.weight"] = ((1, hidden), lambda: torch.zeros(1, hidden))
         return out
 
     def ignorable_tensors(self, config: ModelConfig) -> dict[str, bool]:

@@ -6,9 +6,19 @@ from __future__ import annotations
 from typing import Any
 
 from ..config import ModelConfig
-from .base import Family, HFConfig, attention_problems, read_common, read_rope, write_common, write_rope
+from .base import Family, HFConfig, attention_problems, dense_problems, read_common, read_rope, write_common, write_rope
 from .llama import read_tied_bias
 from .qwen2 import read_qwen_windows, write_qwen_windows
+
+
+def qwen3_attention_problems(config: ModelConfig, name: str, windows: str) -> list[str]:
+    """What Qwen3's attention (per-head q/k norms always, `attention_bias` on q, k, v and o) cannot hold."""
+    problems = attention_problems(config, name, qkv_bias=True, o_proj_bias=True, tied_biases=True,
+                                  qk_norm=("head",), windows=windows)
+    if config.qk_norm != "head":
+        problems.append(f"{name} attention always applies q_norm/k_norm per head, which this model lacks "
+                        f"(qk_norm={config.qk_norm!r})")
+    return problems
 
 
 class Qwen3(Family):
@@ -30,14 +40,8 @@ class Qwen3(Family):
                 "attention_bias": config.qkv_bias}
 
     def problems(self, config: ModelConfig) -> list[str]:
-        problems = attention_problems(config, "Qwen3", qkv_bias=True, o_proj_bias=True, tied_biases=True,
-                                      qk_norm=("head",), windows="per_layer")
-        if config.qk_norm != "head":
-            problems.append(f"Qwen3 attention always applies q_norm/k_norm per head, which this model lacks "
-                            f"(qk_norm={config.qk_norm!r})")
-        if config.moe is not None and any(config.is_moe_layer(i) for i in range(config.num_hidden_layers)):
-            problems.append("Qwen3 has no experts, and this model has MoE layers")
-        return problems
+        problems = qwen3_attention_problems(config, "Qwen3", windows="per_layer")
+        return problems + dense_problems(config, "Qwen3")
 
 
 FAMILY = Qwen3()

@@ -12,7 +12,6 @@ from ..config import ModelConfig, MoEConfig
 from .base import (
     HFConfig,
     SoftmaxMoE,
-    attention_problems,
     block_expert_dims,
     experts_activation,
     layer_pattern,
@@ -25,6 +24,7 @@ from .base import (
 )
 from .llama import read_tied_bias
 from .qwen2_moe import qwen_moe_layers, write_qwen_moe_layers
+from .qwen3 import qwen3_attention_problems
 
 EXPERT_NAMES = {"router.weight": "gate.weight", "experts.gate_up_proj": "experts.gate_up_proj",
                 "experts.down_proj": "experts.down_proj"}
@@ -80,12 +80,7 @@ class Qwen3Moe(SoftmaxMoE):
                 "router_aux_loss_coef": moe.router_aux_loss_coef, "output_router_logits": False}
 
     def problems(self, config: ModelConfig) -> list[str]:
-        problems = attention_problems(config, "Qwen3-MoE", qkv_bias=True, o_proj_bias=True, tied_biases=True,
-                                      qk_norm=("head",), windows="all")
-        if config.qk_norm != "head":
-            problems.append(f"Qwen3-MoE attention always applies q_norm/k_norm per head, which this model lacks "
-                            f"(qk_norm={config.qk_norm!r})")
-        return problems + moe_problems(config, "Qwen3-MoE")
+        return qwen3_attention_problems(config, "Qwen3-MoE", windows="all") + moe_problems(config, "Qwen3-MoE")
 
     def block_config(self, block: nn.Module) -> MoEConfig:
         return softmax_block_config(block)

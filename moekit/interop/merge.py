@@ -70,7 +70,7 @@ from ..families.base import canonical
 from ..families.tensor_map import export_tensors
 from .dense_source import DenseSource, check_same_shapes, check_tensors, open_dense, required_tensors
 from .hf import TOKENIZER_FILES, dtype_name
-from .merge_config import MergeConfig, load_merge_config
+from .merge_config import LAYOUT_FAMILIES, MergeConfig, load_merge_config
 from .writer import TensorEntry, check_destination, split_shards, write_atomically, write_weights
 
 __all__ = ["DEFAULT_MERGE_SHARD_BYTES", "LAYOUT_FAMILIES", "MergePlan", "choose_architecture", "merge"]
@@ -80,8 +80,6 @@ DEFAULT_MERGE_SHARD_BYTES = 2_000_000_000
 with it."""
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-#: merge layout (mergekit's names) -> the family that writes it
-LAYOUT_FAMILIES = {"mixtral": "mixtral", "qwen2_moe": "qwen2_moe", "qwen3_moe": "qwen3_moe", "deepseek_v3": "glm4_moe"}
 _PROJ = ("gate_proj", "up_proj", "down_proj")
 
 

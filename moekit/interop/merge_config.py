@@ -39,15 +39,19 @@ from typing import Any
 
 from ..config import is_finite_number
 
-__all__ = ["ARCHITECTURES", "MERGE_GATE_MODES", "ExpertSpec", "MergeConfig", "load_merge_config"]
+__all__ = ["ARCHITECTURES", "ARCHITECTURE_ALIASES", "LAYOUT_FAMILIES", "MERGE_GATE_MODES", "ExpertSpec", "MergeConfig",
+           "load_merge_config"]
 
 MERGE_GATE_MODES = ("hidden", "hidden_avg", "hidden_last", "cheap_embed", "random", "uniform_random", "router_input")
 """`gate_mode` values: mergekit-moe's six and moekit's `router_input`."""
 
-ARCHITECTURES = ("mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v3")
+LAYOUT_FAMILIES = {"mixtral": "mixtral", "qwen2_moe": "qwen2_moe", "qwen3_moe": "qwen3_moe", "deepseek_v3": "glm4_moe"}
+"""Output layouts (mergekit's names) and the `moekit.families` family that writes each: DeepSeek-V3 routing goes
+into GLM-4.5's class, which has standard attention (see `moekit.families.glm4_moe`)."""
+ARCHITECTURES = tuple(LAYOUT_FAMILIES)
 """Output layouts (`architecture`); see `moekit.interop.merge` for what each writes."""
 
-_ARCHITECTURE_ALIASES = {
+ARCHITECTURE_ALIASES = {
     "mixtral": "mixtral", "qwen2_moe": "qwen2_moe", "qwen_moe": "qwen2_moe", "qwen3_moe": "qwen3_moe",
     "qwen3": "qwen3_moe", "deepseek_v3": "deepseek_v3", "deepseek": "deepseek_v3", "glm4_moe": "deepseek_v3",
     "qwen": "qwen",  # mergekit matches "qwen" to its first Qwen layout that fits: resolved against the base model
@@ -198,10 +202,10 @@ class MergeConfig:
             if not isinstance(self.architecture, str):
                 raise _refuse("architecture", self.architecture, f"None or one of {', '.join(ARCHITECTURES)}")
             name = self.architecture.lower()
-            if name not in _ARCHITECTURE_ALIASES:
+            if name not in ARCHITECTURE_ALIASES:
                 raise ValueError(f"merge config: architecture={self.architecture!r} is not known; use one of "
                                  f"{', '.join(ARCHITECTURES)} (or mergekit's spellings qwen, qwen3, deepseek)")
-            self.architecture = _ARCHITECTURE_ALIASES[name]
+            self.architecture = ARCHITECTURE_ALIASES[name]
         if isinstance(self.experts_per_token, bool) or not isinstance(self.experts_per_token, int) \
                 or self.experts_per_token < 1:
             raise ValueError(f"merge config: experts_per_token={self.experts_per_token!r} must be an integer >= 1")

@@ -114,12 +114,12 @@ def upcycle(model: str | os.PathLike[str], out: str | os.PathLike[str], num_expe
     if isinstance(noise, bool) or not isinstance(noise, (int, float)) or noise < 0:
         raise ValueError(f"upcycle: noise={noise!r} must be a number >= 0")
     if architecture is not None:
-        from .merge_config import _ARCHITECTURE_ALIASES
+        from .merge_config import ARCHITECTURE_ALIASES
 
-        if str(architecture).lower() not in _ARCHITECTURE_ALIASES:
+        if str(architecture).lower() not in ARCHITECTURE_ALIASES:
             raise ValueError(f"upcycle: architecture={architecture!r} is not known; use one of mixtral, qwen2_moe, "
                              "qwen3_moe, deepseek_v3")
-        architecture = _ARCHITECTURE_ALIASES[str(architecture).lower()]
+        architecture = ARCHITECTURE_ALIASES[str(architecture).lower()]
     check_destination(Path(out).expanduser().absolute(), overwrite, "upcycle", [model])  # before any work
     source = open_dense(model)
     source.cache_size = 4  # one layer's gate/up/down are read once for all copies

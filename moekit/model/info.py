@@ -323,11 +323,6 @@ def info_from_model_config(config: ModelConfig, context: int = 4096, batch: int 
 
 
 # ---------------------------------------------------------------------------------------------- HF configs
-#: settings that change what a model computes but not its parameters: `info` counts a model moekit would refuse
-#: to load for one of these (a dynamic RoPE, say), and says so in a note
-_COMPUTE_ONLY_KEYS = ("rope_scaling", "layer_types", "use_sliding_window", "sliding_window", "clip_qkv")
-
-
 def info_from_hf_config(config: dict[str, Any], context: int = 4096, batch: int = 1,
                         dtype_bytes: float = 2) -> ModelInfo:
     """Size, FLOPs and memory of a Hugging Face model from its `config.json` dict.
@@ -342,22 +337,18 @@ def info_from_hf_config(config: dict[str, Any], context: int = 4096, batch: int 
             counts need that is missing or wrong.
     """
     from ..families import family_for
-    from ..families.base import read_rope
+    from ..families.base import HFConfig, read_rope
 
     model_type = config.get("model_type")
     family = family_for(model_type, "info")
     notes: list[str] = []
     counted = dict(config)
-    try:  # a RoPE moekit does not compute still has no parameters
-        from ..families.base import HFConfig
-
+    try:  # a RoPE moekit does not compute (dynamic, longrope) has no parameters: count the model anyway
         read_rope(HFConfig(counted, family, "info"))
     except ValueError as error:
         notes.append(f"moekit cannot load this model ({error}); the counts do not depend on it")
         counted["rope_parameters"] = {"rope_type": "default", "rope_theta": 10000.0}
         counted.pop("rope_scaling", None)
-    for key in _COMPUTE_ONLY_KEYS[1:]:
-        counted.pop(key, None)
     mlp_bias = bool(counted.pop("mlp_bias", False)) and not family.is_moe
     model = family.read_config(counted, f"info ({model_type})")
     info = info_from_model_config(model, context=context, batch=batch, dtype_bytes=dtype_bytes)
