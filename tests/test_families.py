@@ -235,3 +235,13 @@ def test_a_window_no_sequence_can_reach_is_full_attention(saved: dict[str, Path]
 
 def test_every_family_has_a_case() -> None:
     assert set(FAMILY_CASE) == set(FAMILIES)
+
+
+def test_a_native_block_with_a_setting_moekit_lacks_is_refused_naming_it() -> None:
+    from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeSparseMoeBlock
+
+    config = transformers.Qwen3MoeConfig(hidden_size=32, moe_intermediate_size=16, num_experts=4,
+                                         num_experts_per_tok=2, hidden_act="gelu")
+    with pytest.raises(ValueError, match=r"from_hf: Qwen3MoeSparseMoeBlock: the expert activation GELU\w* is not "
+                                         r"supported; moekit's gated experts use SiLU"):
+        MoELayer.from_hf(Qwen3MoeSparseMoeBlock(config))

@@ -167,6 +167,9 @@ BASES = {
                                                   "rope_theta": 10000.0}}),
     "llama_linear_rope_biased": ("llama", {"rope_parameters": {"rope_type": "linear", "factor": 2.0,
                                                                "rope_theta": 10000.0}, "attention_bias": True}),
+    "llama_yarn_rope_tied": ("llama", {"rope_parameters": {"rope_type": "yarn", "factor": 4.0, "rope_theta": 10000.0,
+                                                           "original_max_position_embeddings": 32},
+                                       "tie_word_embeddings": True}),
     "mistral_window": ("mistral", {"sliding_window": 6}),
     "qwen2": ("qwen2", {}),
     "qwen3": ("qwen3", {}),
@@ -201,6 +204,27 @@ def test_every_base_and_layout_is_written_exactly_or_refused(bases, tmp_path: Pa
         expected = reference(IDS).logits
         torch.testing.assert_close(load_checked(plan.out)(IDS).logits, expected, atol=1e-5, rtol=0)
         torch.testing.assert_close(load_hf(plan.out)(IDS).logits, expected, atol=1e-5, rtol=0)
+    _train_two_steps(plan.out, tmp_path)
+
+
+def _train_two_steps(folder: Path, root: Path) -> None:
+    """`train.init_from=folder` for two steps: the folder trains, with a finite loss."""
+    import random
+
+    from merge_fixtures import WORDS
+
+    from moekit.config import RunConfig
+    from moekit.train.loop import Trainer, init_from_values
+
+    corpus = root / "words.txt"
+    rng = random.Random(0)
+    corpus.write_text("\n".join(" ".join(rng.choice(WORDS) for _ in range(12)) for _ in range(60)) + "\n")
+    sets = [f"train.init_from={folder}", f"train.data={corpus}", "train.max_steps=2", "train.block_size=16",
+            "train.batch_size=2", "train.eval_batches=1", "train.eval_interval=100", "train.checkpoint_interval=100",
+            "train.warmup_steps=1"]
+    run = RunConfig.from_dict(init_from_values({"model": {}, "train": {}}, sets))
+    result = Trainer(run, root / "run", progress=False).train()
+    assert result.step == 2 and torch.isfinite(torch.tensor(result.val_loss))
 
 
 def test_the_default_layout_is_the_first_that_holds_the_model(bases, tmp_path: Path) -> None:

@@ -674,12 +674,12 @@ def block_expert_dims(block: nn.Module, fused: str = "experts.gate_up_proj", per
     return count, hidden, inner
 
 
-def silu_act(module: object, where: str) -> None:
-    """Refuse an expert activation other than SiLU (moekit's SwiGLU)."""
+def silu_act(module: object, what: str) -> None:
+    """Refuse an activation other than SiLU (moekit's SwiGLU) for `what` ("expert", "shared expert")."""
     name = type(module).__name__.lower()
     if "silu" not in name and "swish" not in name:
-        raise ValueError(f"{where}: expert activation {type(module).__name__} is not supported; moekit's gated "
-                         "experts use SiLU (SwiGLU)")
+        raise ValueError(f"the {what} activation {type(module).__name__} is not supported; moekit's gated experts "
+                         "use SiLU (SwiGLU)")
 
 
 def zero_width_mlp(prefix: str, hidden: int) -> dict[str, tuple[tuple[int, ...], Callable[[], Tensor]]]:

@@ -167,9 +167,8 @@ class DeepSeekMoE(Family):
 
     def block_config(self, block: nn.Module) -> MoEConfig:
         experts, hidden, inner = block_expert_dims(block)
-        where = type(block).__name__
-        silu_act(experts_activation(block.experts), where)
-        silu_act(block.shared_experts.act_fn, where)
+        silu_act(experts_activation(block.experts), "expert")
+        silu_act(block.shared_experts.act_fn, "shared expert")
         gate = block.gate
         shared = int(block.shared_experts.gate_proj.weight.shape[0])
         return MoEConfig(hidden_size=hidden, moe_intermediate_size=inner, num_local_experts=experts,

@@ -65,9 +65,10 @@ class Mixtral(SoftmaxMoE):
 
     def block_config(self, block: nn.Module) -> MoEConfig:
         experts, hidden, inner = block_expert_dims(block, per_expert="w1")
-        silu_act(experts_activation(block.experts), type(block).__name__)
+        silu_act(experts_activation(block.experts), "expert")
+        top_k = getattr(block.gate, "top_k", None) or block.top_k  # transformers 5 routes with the gate's top_k
         return MoEConfig(hidden_size=hidden, moe_intermediate_size=inner, num_local_experts=experts,
-                         num_experts_per_tok=int(block.top_k), router="topk", norm_topk_prob=True,
+                         num_experts_per_tok=int(top_k), router="topk", norm_topk_prob=True,
                          router_jitter_noise=float(getattr(block, "jitter_noise", 0.0)))
 
 

@@ -171,8 +171,8 @@ class Qwen2Moe(SoftmaxMoE):
 
     def block_config(self, block: nn.Module) -> MoEConfig:
         experts, hidden, inner = block_expert_dims(block)
-        silu_act(experts_activation(block.experts), type(block).__name__)
-        silu_act(block.shared_expert.act_fn, type(block).__name__)
+        silu_act(experts_activation(block.experts), "expert")
+        silu_act(block.shared_expert.act_fn, "shared expert")
         shared = int(block.shared_expert.gate_proj.weight.shape[0])
         return MoEConfig(hidden_size=hidden, moe_intermediate_size=inner, num_local_experts=experts,
                          num_experts_per_tok=int(block.gate.top_k), router="topk",

@@ -34,7 +34,7 @@ def softmax_block_config(block: nn.Module) -> MoEConfig:
     """The routing of a block whose `gate` is a softmax top-k router with `top_k` and `norm_topk_prob` (Qwen3-MoE,
     OLMoE)."""
     experts, hidden, inner = block_expert_dims(block)
-    silu_act(experts_activation(block.experts), type(block).__name__)
+    silu_act(experts_activation(block.experts), "expert")
     return MoEConfig(hidden_size=hidden, moe_intermediate_size=inner, num_local_experts=experts,
                      num_experts_per_tok=int(block.gate.top_k), router="topk",
                      norm_topk_prob=bool(block.gate.norm_topk_prob))
