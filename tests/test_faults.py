@@ -165,6 +165,12 @@ def _train_command(out: Path, corpus: Path, *extra: str, preset: str = "tiny-mix
             *[f"--set={s}" for s in small_overrides(preset, corpus, *extra)]]
 
 
+def _train_lines(run_dir: Path) -> int:
+    """How many training steps a run's metrics.jsonl logs (0 before it exists)."""
+    log = run_dir / "metrics.jsonl"
+    return sum(1 for line in log.read_text().splitlines() if '"train"' in line) if log.is_file() else 0
+
+
 def _wait_for_steps(run_dir: Path, n: int, process: subprocess.Popen, timeout: float = 120) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -595,9 +601,15 @@ def test_kill_9_at_random_moments_always_leaves_a_run_that_finishes_bit_equal(co
     kills = 0
     command = _train_command(run_dir, corpus, *extra)
     while kills < 6:
+        logged = _train_lines(run_dir)
         process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                                    env=_env())
-        time.sleep(chance.uniform(2.0, 4.0))  # startup takes ~2 s: most kills land in steps and checkpoint writes
+        # startup takes seconds, more on a loaded machine: from the first step it logs, a kill lands in steps and
+        # checkpoint writes (a process killed earlier still dies, at a point the next round covers)
+        deadline = time.monotonic() + 60
+        while _train_lines(run_dir) <= logged and process.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(chance.uniform(0.0, 1.5))
         if process.poll() is not None:
             break  # it finished before the kill
         process.kill()
