@@ -24,25 +24,11 @@ import torch
 from torch import Tensor, nn
 
 from ..config import MLAConfig, ModelConfig, MoEConfig
-from .base import (
-    Family,
-    HFConfig,
-    MappedSource,
-    StateSource,
-    _replace_moe,
-    attention_problems,
-    block_expert_dims,
-    canonical,
-    experts_activation,
-    moe_layers,
-    moe_problems,
-    read_common,
-    read_rope,
-    silu_act,
-    write_common,
-    write_rope,
-    zero_width_mlp,
-)
+from .base import Family, MappedSource, StateSource
+from .config_io import HFConfig, moe_layers, read_common, read_rope, write_common, write_rope
+from .equivalence import canonical
+from .moe_common import block_expert_dims, experts_activation, replace_moe, silu_act, zero_width_mlp
+from .problems import attention_problems, moe_problems
 
 BLOCK_NAMES = {"router.weight": "gate.weight", "router.e_score_correction_bias": "gate.e_score_correction_bias",
                "experts.gate_up_proj": "experts.gate_up_proj", "experts.down_proj": "experts.down_proj",
@@ -106,7 +92,7 @@ class DeepSeekMoE(Family):
             return config
         grouped = moe.router == "deepseek_v3" and moe.n_group > 1 and moe.topk_group < moe.n_group
         width = math.ceil(moe.resolved_shared_intermediate_size / moe.moe_intermediate_size)
-        return _replace_moe(config, router="deepseek_v3", n_group=moe.n_group if grouped else 1,
+        return replace_moe(config, router="deepseek_v3", n_group=moe.n_group if grouped else 1,
                             topk_group=moe.topk_group if grouped else 1, n_shared_experts=width,
                             shared_expert_intermediate_size=width * moe.moe_intermediate_size if width else None)
 

@@ -8,8 +8,9 @@ from __future__ import annotations
 from typing import Any
 
 from ..config import ModelConfig
-from .base import HFConfig, attention_problems, read_common, read_rope, write_common, write_rope
+from .config_io import HFConfig, read_common, read_rope, write_common, write_rope
 from .deepseek_v3 import DeepSeekMoE
+from .problems import attention_problems
 
 
 class Glm4Moe(DeepSeekMoE):

@@ -20,20 +20,10 @@ import torch
 from torch import Tensor, nn
 
 from ..config import ModelConfig, MoEConfig
-from .base import (
-    HFConfig,
-    SoftmaxMoE,
-    Transform,
-    attention_problems,
-    block_expert_dims,
-    layer_types_of,
-    moe_problems,
-    read_common,
-    read_layer_types,
-    read_rope,
-    write_common,
-    write_rope,
-)
+from .base import Transform
+from .config_io import HFConfig, layer_types_of, read_common, read_layer_types, read_rope, write_common, write_rope
+from .moe_common import SoftmaxMoE, block_expert_dims
+from .problems import attention_problems, moe_problems
 
 #: the RoPE transformers' GptOssConfig uses when a config.json gives none
 DEFAULT_ROPE = {"rope_type": "yarn", "factor": 32.0, "beta_fast": 32.0, "beta_slow": 1.0, "truncate": False,

@@ -10,7 +10,9 @@ from __future__ import annotations
 from typing import Any
 
 from ..config import ModelConfig
-from .base import Family, HFConfig, attention_problems, dense_problems, read_common, read_rope, write_common, write_rope
+from .base import Family
+from .config_io import HFConfig, read_common, read_rope, write_common, write_rope
+from .problems import attention_problems, dense_problems
 
 
 def read_tied_bias(f: HFConfig) -> dict[str, Any]:

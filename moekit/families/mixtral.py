@@ -13,21 +13,11 @@ from typing import Any
 from torch import nn
 
 from ..config import ModelConfig, MoEConfig
-from .base import (
-    ExpertFiles,
-    HFConfig,
-    SoftmaxMoE,
-    attention_problems,
-    block_expert_dims,
-    experts_activation,
-    moe_problems,
-    read_common,
-    read_rope,
-    silu_act,
-    write_common,
-    write_rope,
-)
+from .base import ExpertFiles
+from .config_io import HFConfig, read_common, read_rope, write_common, write_rope
 from .mistral import read_window, write_window
+from .moe_common import SoftmaxMoE, block_expert_dims, experts_activation, silu_act
+from .problems import attention_problems, moe_problems
 
 
 class Mixtral(SoftmaxMoE):

@@ -9,17 +9,10 @@ from typing import Any
 from torch import nn
 
 from ..config import ModelConfig, MoEConfig
-from .base import (
-    HFConfig,
-    SoftmaxMoE,
-    attention_problems,
-    moe_problems,
-    read_common,
-    read_rope,
-    write_common,
-    write_rope,
-)
+from .config_io import HFConfig, read_common, read_rope, write_common, write_rope
 from .llama import read_tied_bias
+from .moe_common import SoftmaxMoE
+from .problems import attention_problems, moe_problems
 from .qwen3_moe import EXPERT_NAMES, softmax_block_config
 
 

@@ -6,18 +6,9 @@ from __future__ import annotations
 from typing import Any
 
 from ..config import ModelConfig
-from .base import (
-    Family,
-    HFConfig,
-    attention_problems,
-    dense_problems,
-    layer_types_of,
-    read_common,
-    read_layer_types,
-    read_rope,
-    write_common,
-    write_rope,
-)
+from .base import Family
+from .config_io import HFConfig, layer_types_of, read_common, read_layer_types, read_rope, write_common, write_rope
+from .problems import attention_problems, dense_problems
 
 
 def read_qwen_windows(f: HFConfig, layers: int) -> dict[str, Any]:

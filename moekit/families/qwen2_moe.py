@@ -14,27 +14,20 @@ import torch
 from torch import Tensor, nn
 
 from ..config import ModelConfig, MoEConfig
-from .base import (
+from .base import MappedSource, StateSource
+from .config_io import (
     HFConfig,
-    MappedSource,
-    SoftmaxMoE,
-    StateSource,
-    _replace_moe,
-    attention_problems,
-    block_expert_dims,
-    experts_activation,
     layer_pattern,
     layer_types_of,
     moe_layers,
-    moe_problems,
     read_common,
     read_layer_types,
     read_rope,
-    silu_act,
     write_common,
     write_rope,
-    zero_width_mlp,
 )
+from .moe_common import SoftmaxMoE, block_expert_dims, experts_activation, replace_moe, silu_act, zero_width_mlp
+from .problems import attention_problems, moe_problems
 
 SHARED_NAMES = {"shared_experts.gate_proj.weight": "shared_expert.gate_proj.weight",
                 "shared_experts.up_proj.weight": "shared_expert.up_proj.weight",
@@ -116,7 +109,7 @@ class Qwen2Moe(SoftmaxMoE):
         config = super().export_config(config)
         moe = config.moe
         if moe is not None and moe.n_shared_experts:
-            return _replace_moe(config, n_shared_experts=1, shared_expert_gate=True,
+            return replace_moe(config, n_shared_experts=1, shared_expert_gate=True,
                                 shared_expert_intermediate_size=moe.resolved_shared_intermediate_size)
         return config
 

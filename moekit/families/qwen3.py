@@ -6,8 +6,10 @@ from __future__ import annotations
 from typing import Any
 
 from ..config import ModelConfig
-from .base import Family, HFConfig, attention_problems, dense_problems, read_common, read_rope, write_common, write_rope
+from .base import Family
+from .config_io import HFConfig, read_common, read_rope, write_common, write_rope
 from .llama import read_tied_bias
+from .problems import attention_problems, dense_problems
 from .qwen2 import read_qwen_windows, write_qwen_windows
 
 

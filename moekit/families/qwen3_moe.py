@@ -9,20 +9,10 @@ from typing import Any
 from torch import nn
 
 from ..config import ModelConfig, MoEConfig
-from .base import (
-    HFConfig,
-    SoftmaxMoE,
-    block_expert_dims,
-    experts_activation,
-    layer_pattern,
-    moe_problems,
-    read_common,
-    read_rope,
-    silu_act,
-    write_common,
-    write_rope,
-)
+from .config_io import HFConfig, layer_pattern, read_common, read_rope, write_common, write_rope
 from .llama import read_tied_bias
+from .moe_common import SoftmaxMoE, block_expert_dims, experts_activation, silu_act
+from .problems import moe_problems
 from .qwen2_moe import qwen_moe_layers, write_qwen_moe_layers
 from .qwen3 import qwen3_attention_problems
 

@@ -47,7 +47,9 @@ from torch import Tensor
 from .._files import write_json
 from ..config import ModelConfig
 from ..families import DENSE_FAMILIES, FAMILIES, Family, family_for
-from ..families.base import DictSource, StateSource, canonical, function_differences, universal_problems
+from ..families.base import DictSource, StateSource
+from ..families.equivalence import canonical, function_differences
+from ..families.problems import universal_problems
 from ..families.tensor_map import export_tensors, load_state
 from ..model.transformer import MoETransformer
 from .writer import DEFAULT_MAX_SHARD_BYTES, TensorEntry, check_destination, write_atomically, write_weights

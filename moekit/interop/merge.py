@@ -66,7 +66,7 @@ from torch import Tensor
 from .._files import write_json
 from ..config import ModelConfig, MoEConfig
 from ..families import FAMILIES, Family
-from ..families.base import canonical
+from ..families.equivalence import canonical
 from ..families.tensor_map import export_tensors
 from .dense_source import DenseSource, check_same_shapes, check_tensors, open_dense, required_tensors
 from .hf import TOKENIZER_FILES, dtype_name

@@ -337,7 +337,7 @@ def info_from_hf_config(config: dict[str, Any], context: int = 4096, batch: int 
             counts need that is missing or wrong.
     """
     from ..families import family_for
-    from ..families.base import HFConfig, read_rope
+    from ..families.config_io import HFConfig, read_rope
 
     model_type = config.get("model_type")
     family = family_for(model_type, "info")
