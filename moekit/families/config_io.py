@@ -9,12 +9,17 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from ..config import ModelConfig, is_finite_number
 
-if TYPE_CHECKING:
-    from .base import Family
+
+class FamilyKeys(Protocol):
+    """What reading a config.json needs of a family (`moekit.families.base.Family` has it)."""
+
+    model_type: str
+    defaults: dict[str, Any]
+    aliases: dict[str, str]
 
 _MISSING = object()
 
@@ -24,7 +29,7 @@ class HFConfig:
     """A ``config.json`` dict read for one family: defaults filled in, refusals that name the setting."""
 
     values: dict[str, Any]
-    family: Family
+    family: FamilyKeys
     where: str
     used: set[str] = field(default_factory=set)
 

@@ -5,7 +5,8 @@ Three directions, one set of names (a family's `block_names`, `block_transforms`
 - `load_state`: a checkpoint's tensors (per-expert or fused experts) -> the state dict of `MoETransformer(config)`;
   strict: every moekit tensor filled with the right shape, every checkpoint tensor used (the family's
   `ignorable_tensors` and layers past the model's, such as multi-token-prediction layers, excepted).
-- `block_state`: a transformers MoE block's `state_dict()` -> the state dict of `MoELayer(moe)`, equally strict.
+- `block_state` (in `moekit.families.block_map`, which needs neither the model nor the layer module): a
+  transformers MoE block's `state_dict()` -> the state dict of `MoELayer(moe)`, equally strict.
 - `export_tensors`: moekit tensors (read on demand from a `StateSource`) -> the checkpoint's tensors under the
   family's on-disk names, each made only when written (per-expert files take one expert's slice at a time).
 
@@ -22,11 +23,11 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ..config import ModelConfig, MoEConfig
+from ..config import ModelConfig
 from .base import DictSource, Family, StateSource, Transform
+from .block_map import TensorPool, fill
 
-__all__ = ["DictSource", "HFTensor", "StateSource", "block_state", "export_tensors", "hf_name", "load_state",
-           "moekit_shapes"]
+__all__ = ["DictSource", "HFTensor", "StateSource", "export_tensors", "hf_name", "load_state", "moekit_shapes"]
 
 _EXPERT_STACKS = ("experts.gate_up_proj", "experts.down_proj")
 _MOE_NAME = re.compile(r"layers\.(\d+)\.mlp\.(.+)")
@@ -55,12 +56,6 @@ def moekit_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
     if config.tie_word_embeddings:
         state.pop("lm_head.weight", None)
     return {name: tuple(t.shape) for name, t in state.items()}
-
-
-def _block_shapes(moe: MoEConfig) -> dict[str, tuple[int, ...]]:
-    from ..layer.moe import MoELayer
-
-    return {name: tuple(t.shape) for name, t in _meta_state(lambda: MoELayer(moe)).items()}
 
 
 def hf_name(family: Family, config: ModelConfig, name: str) -> tuple[str, Transform | None]:
@@ -92,72 +87,13 @@ def _disk_name(family: Family, name: str, moe_layer: bool) -> str:
 
 
 # ================================================================================================ load
-class _Pool:
-    """Checkpoint tensors by name; each may be taken once."""
-
-    def __init__(self, tensors: dict[str, Tensor], where: str, model_type: str) -> None:
-        self.tensors, self.where, self.model_type = dict(tensors), where, model_type
-
-    def take(self, name: str) -> Tensor:
-        if name not in self.tensors:
-            raise ValueError(f"{self.where}: tensor {name!r} is missing; a {self.model_type} checkpoint with this "
-                             "config has it (is the checkpoint complete?)")
-        return self.tensors.pop(name)
-
-    def drop(self, name: str, must_be_zero: bool, why: str) -> None:
-        tensor = self.tensors.pop(name, None)
-        if must_be_zero and tensor is not None and tensor.numel() and bool(tensor.ne(0).any()):
-            raise ValueError(f"{self.where}: tensor {name!r} is nonzero, and {why}, so this checkpoint cannot be "
-                             "read exactly")
-
-    def fuse_experts(self, family: Family, prefix: str, num_experts: int) -> None:
-        """Per-expert tensors under `prefix` (``...experts.{e}.gate_proj.weight``) -> the fused pair, in place."""
-        files = family.expert_files
-        if files is None or f"{prefix}experts.0.{files.gate}.weight" not in self.tensors:
-            return
-        gate_up, down = [], []
-        for e in range(num_experts):
-            gate = self.take(f"{prefix}experts.{e}.{files.gate}.weight")
-            up = self.take(f"{prefix}experts.{e}.{files.up}.weight")
-            gate_up.append(torch.cat([gate, up], dim=0))
-            down.append(self.take(f"{prefix}experts.{e}.{files.down}.weight"))
-        self.tensors[f"{prefix}experts.gate_up_proj"] = torch.stack(gate_up)
-        self.tensors[f"{prefix}experts.down_proj"] = torch.stack(down)
-
-    def leftovers(self, num_layers: int | None) -> list[str]:
-        left = []
-        for name in self.tensors:
-            match = re.match(r"model\.layers\.(\d+)\.", name)
-            if num_layers is not None and match and int(match[1]) >= num_layers:
-                continue  # layers past the model's (multi-token prediction) are not part of the LM
-            if name.endswith("rotary_emb.inv_freq"):
-                continue
-            left.append(name)
-        return left
-
-
-def _fill(pool: _Pool, shapes: dict[str, tuple[int, ...]], names: Callable[[str], tuple[str, Transform | None]],
-          where: str) -> dict[str, Tensor]:
-    state = {}
-    for name, shape in shapes.items():
-        source, transform = names(name)
-        tensor = pool.take(source)
-        if transform is not None:
-            tensor = transform.to_moekit(tensor)
-        if tuple(tensor.shape) != shape:
-            raise ValueError(f"{where}: tensor {source!r} has shape {tuple(tensor.shape)}, but this config needs "
-                             f"{shape} for moekit's {name!r}")
-        state[name] = tensor
-    return state
-
-
 def load_state(family: Family, config: ModelConfig, tensors: dict[str, Tensor], where: str) -> dict[str, Tensor]:
     """The state dict of `MoETransformer(config)` from a `family` checkpoint's tensors (see the module docstring).
 
     Raises:
         ValueError: a missing, misshapen or unexpected tensor, named.
     """
-    pool = _Pool(tensors, where, family.model_type)
+    pool = TensorPool(tensors, where, family.model_type)
     if "model.embed_tokens.weight" not in pool.tensors and "embed_tokens.weight" in pool.tensors:  # a base model
         pool.tensors = {n if n.startswith("lm_head.") else f"model.{n}": t for n, t in pool.tensors.items()}
     files = family.expert_files
@@ -173,33 +109,13 @@ def load_state(family: Family, config: ModelConfig, tensors: dict[str, Tensor], 
         pool.fuse_experts(family, memory, config.moe.num_local_experts)
     if config.tie_word_embeddings:
         pool.drop("lm_head.weight", must_be_zero=False, why="")
-    state = _fill(pool, moekit_shapes(config), lambda name: hf_name(family, config, name), where)
+    state = fill(pool, moekit_shapes(config), lambda name: hf_name(family, config, name), where)
     for name, must_be_zero in family.ignorable_tensors(config).items():
         pool.drop(name, must_be_zero, "moekit's model for this config has no place for it")
     leftover = pool.leftovers(config.num_hidden_layers)
     if leftover:
         raise ValueError(f"{where}: tensor {leftover[0]!r} has no place in the moekit model built from this "
                          f"{family.model_type} config ({len(leftover)} unexpected tensor(s))")
-    return state
-
-
-def block_state(family: Family, moe: MoEConfig, tensors: dict[str, Tensor], where: str) -> dict[str, Tensor]:
-    """The state dict of `MoELayer(moe)` from a transformers MoE block's `state_dict()` (per-expert or fused)."""
-    pool = _Pool(tensors, where, family.model_type)
-    pool.fuse_experts(family, "", moe.num_local_experts)
-
-    def names(name: str) -> tuple[str, Transform | None]:
-        if name not in family.block_names:
-            raise ValueError(f"{where}: {family.model_type} blocks have no tensor for moekit's {name!r}")
-        return family.block_names[name], family.block_transforms.get(name)
-
-    state = _fill(pool, _block_shapes(moe), names, where)
-    for name, must_be_zero in family.ignorable_block_tensors(moe).items():
-        pool.drop(name, must_be_zero, "moekit's layer for this block has no place for it")
-    leftover = pool.leftovers(None)
-    if leftover:
-        raise ValueError(f"{where}: the block's tensor {leftover[0]!r} has no place in moekit's MoELayer "
-                         f"({len(leftover)} unexpected tensor(s)), so the layer would not compute the block")
     return state
 
 

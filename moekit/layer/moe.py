@@ -233,10 +233,11 @@ class MoELayer(nn.Module):
         transformers itself is not imported. Mixtral's `router_jitter_noise` is applied to the router input only
         (Switch's definition), so outputs match in eval mode.
         """
-        from .hf_blocks import config_and_state_from_hf
+        from .hf_blocks import block_tensors, read_block
 
-        config, state = config_and_state_from_hf(module)
+        family, config = read_block(module)
         layer = cls(config)
+        state = block_tensors(family, config, module, {name: tuple(t.shape) for name, t in layer.state_dict().items()})
         reference = next(module.parameters())
         layer.to(device=reference.device, dtype=reference.dtype)
         layer.load_state_dict(state, strict=True)
