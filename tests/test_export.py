@@ -33,10 +33,8 @@ ATOL = 1e-4
 
 # ---------------------------------------------------------------------------------------------- helpers
 @pytest.fixture(autouse=True)
-def _quiet_transformers():
-    transformers.logging.set_verbosity_error()
-    yield
-    transformers.logging.set_verbosity_warning()
+def _quiet(quiet_transformers):
+    """Every test here runs with transformers' log quiet (conftest's `quiet_transformers`)."""
 
 
 def _moe(**fields) -> MoEConfig:

@@ -35,10 +35,8 @@ pytestmark = pytest.mark.filterwarnings("ignore:Initializing zero-element tensor
 
 
 @pytest.fixture(autouse=True)
-def _quiet_transformers():
-    transformers.logging.set_verbosity_error()
-    yield
-    transformers.logging.set_verbosity_warning()
+def _quiet(quiet_transformers):
+    """Every test here runs with transformers' log quiet (conftest's `quiet_transformers`)."""
 
 
 @pytest.fixture(scope="module")

@@ -84,10 +84,8 @@ export_hf(MoETransformer(config), sys.argv[1], max_shard_bytes=1_000_000)
 
 # ---------------------------------------------------------------------------------------------- helpers
 @pytest.fixture(autouse=True)
-def _quiet_transformers():
-    transformers.logging.set_verbosity_error()
-    yield
-    transformers.logging.set_verbosity_warning()
+def _quiet(quiet_transformers):
+    """Every test here runs with transformers' log quiet (conftest's `quiet_transformers`)."""
 
 
 @pytest.fixture(scope="module")

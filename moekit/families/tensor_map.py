@@ -24,10 +24,10 @@ import torch
 from torch import Tensor
 
 from ..config import ModelConfig
-from .base import DictSource, Family, StateSource, Transform
+from .base import Family, StateSource, Transform
 from .block_map import TensorPool, fill
 
-__all__ = ["DictSource", "HFTensor", "StateSource", "export_tensors", "hf_name", "load_state", "moekit_shapes"]
+__all__ = ["HFTensor", "export_tensors", "hf_name", "load_state", "moekit_shapes"]
 
 _EXPERT_STACKS = ("experts.gate_up_proj", "experts.down_proj")
 _MOE_NAME = re.compile(r"layers\.(\d+)\.mlp\.(.+)")

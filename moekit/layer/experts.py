@@ -39,10 +39,8 @@ def _activation(name: str):
     return F.silu if name == "silu" else F.gelu
 
 
-def clamped_swiglu(h: Tensor, limit: float, alpha: float) -> Tensor:
-    """GPT-OSS's gated activation on [..., 2I] (gate columns first): (clamp(up, -L, L) + 1) * g * sigmoid(alpha g),
-    g = clamp(gate, max=L)."""
-    gate, up = h.chunk(2, dim=-1)
+def clamped_swiglu(gate: Tensor, up: Tensor, limit: float, alpha: float) -> Tensor:
+    """GPT-OSS's gated activation: (clamp(up, -L, L) + 1) * g * sigmoid(alpha g), g = clamp(gate, max=L)."""
     gate = gate.clamp(max=limit)
     up = up.clamp(-limit, limit)
     return (up + 1) * (gate * torch.sigmoid(gate * alpha))
@@ -114,7 +112,7 @@ class GroupedExperts(nn.Module):
     def activation(self, h: Tensor) -> Tensor:
         """The experts' activation of a first projection h [..., 2I] (gated) or [..., I]."""
         if self.hidden_act == "clamped_swiglu":
-            return clamped_swiglu(h, self.swiglu_limit, self.swiglu_alpha)
+            return clamped_swiglu(*h.chunk(2, dim=-1), self.swiglu_limit, self.swiglu_alpha)
         return activate(h, self.gated)
 
     def resolve_backend(self, x: Tensor, group_sizes: list[int]) -> str:
@@ -308,7 +306,7 @@ class SharedExperts(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         if self.clamp is not None:
-            h = clamped_swiglu(torch.cat([self.gate_proj(x), self.up_proj(x)], dim=-1), *self.clamp)
+            h = clamped_swiglu(self.gate_proj(x), self.up_proj(x), *self.clamp)
         elif self.gated:
             h = self.act(self.gate_proj(x)) * self.up_proj(x)
         else:
