@@ -46,6 +46,117 @@ def clamped_swiglu(gate: Tensor, up: Tensor, limit: float, alpha: float) -> Tens
     return (up + 1) * (gate * torch.sigmoid(gate * alpha))
 
 
+def compute_dtype(x: Tensor) -> torch.dtype:
+    """The dtype the matmuls run in: autocast's when it is on, else the input's."""
+    device_type = x.device.type
+    return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else x.dtype
+
+
+def builds_graph(x: Tensor, in_proj: Tensor) -> bool:
+    """True when this call builds a graph: the input or the expert weights need gradients."""
+    return torch.is_grad_enabled() and (x.requires_grad or in_proj.requires_grad)
+
+
+def choose_backend(requested: str, x: Tensor, group_sizes: list[int], in_proj: Tensor, down_proj: Tensor) -> str:
+    """The backend that runs these grouped rows: `requested` unless it is "auto".
+
+    `in_proj` is [E, 2I or I, H] and `down_proj` [E, H, I] (any strides). "auto" picks `grouped_mm` on CUDA in
+    bf16/fp16. When gradients are needed on the CPU it picks one of the two hand-written backwards (both keep the
+    least memory): `grouped_mm` when the average busy expert's rows times the hidden size is at most
+    `GROUPED_MM_CPU_TRAIN_ROW_ELEMENTS`, else the per-expert `loop` (other devices: the loop). For inference it
+    picks the loop when busy experts average at most `LOOP_MAX_AVERAGE_ROWS` rows and each expert's weight
+    streams from memory; else the padded `bmm` when every group fits a small padded batch that wastes little;
+    else torch's CPU `grouped_mm` when busy experts average within `GROUPED_MM_CPU_ROWS`; else the loop.
+    """
+    num_experts, hidden_size, intermediate_size = down_proj.shape
+    dtype = compute_dtype(x)
+    if requested == "grouped_mm":
+        check_grouped_mm(hidden_size, intermediate_size, dtype, "expert_backend='grouped_mm'",
+                         "expert_backend='auto' or 'loop'")
+    if requested != "auto":
+        return requested
+    fits = grouped_mm_fits(hidden_size, intermediate_size, dtype)
+    if x.is_cuda and fits and x.dtype in (torch.bfloat16, torch.float16):
+        return "grouped_mm"
+    rows, most = sum(group_sizes), max(group_sizes, default=0)
+    busy = sum(1 for size in group_sizes if size > 0)
+    if builds_graph(x, in_proj):
+        # training: both hand-written backwards save the least memory; grouped_mm for small groups
+        small = busy and rows * hidden_size <= GROUPED_MM_CPU_TRAIN_ROW_ELEMENTS * busy
+        return "grouped_mm" if fits and small and x.device.type == "cpu" else "loop"
+    if rows <= LOOP_MAX_AVERAGE_ROWS * busy and streams_weights(in_proj):
+        return "loop"  # a few rows per expert: the loop streams just the busy experts' weights
+    if most <= PADDED_MAX_ROWS and 2 * busy >= num_experts and num_experts * most <= 8 * rows:
+        return "bmm"
+    low, high = GROUPED_MM_CPU_ROWS
+    if fits and busy and low * busy < rows <= high * busy:
+        return "grouped_mm"
+    return "loop"
+
+
+def stacked_experts(x: Tensor, group_sizes: list[int], in_proj: Tensor, down_proj: Tensor, gated: bool,
+                    backend: str = "auto", row_scale: Tensor | None = None, row_index: Tensor | None = None) -> Tensor:
+    """SwiGLU (`gated`) or GELU expert FFNs with stacked weights on grouped rows; returns [N, H], grouped order.
+
+    The function behind `GroupedExperts.forward` (experts without biases), with the weights passed in:
+    `in_proj` [E, 2I or I, H] and `down_proj` [E, H, I], any strides (transposed views of another layout
+    work). `backend` is "auto", "loop", "grouped_mm" or "bmm"; see `choose_backend`. `row_scale` and
+    `row_index` are as for `GroupedExperts.forward`.
+    """
+    rows = x.shape[0] if row_index is None else row_index.numel()
+    backend = choose_backend(backend, x, group_sizes, in_proj, down_proj) if rows > 0 else "loop"
+    if backend == "loop" or (backend == "grouped_mm" and not x.is_cuda and builds_graph(x, in_proj)):
+        # CPU training: hand-written backward (CUDA keeps autograd through grouped_mm, tested there)
+        return grouped_ffn(x, row_index, group_sizes, in_proj, down_proj, row_scale, gated, matmul=backend)
+    if row_index is not None:
+        x = x.index_select(0, row_index)
+    hidden_size, intermediate_size = down_proj.shape[1:]
+    inner = row_scale is not None and intermediate_size < hidden_size
+    inner_scale = row_scale if inner else None
+    if backend == "grouped_mm":
+        out = _grouped_mm_forward(x, group_sizes, in_proj, down_proj, gated, inner_scale)
+    else:
+        out = _padded_forward(x, group_sizes, in_proj, down_proj, gated, inner_scale)
+    if row_scale is not None and not inner:
+        out = out * row_scale.unsqueeze(-1)
+    return out
+
+
+def _scaled_activation(h: Tensor, gated: bool, scale: Tensor | None) -> Tensor:
+    h = activate(h, gated)
+    return h if scale is None else h * scale.unsqueeze(-1)
+
+
+def _padded_forward(x: Tensor, group_sizes: list[int], in_proj: Tensor, down_proj: Tensor, gated: bool,
+                    scale: Tensor | None) -> Tensor:
+    # Expert e's rows go to slots [e, 0..n_e) of a zero-padded [E, C, H] batch: two bmm calls
+    # replace the loop; padded slots compute on zeros and are never read back.
+    num_experts, capacity, rows = in_proj.shape[0], max(group_sizes), x.shape[0]
+    sizes = torch.tensor(group_sizes, device=x.device)
+    expert_of_row = torch.repeat_interleave(torch.arange(num_experts, device=x.device), sizes, output_size=rows)
+    first_row = sizes.cumsum(0) - sizes
+    slot = expert_of_row * capacity + torch.arange(rows, device=x.device) - first_row[expert_of_row]
+    padded = x.new_zeros(num_experts * capacity, x.shape[1]).index_copy(0, slot, x).view(num_experts, capacity, -1)
+    if scale is not None:
+        scale = scale.new_zeros(num_experts * capacity).index_copy(0, slot, scale).view(num_experts, capacity)
+    if capacity <= PADDED_WEIGHT_LEFT_MAX_ROWS:
+        # h^T = W x^T per expert: MKL streams each weight instead of packing it (see grouped_ffn)
+        h = torch.bmm(in_proj, padded.transpose(1, 2)).transpose(1, 2)
+        a = _scaled_activation(h, gated, scale).contiguous()  # row-major again, for the same fast path below
+        out = torch.bmm(down_proj, a.transpose(1, 2)).transpose(1, 2)
+    else:
+        h = torch.bmm(padded, in_proj.transpose(1, 2))
+        out = torch.bmm(_scaled_activation(h, gated, scale), down_proj.transpose(1, 2))
+    return out.reshape(num_experts * capacity, -1).index_select(0, slot)
+
+
+def _grouped_mm_forward(x: Tensor, group_sizes: list[int], in_proj: Tensor, down_proj: Tensor, gated: bool,
+                        scale: Tensor | None) -> Tensor:
+    offsets = torch.tensor(group_sizes, device=x.device).cumsum(0).to(torch.int32)
+    h = _scaled_activation(F.grouped_mm(x, in_proj.transpose(-2, -1), offs=offsets), gated, scale)
+    return F.grouped_mm(h, down_proj.transpose(-2, -1), offs=offsets)
+
+
 class GroupedExperts(nn.Module):
     """E expert FFNs stored as stacked tensors; run on tokens already grouped by expert.
 
@@ -105,10 +216,6 @@ class GroupedExperts(nn.Module):
         """The first projection: `gate_up_proj` (SwiGLU) or `up_proj` (GELU)."""
         return self.gate_up_proj if self.gated else self.up_proj
 
-    def _activate(self, h: Tensor, scale: Tensor | None) -> Tensor:
-        h = activate(h, self.gated)
-        return h if scale is None else h * scale.unsqueeze(-1)
-
     def activation(self, h: Tensor) -> Tensor:
         """The experts' activation of a first projection h [..., 2I] (gated) or [..., I]."""
         if self.hidden_act == "clamped_swiglu":
@@ -116,51 +223,8 @@ class GroupedExperts(nn.Module):
         return activate(h, self.gated)
 
     def resolve_backend(self, x: Tensor, group_sizes: list[int]) -> str:
-        """The backend that runs these rows: `expert_backend` unless it is "auto".
-
-        "auto" picks `grouped_mm` on CUDA in bf16/fp16. When gradients are needed on the CPU it picks one of
-        the two hand-written backwards (both keep the least memory): `grouped_mm` when the average busy
-        expert's rows times the hidden size is at most 65,536 (fine-grained experts, small models: 0.64-0.96x
-        the loop's fwd+bwd time on 2 cores), else the per-expert `loop` (other devices: the loop). For
-        inference it picks the loop when busy experts average at most 4 rows and each expert's projection
-        weight is at least 512 KiB (decoding: the loop streams only the busy experts' weights); else the padded
-        `bmm` when every expert's group fits in a small padded batch that wastes little (few tokens per
-        expert, most experts busy: small batches, and decoding with cache-resident weights); else torch's CPU
-        `grouped_mm` when busy experts average 9 to 128 rows (prefill: 1.1-2x faster than the loop there,
-        measured on 2 cores at hidden 128 and 512); else the loop (one token's few experts, or large groups).
-        """
-        if self.backend == "grouped_mm":
-            check_grouped_mm(self.hidden_size, self.intermediate_size, self._compute_dtype(x),
-                             "expert_backend='grouped_mm'", "expert_backend='auto' or 'loop'")
-        if self.backend != "auto":
-            return self.backend
-        fits = grouped_mm_fits(self.hidden_size, self.intermediate_size, self._compute_dtype(x))
-        if x.is_cuda and fits and x.dtype in (torch.bfloat16, torch.float16):
-            return "grouped_mm"
-        rows, most = sum(group_sizes), max(group_sizes, default=0)
-        busy = sum(1 for size in group_sizes if size > 0)
-        if self._needs_grad(x):
-            # training: both hand-written backwards save the least memory; grouped_mm for small groups
-            small = busy and rows * self.hidden_size <= GROUPED_MM_CPU_TRAIN_ROW_ELEMENTS * busy
-            return "grouped_mm" if fits and small and x.device.type == "cpu" else "loop"
-        if rows <= LOOP_MAX_AVERAGE_ROWS * busy and streams_weights(self.in_proj):
-            return "loop"  # a few rows per expert: the loop streams just the busy experts' weights
-        if most <= PADDED_MAX_ROWS and 2 * busy >= self.num_experts and self.num_experts * most <= 8 * rows:
-            return "bmm"
-        low, high = GROUPED_MM_CPU_ROWS
-        if fits and busy and low * busy < rows <= high * busy:
-            return "grouped_mm"
-        return "loop"
-
-    def _needs_grad(self, x: Tensor) -> bool:
-        """True when this call builds a graph: the input or the expert weights need gradients."""
-        return torch.is_grad_enabled() and (x.requires_grad or self.in_proj.requires_grad)
-
-    @staticmethod
-    def _compute_dtype(x: Tensor) -> torch.dtype:
-        """The dtype the matmuls run in: autocast's when it is on, else the input's."""
-        device_type = x.device.type
-        return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else x.dtype
+        """The backend that runs these rows: `expert_backend`, or for "auto" what `choose_backend` picks."""
+        return choose_backend(self.backend, x, group_sizes, self.in_proj, self.down_proj)
 
     def forward(self, x: Tensor, group_sizes: list[int], row_scale: Tensor | None = None,
                 row_index: Tensor | None = None) -> Tensor:
@@ -180,50 +244,8 @@ class GroupedExperts(nn.Module):
             row_scale = row_scale.to(x.dtype)
         if self.general:
             return self._forward_general(x, group_sizes, row_scale, row_index)
-        rows = x.shape[0] if row_index is None else row_index.numel()
-        backend = self.resolve_backend(x, group_sizes) if rows > 0 else "loop"
-        if backend == "loop" or (backend == "grouped_mm" and not x.is_cuda and self._needs_grad(x)):
-            # CPU training: hand-written backward (CUDA keeps autograd through grouped_mm, tested there)
-            return grouped_ffn(x, row_index, group_sizes, self.in_proj, self.down_proj, row_scale, self.gated,
-                               matmul=backend)
-        if row_index is not None:
-            x = x.index_select(0, row_index)
-        inner = row_scale is not None and self.intermediate_size < self.hidden_size
-        inner_scale = row_scale if inner else None
-        if backend == "grouped_mm":
-            out = self._forward_grouped_mm(x, group_sizes, inner_scale)
-        else:
-            out = self._forward_padded(x, group_sizes, inner_scale)
-        if row_scale is not None and not inner:
-            out = out * row_scale.unsqueeze(-1)
-        return out
-
-    def _forward_padded(self, x: Tensor, group_sizes: list[int], scale: Tensor | None) -> Tensor:
-        # Expert e's rows go to slots [e, 0..n_e) of a zero-padded [E, C, H] batch: two bmm calls
-        # replace the loop; padded slots compute on zeros and are never read back.
-        num_experts, capacity, rows = self.num_experts, max(group_sizes), x.shape[0]
-        sizes = torch.tensor(group_sizes, device=x.device)
-        expert_of_row = torch.repeat_interleave(torch.arange(num_experts, device=x.device), sizes,
-                                                output_size=rows)
-        first_row = sizes.cumsum(0) - sizes
-        slot = expert_of_row * capacity + torch.arange(rows, device=x.device) - first_row[expert_of_row]
-        padded = x.new_zeros(num_experts * capacity, x.shape[1]).index_copy(0, slot, x).view(num_experts, capacity, -1)
-        if scale is not None:
-            scale = scale.new_zeros(num_experts * capacity).index_copy(0, slot, scale).view(num_experts, capacity)
-        if capacity <= PADDED_WEIGHT_LEFT_MAX_ROWS:
-            # h^T = W x^T per expert: MKL streams each weight instead of packing it (see grouped_ffn)
-            h = torch.bmm(self.in_proj, padded.transpose(1, 2)).transpose(1, 2)
-            a = self._activate(h, scale).contiguous()  # row-major again, for the same fast path below
-            out = torch.bmm(self.down_proj, a.transpose(1, 2)).transpose(1, 2)
-        else:
-            h = torch.bmm(padded, self.in_proj.transpose(1, 2))
-            out = torch.bmm(self._activate(h, scale), self.down_proj.transpose(1, 2))
-        return out.reshape(num_experts * capacity, -1).index_select(0, slot)
-
-    def _forward_grouped_mm(self, x: Tensor, group_sizes: list[int], scale: Tensor | None) -> Tensor:
-        offsets = torch.tensor(group_sizes, device=x.device).cumsum(0).to(torch.int32)
-        h = self._activate(F.grouped_mm(x, self.in_proj.transpose(-2, -1), offs=offsets), scale)
-        return F.grouped_mm(h, self.down_proj.transpose(-2, -1), offs=offsets)
+        return stacked_experts(x, group_sizes, self.in_proj, self.down_proj, self.gated, self.backend, row_scale,
+                               row_index)
 
     def _forward_general(self, x: Tensor, group_sizes: list[int], row_scale: Tensor | None,
                          row_index: Tensor | None) -> Tensor:
