@@ -136,6 +136,21 @@ def cmd_train(args: argparse.Namespace) -> int:
         print(f"moekit train: {run.name} -> {run_dir} ({total:,} parameters, {active:,} active per token, "
               f"device {trainer.device}{layout})")
     extra = {"parameters (total / active)": f"{total:,} / {active:,}"}
+    if trainer.frozen:
+        frozen = total - trainer.num_trainable
+        if main:
+            print(f"moekit train: {trainer.num_trainable:,} parameters train, {frozen:,} frozen "
+                  f"({len(trainer.frozen)} tensors: train.freeze_router / train_only_router / freeze)")
+        extra["parameters (trainable / frozen)"] = f"{trainer.num_trainable:,} / {frozen:,}"
+    if run.uses_transformers:
+        model = trainer.model
+        if main:
+            print(f"moekit train: transformers' {type(model.model).__name__} with experts_implementation="
+                  f"{run.model.experts_implementation!r}; balancing: Switch coef {model.aux_coef:g}, z-loss "
+                  f"{model.z_coef:g}, sequence-wise {model.seq_coef:g}, selection-bias rate {model.bias_rate:g}")
+        extra["model"] = f"transformers' `{type(model.model).__name__}` (train.backend=transformers)"
+        extra["balancing"] = (f"Switch {model.aux_coef:g}, z-loss {model.z_coef:g}, sequence-wise {model.seq_coef:g}, "
+                              f"selection-bias update rate {model.bias_rate:g}")
     if layout:
         extra["layout"] = layout.removeprefix(", ")
     if run.train.init_from is not None and main:
@@ -161,11 +176,12 @@ def _load_run(run_dir: str):
     from .model import MoETransformer
     from .train.checkpoint import find_checkpoint, load_weights
     from .train.data import load_tokenizer
+    from .train.init_from import build_model
     from .train.rundir import read_run_config
 
     path = Path(run_dir)
     run = RunConfig.from_dict(read_run_config(path, "load the run"))
-    model = MoETransformer(run.model)
+    model = build_model(run.model) if run.uses_transformers else MoETransformer(run.model)
     load_weights(find_checkpoint(path), model)  # weights only: a damaged optimiser state does not matter here
     return run, model.eval(), load_tokenizer(path / "tokenizer")
 
@@ -177,13 +193,19 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from .model.generate import generate
 
     require("generate")
-    _, model, tokenizer = _load_run(args.run_dir)
+    run, model, tokenizer = _load_run(args.run_dir)
     hf_tokenizer = hasattr(tokenizer, "encode_prompt")  # a pretrained tokenizer adds its BOS, as transformers does
     ids = tokenizer.encode_prompt(args.prompt) if hf_tokenizer else tokenizer.encode(args.prompt)
     if not ids:
         raise ValueError("the prompt is empty after tokenisation; pass --prompt with some text")
-    out = generate(model, torch.tensor([ids]), args.max_new_tokens, temperature=args.temperature,
-                   top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+    if run.uses_transformers:  # transformers' own class generates with its own cache
+        from .hf.causal_lm import hf_generate
+
+        out = hf_generate(model, torch.tensor([ids]), args.max_new_tokens, temperature=args.temperature,
+                          top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+    else:
+        out = generate(model, torch.tensor([ids]), args.max_new_tokens, temperature=args.temperature,
+                       top_k=args.top_k, top_p=args.top_p, seed=args.seed)
     new_ids = out[0].tolist()
     if hf_tokenizer:
         known = [i for i in new_ids if i < tokenizer.vocab_size]
@@ -244,9 +266,22 @@ def cmd_export(args: argparse.Namespace) -> int:
     require("export")
     # the run is an input: OUT may not be, contain or lie inside it (checked before the model is even loaded)
     check_output(args.out, overwrite=args.overwrite, caller="export_hf", inputs=[args.run_dir], label="out_dir")
-    _, model, _ = _load_run(args.run_dir)
+    run, model, _ = _load_run(args.run_dir)
     tokenizer_dir = Path(args.run_dir) / "tokenizer"
     has_hf_tokenizer = (tokenizer_dir / "tokenizer.json").is_file()  # BPE runs; the byte tokenizer has none
+    if run.uses_transformers:
+        import torch
+
+        from .hf.export import save_folder
+
+        if args.arch != "auto":
+            raise ValueError(f"--arch {args.arch}: this run trained transformers' own "
+                             f"{run.model.model_type} class, which is written as it is; drop --arch")
+        dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+        out = save_folder(model, args.out, tokenizer_dir=str(tokenizer_dir), overwrite=args.overwrite,
+                          dtype=dtypes.get(args.dtype), inputs=(args.run_dir,))
+        print(f"wrote {out}: load it with transformers.AutoModelForCausalLM.from_pretrained({str(out)!r})")
+        return 0
     out = export_hf(model, args.out, format=args.arch, dtype=args.dtype,
                     tokenizer_dir=tokenizer_dir if has_hf_tokenizer else None, overwrite=args.overwrite,
                     inputs=[args.run_dir])

@@ -23,6 +23,7 @@ import dataclasses
 import difflib
 import functools
 import math
+import re
 import types
 import typing
 from collections.abc import Callable
@@ -738,6 +739,69 @@ class ModelConfig(_DictMixin):
         return self.sliding_window
 
 
+_HF_MODEL_RULES: dict[str, _Rule] = {
+    "hf_config": (lambda v: isinstance(v.get("model_type"), str),
+                  "the config.json mapping of a transformers model (with its model_type)"),
+    "router_aux_loss_coef": (lambda v: v is None or v >= 0, "None (the checkpoint's router_aux_loss_coef) or >= 0"),
+    "router_z_loss_coef": (lambda v: v >= 0, "a number >= 0"),
+    "seq_aux_loss_coef": (lambda v: v >= 0, "a number >= 0"),
+    "aux_free_bias_update_rate": (lambda v: v is None or v >= 0,
+                                  "None (0.001 where the family has a selection bias, else 0) or >= 0"),
+    "experts_implementation": (lambda v: bool(v.strip()), "a transformers experts implementation, e.g. 'moekit'"),
+}
+
+
+#: the fields of an HFModelConfig a run may set (its balancing); `--set model.X=...` reaches them directly
+HF_BALANCE_FIELDS = ("router_aux_loss_coef", "router_z_loss_coef", "seq_aux_loss_coef", "aux_free_bias_update_rate",
+                     "experts_implementation")
+
+
+@dataclass
+class HFModelConfig(_DictMixin):
+    """The model section of a run trained with `train.backend="transformers"`: transformers' own class.
+
+    `hf_config` is the checkpoint's config.json as transformers writes it; the run builds the model from it (and
+    from its checkpoints on resume), never from the folder again. The balancing fields are moekit's terms on the
+    routing recorded from the model (`moekit.hf.RoutingCapture`), whatever the family's `output_router_logits`
+    says: `router_aux_loss_coef` weights the Switch loss E * sum_i f_i P_i (1 at balance; transformers' value
+    for the same routing is k times it), `router_z_loss_coef` the router z-loss, `seq_aux_loss_coef` DeepSeek-V3's
+    sequence-wise loss, and `aux_free_bias_update_rate` the sign update of the family's selection bias
+    (`e_score_correction_bias`) after each optimiser step.
+    """
+
+    hf_config: dict[str, Any] = dataclasses.field(default_factory=dict)
+    router_aux_loss_coef: float | None = None
+    router_z_loss_coef: float = 0.0
+    seq_aux_loss_coef: float = 0.0
+    aux_free_bias_update_rate: float | None = None
+    experts_implementation: str = "moekit"
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise `ValueError` for a field of the wrong type or range."""
+        _check_fields(self, "HFModelConfig", _HF_MODEL_RULES, ints_to_float=True)
+
+    @property
+    def model_type(self) -> str:
+        return self.hf_config["model_type"]
+
+    def text_value(self, name: str, default: Any = None) -> Any:
+        """A field of the text config (`text_config` of a multimodal checkpoint, else the config itself)."""
+        text = self.hf_config.get("text_config") or self.hf_config
+        return text.get(name, self.hf_config.get(name, default))
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.text_value("vocab_size"))
+
+    @property
+    def max_position_embeddings(self) -> int | None:
+        value = self.text_value("max_position_embeddings")
+        return int(value) if value is not None else None
+
+
 _SEED_RULE: _Rule = (lambda v: 0 <= v < 2**63, "an integer in [0, 2**63)")
 
 _TRAIN_RULES: dict[str, _Rule] = {
@@ -770,7 +834,27 @@ _TRAIN_RULES: dict[str, _Rule] = {
     "dtype": (lambda v: v in ("auto", "float32", "bfloat16"), "'auto', 'float32' or 'bfloat16'"),
     "device": (lambda v: v in ("auto", "cpu", "cuda"), "'auto', 'cpu' or 'cuda'"),
     "expert_parallel": _positive_int(),
+    "backend": (lambda v: v in TRAIN_BACKENDS, "'auto', 'moekit' or 'transformers' (see TrainConfig)"),
+    "freeze": (lambda v: v is None or all(_valid_regex(part) for part in split_patterns(v)),
+               "None or comma-separated regular expressions over parameter names (each must compile)"),
 }
+
+#: `train.backend` values: "moekit" trains moekit's own model, "transformers" trains transformers' own class from
+#: `train.init_from` (any family), "auto" picks moekit where `moekit.interop.load_hf` reads the folder
+TRAIN_BACKENDS = ("auto", "moekit", "transformers")
+
+
+def split_patterns(text: str) -> list[str]:
+    """`train.freeze` as a list of regular expressions (comma-separated; blanks ignored)."""
+    return [part.strip() for part in text.split(",") if part.strip()]
+
+
+def _valid_regex(pattern: str) -> bool:
+    try:
+        re.compile(pattern)
+    except re.error:
+        return False
+    return True
 
 
 @dataclass
@@ -781,6 +865,11 @@ class TrainConfig(_DictMixin):
     mixtral / qwen2_moe / glm4_moe / llama folder `moekit.interop.load_hf` reads) to start from instead of random
     weights. Its `tokenizer.json` is then the tokenizer: `tokenizer` becomes "hf" ("byte" is replaced, since
     it is the default; "bpe" is refused, because the model's embedding rows are the folder tokenizer's ids).
+
+    `backend` says who computes the model of such a run: "moekit" converts the folder into moekit's own model
+    (the native families), "transformers" trains transformers' own class with moekit's experts implementation,
+    routing capture and balancing (any MoE family transformers has), "auto" takes moekit's where it reads the
+    folder and transformers' otherwise. `freeze_router`, `train_only_router` and `freeze` choose what trains.
     """
 
     seed: int = 0  # seeds torch and the batch sampler; an integer in [0, 2**63)
@@ -814,6 +903,11 @@ class TrainConfig(_DictMixin):
     dtype: str = "auto"  # "auto" (bf16 autocast where the device supports it well), "float32", "bfloat16"
     device: str = "auto"  # "auto", "cpu", "cuda"
     expert_parallel: int = 1  # ranks that share each layer's experts (`--ep`, under torchrun); the rest is DP
+    # "auto", "moekit" or "transformers": which implementation trains a run started from init_from (see above)
+    backend: str = "auto"
+    freeze_router: bool = False  # keep every router's weights as they are (the selection bias still updates)
+    train_only_router: bool = False  # train the routers alone: every other parameter frozen
+    freeze: str | None = None  # comma-separated regexes: parameters whose name matches one are frozen
 
     def __post_init__(self) -> None:
         self.validate()
@@ -833,6 +927,11 @@ class TrainConfig(_DictMixin):
         if self.tokenizer == "hf" and self.init_from is None:
             fail("tokenizer", self.tokenizer, "'byte' or 'bpe' ('hf' is the tokenizer.json of train.init_from; "
                  "set --set train.init_from=DIR)")
+        if self.freeze_router and self.train_only_router:
+            fail("train_only_router", self.train_only_router, "false with freeze_router=true (nothing would train)")
+        if self.backend == "transformers" and self.init_from is None:
+            fail("backend", self.backend, "'moekit' or 'auto' without init_from: the transformers backend trains "
+                 "transformers' own class loaded from train.init_from=DIR")
         if self.lr * self.weight_decay > 1:
             fail("weight_decay", self.weight_decay, f"at most 1 / lr = {1 / self.lr:g} with lr={self.lr!r} (AdamW "
                  "multiplies every matrix by 1 - lr * weight_decay each step)")
@@ -847,7 +946,8 @@ def _plain_file_name(name: str) -> bool:
 _RUN_RULES: dict[str, _Rule] = {
     "name": (_plain_file_name, "a plain file name (the run is written to runs/<name>): not empty, not '.' or "
              "'..', no '/', '\\\\' or NUL, no drive such as 'C:', no leading or trailing whitespace"),
-    "model": (lambda v: True, "a ModelConfig (RunConfig.from_dict takes a mapping of its fields)"),
+    "model": (lambda v: True, "a ModelConfig, or an HFModelConfig (a mapping with hf_config) for the transformers "
+              "backend (RunConfig.from_dict takes a mapping of its fields)"),
     "train": (lambda v: True, "a TrainConfig (RunConfig.from_dict takes a mapping of its fields)"),
     "allow_token_mixing": (lambda v: True, _BOOL_TEXT),
     "history": (lambda v: True, "a list of mappings (one per resume: what it changed)"),
@@ -863,7 +963,7 @@ class RunConfig(_DictMixin):
     """
 
     name: str = "run"  # the run directory is runs/<name>: a plain file name
-    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+    model: ModelConfig | HFModelConfig = dataclasses.field(default_factory=ModelConfig)
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
     allow_token_mixing: bool = False  # opt in to Soft MoE in a causal LM (it leaks future tokens)
     history: list[dict[str, Any]] = dataclasses.field(default_factory=list)  # what each resume changed
@@ -874,6 +974,19 @@ class RunConfig(_DictMixin):
     def validate(self) -> None:
         """Raise `ValueError` for a field of the wrong type or value (the sections check themselves)."""
         _check_fields(self, "RunConfig", _RUN_RULES)
+        if isinstance(self.model, HFModelConfig) and self.train.backend == "moekit":
+            raise ValueError("RunConfig: the model section is a transformers model (hf_config) but train.backend is "
+                             "'moekit'; set train.backend=transformers or start from a folder moekit converts")
+        if not isinstance(self.model, HFModelConfig) and self.train.backend == "transformers" \
+                and self.train.init_from is not None:
+            raise ValueError("RunConfig: train.backend='transformers' needs the model section of the init_from folder "
+                             "(model.hf_config); build the run config with moekit.train.init_from.init_from_values "
+                             "(moekit train --init-from DIR --set train.backend=transformers does)")
+
+    @property
+    def uses_transformers(self) -> bool:
+        """True when transformers' own class is the model (`train.backend="transformers"`)."""
+        return isinstance(self.model, HFModelConfig)
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> RunConfig:
@@ -886,7 +999,9 @@ class RunConfig(_DictMixin):
             if key not in known:
                 raise ValueError(f"run config has no section {key!r}; expected {sorted(known)}")
         sections: dict[str, Any] = {}
-        for key, section in (("model", ModelConfig), ("train", TrainConfig)):
+        model_values = values.get("model")
+        model_class = HFModelConfig if isinstance(model_values, dict) and "hf_config" in model_values else ModelConfig
+        for key, section in (("model", model_class), ("train", TrainConfig)):
             given = values.get(key)
             if given is None:
                 given = {}
@@ -928,7 +1043,9 @@ def apply_overrides(values: dict[str, Any], overrides: list[str]) -> dict[str, A
             raise ValueError(f"override {item!r} is not KEY=VALUE; e.g. --set model.moe.num_local_experts=16")
         key, raw = item.split("=", 1)
         parts = key.strip().split(".")
-        if len(parts) == 2 and parts[0] == "model" and parts[1] in moe_fields and parts[1] not in model_fields:
+        hf_model = isinstance(values.get("model"), dict) and "hf_config" in values["model"]
+        if len(parts) == 2 and parts[0] == "model" and parts[1] in moe_fields and parts[1] not in model_fields \
+                and not (hf_model and parts[1] in HF_BALANCE_FIELDS):
             parts = ["model", "moe", parts[1]]
         node = values
         for part in parts[:-1]:

@@ -255,6 +255,7 @@ ATOMIC_BY_FOLDER = {
     "interop/writer.py": "shards are streamed into the output's temporary folder, published by a rename",
     "interop/merge.py": "tokenizer files and extra files go into the output's temporary folder",
     "interop/hf.py": "shards and copied tokenizer files go into the output's temporary folder",
+    "hf/export.py": "save_pretrained and the tokenizer files write into write_atomically's temporary folder",
     "train/data.py": "tokens.bin is streamed to a temporary file, fsynced and renamed (too large to buffer)",
 }
 WRITES = re.compile(r"\.write_text\(|\.write_bytes\(|open\([^)]*['\"][wa]b?['\"]|\.savefig\(\s*[^b]|torch\.save\("

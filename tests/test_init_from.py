@@ -207,7 +207,7 @@ def test_bad_inputs_name_the_problem_and_write_nothing(checkpoints, corpus, tmp_
     tokenizer = Tokenizer.from_file(str(big / "tokenizer.json"))
     tokenizer.add_tokens([f"<extra{i}>" for i in range(30)])  # 330 ids for 320 embedding rows
     tokenizer.save(str(big / "tokenizer.json"))
-    phimoe = tmp_path / "phimoe"  # a transformers MoE family moekit does not convert natively
+    phimoe = tmp_path / "phimoe"  # Mixtral weights under another family's name: transformers' class does not fit
     shutil.copytree(mixtral, phimoe)
     config = json.loads((phimoe / "config.json").read_text())
     (phimoe / "config.json").write_text(json.dumps({**config, "model_type": "phimoe"}))
@@ -219,7 +219,7 @@ def test_bad_inputs_name_the_problem_and_write_nothing(checkpoints, corpus, tmp_
         (_without(mixtral, tmp_path, "tokenizer.json"), [], "has no tokenizer.json"),
         (_without(mixtral, tmp_path, "config.json"), [], "has no config.json"),
         (big, [], "ids up to 329, but the model's embedding has only 320 rows"),
-        (phimoe, [], "model_type='phimoe' is not supported"),
+        (phimoe, [], "its weights do not fit transformers' PhimoeForCausalLM"),
         (mixtral, ["train.tokenizer=bpe"], "TrainConfig.tokenizer='bpe' is not allowed: 'hf' with init_from"),
     ]
     for source, extra, message in cases:

@@ -44,9 +44,21 @@ def load_model(path: str | Path, experts_implementation: str = "moekit", dtype: 
 
     register()
     try:
-        model = AutoModelForCausalLM.from_pretrained(str(path), experts_implementation=experts_implementation,
-                                                     dtype=dtype, local_files_only=True)
+        model, loading = AutoModelForCausalLM.from_pretrained(
+            str(path), experts_implementation=experts_implementation, dtype=dtype, local_files_only=True,
+            output_loading_info=True)
     except (OSError, ValueError, KeyError) as error:
         raise ValueError(f"{path}: transformers cannot load it as a causal LM ({error})") from error
+    problems = [(what, sorted(loading.get(key) or [])) for what, key in (
+        ("weights the checkpoint lacks (transformers would initialise them at random)", "missing_keys"),
+        ("tensors the model does not use", "unexpected_keys"),
+        ("tensors of the wrong shape", "mismatched_keys"))]
+    problems = [(what, names) for what, names in problems if names]
+    if problems:
+        what, names = problems[0]
+        shown = ", ".join(str(name) for name in names[:3]) + (" ..." if len(names) > 3 else "")
+        raise ValueError(f"{path}: its weights do not fit transformers' {type(model).__name__} (the class its "
+                         f"config.json names): {len(names)} {what}: {shown}; the folder's config.json and "
+                         "weights belong to different models")
     warn_unserved(model, experts_implementation)
     return model.to(device)

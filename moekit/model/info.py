@@ -447,6 +447,28 @@ def _read_config_file(path: Path) -> dict[str, Any]:
     return values
 
 
+def _moekit_family(model_type: Any) -> bool:
+    """True when moekit has a family module that reads `model_type`."""
+    from ..families import family_for
+
+    try:
+        family_for(model_type, "info")
+    except (ValueError, TypeError):
+        return False
+    return True
+
+
+def _transformers_knows(model_type: Any) -> bool:
+    """True when transformers >= 5 is installed and has a config class for `model_type`."""
+    from ..extras import installed
+
+    if not isinstance(model_type, str) or not installed("transformers"):
+        return False
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    return model_type in CONFIG_MAPPING
+
+
 def load_info_source(path: str | Path, context: int = 4096, batch: int = 1, dtype_bytes: float = 2) -> ModelInfo:
     """`ModelInfo` for a moekit run directory or config file, or an HF model directory / config.json.
 
@@ -475,7 +497,12 @@ def load_info_source(path: str | Path, context: int = 4096, batch: int = 1, dtyp
         kind = next((name for test, name in _NOT_REGULAR if test(mode)), "not a regular file")
         raise ValueError(f"{path} is {kind}, not a file or directory; pass {INFO_SOURCES}")
     values = _read_config_file(path)
-    if "model_type" in values:
+    model_type = values.get("model_type")
+    if model_type is not None and not _moekit_family(model_type) and _transformers_knows(model_type):
+        from ..hf.info import info_from_transformers
+
+        info = info_from_transformers(values, context=context, batch=batch, dtype_bytes=dtype_bytes)
+    elif "model_type" in values:
         try:
             info = info_from_hf_config(values, context=context, batch=batch, dtype_bytes=dtype_bytes)
         except ValueError as error:
@@ -483,6 +510,12 @@ def load_info_source(path: str | Path, context: int = 4096, batch: int = 1, dtyp
         except (TypeError, AttributeError, KeyError, ZeroDivisionError) as error:
             raise ValueError(f"{path}: an HF config value has the wrong type or is zero ({_one_line(error)}); fix "
                              "the config, or pass another model directory") from error
+    elif isinstance(values.get("model"), dict) and "hf_config" in values["model"]:  # a transformers-backend run
+        from ..hf.info import info_from_transformers
+
+        info = info_from_transformers(dict(values["model"]["hf_config"]), context=context, batch=batch,
+                                      dtype_bytes=dtype_bytes)
+        info.name = f"moekit {values.get('name', 'model')} ({info.name}, transformers' own class)"
     elif isinstance(values.get("model"), dict):
         try:
             model = ModelConfig.from_dict(dict(values["model"]))

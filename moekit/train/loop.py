@@ -46,7 +46,8 @@ from . import checkpoint as ckpt
 from . import rundir
 from .data import BatchSampler, TokenDataset, build_tokenizer, iter_eval_batches, load_tokenizer
 from .errors import NonFiniteTraining
-from .init_from import _model_from_checkpoint, init_from_values
+from .freeze import apply_freezing
+from .init_from import _model_from_checkpoint, build_model, init_from_values
 from .interrupts import StopSignals
 from .parallel import LocalParallel, TrainParallel, wants_parallel
 from .resume import check_resume_changes, hashed_model_dict, lr_factor, planned_total, resume_changes
@@ -100,11 +101,23 @@ def make_adamw(params: Any, **hyperparameters: Any) -> torch.optim.AdamW:
 
 
 def build_optimizer(model: torch.nn.Module, run: RunConfig) -> torch.optim.AdamW:
+    """AdamW over the trainable parameters: matrices decayed by `train.weight_decay`, vectors (norms, biases) not."""
     t = run.train
-    decay = [p for p in model.parameters() if p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in trainable if p.dim() >= 2]
+    no_decay = [p for p in trainable if p.dim() < 2]
     groups = [{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     return make_adamw(groups, lr=t.lr, betas=(t.beta1, t.beta2))
+
+
+def discard_router_loads(model: torch.nn.Module) -> None:
+    """Forget the router counts gathered since the last selection-bias update (moekit's or transformers' model)."""
+    if hasattr(model, "discard_router_loads"):
+        model.discard_router_loads()
+        return
+    for module in model.modules():
+        if isinstance(module, MoELayer):
+            module.load_since_update.zero_()
 
 
 def _moe_summary(stats: dict[int, dict[str, torch.Tensor]], with_load: bool = True) -> dict[str, Any]:
@@ -121,6 +134,8 @@ def _moe_summary(stats: dict[int, dict[str, torch.Tensor]], with_load: bool = Tr
 
 
 def _check_router_use(run: RunConfig) -> None:
+    if run.uses_transformers:
+        return
     moe = run.model.moe
     if moe is not None and moe.router == "soft" and not run.allow_token_mixing:
         raise ValueError("router='soft' mixes every token of a sequence, future ones included, so a causal LM "
@@ -133,9 +148,13 @@ def _check_router_use(run: RunConfig) -> None:
 
 
 def _start_parallel(run: RunConfig) -> LocalParallel | TrainParallel:
-    t, moe = run.train, run.model.moe
+    t = run.train
     if not wants_parallel(t.expert_parallel):
         return LocalParallel()
+    if run.uses_transformers:
+        raise ValueError("train.backend='transformers' trains transformers' own class in one process; run it without "
+                         "torchrun and --ep (moekit's expert and data parallelism need moekit's model)")
+    moe = run.model.moe
     if moe is None and t.expert_parallel > 1:
         raise ValueError(f"--ep {t.expert_parallel} shards MoE experts, but this model is dense (model.moe is "
                          "null); train it data parallel with --ep 1, or pick an MoE preset")
@@ -264,8 +283,10 @@ class Trainer:
         if self.parallel.distributed and self.device.type == "cuda":
             self.device = torch.device("cuda", torch.cuda.current_device())
         self.amp_dtype = autocast_dtype(t.dtype, self.device)
-        self.model = (init_model if init_model is not None else MoETransformer(self.run.model)).to(self.device)
+        self.model = (init_model if init_model is not None else build_model(self.run.model)).to(self.device)
         self.num_parameters = (self.model.num_parameters(), self.model.num_parameters(active=True))
+        self.frozen = apply_freezing(self.model, t)
+        self.num_trainable = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
         # under torchrun: this rank's slice of the experts, the rest wrapped in DDP (every rank built the same model)
         self.forward_model = self.parallel.wrap(self.model, self.device)
         self.optimizer = build_optimizer(self.model, self.run)
@@ -310,6 +331,12 @@ class Trainer:
         t = self.run.train
         self._create_new(self._overwrite)
         init_model = _model_from_checkpoint(self.run.model, t.init_from) if t.init_from is not None else None
+        if t.freeze_router or t.train_only_router or t.freeze:  # a pattern that matches nothing: refused now
+            if init_model is not None:
+                apply_freezing(init_model, t)
+            else:
+                with torch.device("meta"):
+                    apply_freezing(build_model(self.run.model), t)
         self.tokenizer = build_tokenizer(t)
         self._check_vocabulary()
         prepared = self._prepare(reuse=not self._occupied)
@@ -564,9 +591,7 @@ class Trainer:
         """No update for a step with a non-finite value: within the budget, skip it; else stop with an error."""
         t = self.run.train
         self.optimizer.zero_grad(set_to_none=True)
-        for module in self.model.modules():  # the bad step's router counts must not move the selection bias
-            if isinstance(module, MoELayer):
-                module.load_since_update.zero_()
+        discard_router_loads(self.model)  # the bad step's router counts must not move the selection bias
         if len(self.skipped_steps) >= t.max_skipped_steps:
             raise NonFiniteTraining(self._nonfinite_message(f"at step {self.step + 1} {what}"))
         self.skipped_steps.append(self.step + 1)

@@ -233,7 +233,10 @@ class LocalParallel:
         return torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
 
     def update_router_biases(self, model: nn.Module) -> None:
-        update_aux_free_biases(model)
+        if hasattr(model, "update_router_biases"):  # transformers' own model (`moekit.hf.HFCausalLM`)
+            model.update_router_biases()
+        else:
+            update_aux_free_biases(model)
 
     def mean(self, *values: float) -> list[float]:
         return list(values)

@@ -126,8 +126,13 @@ def write_report(run_dir: Path, extra: dict[str, Any] | None = None) -> Path:
         rows.append((key, value))
     lines += ["| metric | value |", "|---|---|", *[f"| {k} | {v} |" for k, v in rows], ""]
     moe = (config.get("model") or {}).get("moe")
-    lines.append(f"Model: {'dense' if not moe else moe.get('router') + ' router, ' + str(moe.get('num_local_experts'))}"
-                 + ("" if not moe else f" experts, top-{moe.get('num_experts_per_tok')}") + ".")
+    hf_config = (config.get("model") or {}).get("hf_config")
+    if hf_config is not None:
+        lines.append(f"Model: transformers' own {hf_config.get('model_type')} class (train.backend=transformers), "
+                     "balanced from its recorded routing.")
+    else:
+        kind = "dense" if not moe else f"{moe.get('router')} router, {moe.get('num_local_experts')}"
+        lines.append(f"Model: {kind}" + ("" if not moe else f" experts, top-{moe.get('num_experts_per_tok')}") + ".")
     if moe and moe.get("router") in ("expert_choice", "soft"):
         lines.append("")
         lines.append("**Warning:** this router mixes tokens of a sequence, future ones included; in a causal LM "
@@ -154,7 +159,8 @@ def _summary(run_dir: Path) -> dict[str, Any]:
     return {
         "run": config.get("name", run_dir.name),
         "dir": str(run_dir),
-        "router": moe.get("router") if moe else "dense",
+        "router": moe.get("router") if moe else ("transformers" if (config.get("model") or {}).get("hf_config")
+                                                 else "dense"),
         "leaks_future": bool(moe and moe.get("router") in ("expert_choice", "soft")),
         "steps": train[-1]["step"] if train else 0,
         "tokens": train[-1]["tokens"] if train else 0,
