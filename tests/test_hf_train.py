@@ -235,3 +235,76 @@ def test_info_counts_agree_with_the_measured_model(model_type, corpus, tmp_path,
     model = Trainer(run_config(folder, corpus, "train.max_steps=1"), tmp_path / "run", progress=False).model
     assert info.total_params == model.num_parameters()
     assert info.active_params == model.num_parameters(active=True) < info.total_params
+
+
+CHAT_TEMPLATE = ("{% for message in messages %}{{ '<s>' + message['role'] + '\\n' }}"
+                 "{% if message['role'] == 'assistant' %}{% generation %}{{ message['content'] + '</s>' }}"
+                 "{% endgeneration %}{% else %}{{ message['content'] + '</s>' }}{% endif %}{% endfor %}"
+                 "{% if add_generation_prompt %}{{ '<s>assistant\\n' }}{% endif %}")
+
+
+def chat_folder(tmp_path: Path) -> tuple[Path, Path, list[list[dict]]]:
+    folder = make_folder(tmp_path, "olmoe")
+    config_path = folder / "tokenizer_config.json"
+    config = json.loads(config_path.read_text())
+    config_path.write_text(json.dumps({**config, "chat_template": CHAT_TEMPLATE}))
+    rng = random.Random(1)
+    conversations = []
+    for _ in range(40):
+        turns = [{"role": "system", "content": "give short answers"}] if rng.random() < 0.5 else []
+        for _ in range(rng.randint(1, 2)):
+            turns.append({"role": "user", "content": " ".join(rng.choice(WORDS) for _ in range(5))})
+            turns.append({"role": "assistant", "content": " ".join(rng.choice(WORDS) for _ in range(6))})
+        conversations.append(turns)
+    data = tmp_path / "chat.jsonl"
+    data.write_text("\n".join(json.dumps({"messages": c}) for c in conversations) + "\n")
+    return folder, data, conversations
+
+
+def test_chat_jsonl_trains_on_the_assistant_tokens_only(tmp_path, quiet_transformers):
+    """The token stream and its loss mask against transformers' own `return_assistant_tokens_mask`."""
+    from transformers import AutoTokenizer
+
+    from moekit.train.data import HFTokenizer, TokenDataset
+
+    folder, data, conversations = chat_folder(tmp_path)
+    reference = AutoTokenizer.from_pretrained(folder)
+    ids, mask = [], []
+    for messages in conversations:
+        rendered = reference.apply_chat_template(messages, tokenize=True, return_dict=True,
+                                                 return_assistant_tokens_mask=True)
+        ids += rendered["input_ids"]
+        mask += rendered["assistant_masks"]
+    tokenizer = HFTokenizer.from_model_dir(folder)
+    dataset = TokenDataset.prepare(data, tokenizer, tmp_path / "cache", block_size=16).write()
+    vocab = tokenizer.vocab_size
+    assert dataset.label_shift == vocab
+    stored = dataset.tokens.long()
+    assert (stored % vocab).tolist() == ids
+    assert (stored < vocab).long().tolist() == mask
+    assert 0 < sum(mask) < len(mask)
+
+    run = run_config(folder, tmp_path, f"train.data={data}", "train.max_steps=2")
+    trainer = Trainer(run, tmp_path / "run", progress=False)
+    inputs, targets = trainer.sampler.next_batch()
+    assert int(inputs.max()) < vocab and (targets == -100).any() and (targets >= 0).any()
+    assert trainer.train().step == 2
+
+
+def test_chat_jsonl_errors_name_the_line(tmp_path, quiet_transformers):
+    from moekit.train.data import HFTokenizer, TokenDataset
+
+    folder, data, _ = chat_folder(tmp_path)
+    tokenizer = HFTokenizer.from_model_dir(folder)
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"messages": [{"role": "user", "content": "hi"}]}) + "\n{not json\n")
+    with pytest.raises(ValueError, match="line 2: not valid JSON"):
+        TokenDataset.prepare(bad, tokenizer, tmp_path / "cache", block_size=4)
+    only_users = tmp_path / "users.jsonl"
+    only_users.write_text(json.dumps({"messages": [{"role": "user", "content": "cook bread"}]}) + "\n")
+    with pytest.raises(ValueError, match="no assistant message"):
+        TokenDataset.prepare(only_users, tokenizer, tmp_path / "cache", block_size=4)
+    plain = make_folder(tmp_path / "plain", "olmoe")  # its tokenizer has no chat template
+    with pytest.raises(ValueError, match="has no chat template"):
+        TokenDataset.prepare(data, HFTokenizer.from_model_dir(plain), tmp_path / "cache", block_size=4)
+    assert not (tmp_path / "cache").exists()

@@ -501,7 +501,11 @@ def load_info_source(path: str | Path, context: int = 4096, batch: int = 1, dtyp
     if model_type is not None and not _moekit_family(model_type) and _transformers_knows(model_type):
         from ..hf.info import info_from_transformers
 
-        info = info_from_transformers(values, context=context, batch=batch, dtype_bytes=dtype_bytes)
+        try:
+            info = info_from_transformers(values, context=context, batch=batch, dtype_bytes=dtype_bytes)
+        except (ValueError, TypeError, AttributeError, KeyError) as error:
+            raise ValueError(f"{path}: transformers cannot build {model_type!r} as a causal LM from this config "
+                             f"({_one_line(error)}); pass another model directory") from error
     elif "model_type" in values:
         try:
             info = info_from_hf_config(values, context=context, batch=batch, dtype_bytes=dtype_bytes)

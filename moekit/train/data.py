@@ -62,6 +62,7 @@ from typing import Any, Literal, Protocol, runtime_checkable
 import torch
 
 from .._files import atomic_write, fsync_dir, storage_faults, write_json
+from .chat import encode_chat, is_chat_source, split_labels
 
 __all__ = [
     "DOCUMENT_SEPARATOR",
@@ -519,6 +520,11 @@ class HFTokenizer:
         return self._vocab_size
 
     @property
+    def tokenizer_json(self) -> str:
+        """The text of the ``tokenizer.json`` this tokenizer was read from."""
+        return self._json
+
+    @property
     def eos_id(self) -> int | None:
         """Id of :attr:`eos_token`, or None."""
         return self._tok.token_to_id(self.eos_token) if self.eos_token is not None else None
@@ -944,7 +950,9 @@ class PreparedTokens:
         ``source_sha256``; compare it with the one a run started with to notice a changed corpus."""
         self._tokenizer = tokenizer
         self._vocab_size = int(tokenizer.vocab_size)
-        self._dtype = token_dtype(self._vocab_size)
+        self.label_shift = self._vocab_size if is_chat_source(origin) else None
+        """For chat JSONL, the vocabulary size by which tokens without loss are shifted (see `moekit.train.chat`)."""
+        self._dtype = token_dtype(2 * self._vocab_size if self.label_shift else self._vocab_size)
         self._expected = {
             "format": _CACHE_FORMAT,
             "dtype": _DTYPE_NAMES[self._dtype],
@@ -952,6 +960,7 @@ class PreparedTokens:
             "source_sha256": self.source_sha256,
             "tokenizer_sha256": tokenizer.fingerprint(),
             "vocab_size": self._vocab_size,
+            "label_shift": self.label_shift,  # absent (None) in plain-text caches
         }
         self._text: str | None = text
         self._ids: torch.Tensor | None = None
@@ -962,7 +971,7 @@ class PreparedTokens:
         else:
             if why is not None:
                 _warn_damaged(why, stacklevel=3)  # the caller of TokenDataset.prepare
-            self._ids = _tokenise(text, tokenizer, origin, self._vocab_size)
+            self._ids = self._encode(text)
             self._text = None  # the ids are all write() needs
             length = self._ids.numel()
         self.num_tokens = int(length)
@@ -1020,13 +1029,18 @@ class PreparedTokens:
                              "TokenDataset.prepare again")
         if why is not None:
             _warn_damaged(why, stacklevel=3)  # the caller of write / in_memory
-        self._ids = _tokenise(self._text, self._tokenizer, self.origin, self._vocab_size)
+        self._ids = self._encode(self._text)
         self.num_tokens = self._ids.numel()
         return False
 
+    def _encode(self, text: str) -> torch.Tensor:
+        if self.label_shift is not None:
+            return encode_chat(text, self._tokenizer, self.origin, self._vocab_size)
+        return _tokenise(text, self._tokenizer, self.origin, self._vocab_size)
+
     def _dataset(self, tokens: torch.Tensor, reused: bool) -> TokenDataset:
         return TokenDataset(tokens, val_fraction=self.val_fraction, block_size=self.block_size, reused=reused,
-                            source_sha256=self.source_sha256)
+                            source_sha256=self.source_sha256, label_shift=self.label_shift)
 
     def __repr__(self) -> str:
         state = "cache valid" if self.reused else "tokenised, not written"
@@ -1049,10 +1063,12 @@ class TokenDataset:
         block_size: int | None = None,
         reused: bool = False,
         source_sha256: str | None = None,
+        label_shift: int | None = None,
     ) -> None:
         """Wrap a 1-D integer tensor of token ids (normally made by :meth:`build` or :meth:`from_text`).
 
         ``block_size`` is the context length the splits must serve; None means 1 (no minimum beyond 2 tokens).
+        ``label_shift`` marks chat data whose tokens without loss are stored shifted by it (`moekit.train.chat`).
         """
         if tokens.dim() != 1 or tokens.numel() == 0:
             raise ValueError(f"tokens must be a non-empty 1-D tensor, got shape {tuple(tokens.shape)}")
@@ -1065,6 +1081,8 @@ class TokenDataset:
         """True when the token cache was valid and reused (nothing was tokenised)."""
         self.source_sha256 = source_sha256
         """sha256 of the corpus text the tokens came from (None when the tensor was given directly)."""
+        self.label_shift = label_shift
+        """Chat data: tokens without loss are stored as id + label_shift (pass it to the samplers); else None."""
         self.split_sizes()  # fail now, with a clear message, if the corpus is too small
 
     def __len__(self) -> int:
@@ -1195,11 +1213,12 @@ def _check_data(data: torch.Tensor, block_size: int, what: str) -> None:
                          "use more text or a smaller block size")
 
 
-def _windows(data: torch.Tensor, starts: Sequence[int], block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _windows(data: torch.Tensor, starts: Sequence[int], block_size: int,
+             label_shift: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     out = torch.empty(len(starts), block_size + 1, dtype=torch.int64)
     for row, start in enumerate(starts):
         out[row].copy_(data[start : start + block_size + 1])  # copy_ converts uint16/uint32 to int64
-    return out[:, :-1], out[:, 1:]
+    return split_labels(out, label_shift)
 
 
 class BatchSampler:
@@ -1208,10 +1227,12 @@ class BatchSampler:
     Each batch takes ``batch_size`` windows of ``block_size + 1`` tokens at uniformly random starts; inputs are
     the first ``block_size`` tokens of each window and targets the last ``block_size`` (both ``int64`` on the CPU).
     Starts come from the sampler's own ``torch.Generator`` seeded with ``seed``, so the global RNG is untouched
-    and :meth:`state_dict` / :meth:`load_state_dict` resume the exact same sequence of batches.
+    and :meth:`state_dict` / :meth:`load_state_dict` resume the exact same sequence of batches. With
+    ``label_shift`` (chat data) targets are -100 where a token carries no loss (see `moekit.train.chat`).
     """
 
-    def __init__(self, data: torch.Tensor, batch_size: int, block_size: int, seed: int = 0) -> None:
+    def __init__(self, data: torch.Tensor, batch_size: int, block_size: int, seed: int = 0,
+                 label_shift: int | None = None) -> None:
         _check_data(data, block_size, "the data")
         if batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, got {batch_size}")
@@ -1219,6 +1240,7 @@ class BatchSampler:
         self.batch_size = int(batch_size)
         self.block_size = int(block_size)
         self.seed = int(seed)
+        self.label_shift = label_shift
         self.step = 0
         """Number of batches drawn so far."""
         self.generator = torch.Generator(device="cpu")
@@ -1229,7 +1251,7 @@ class BatchSampler:
         high = self.data.numel() - self.block_size  # last valid start is numel - (block_size + 1)
         starts = torch.randint(0, high, (self.batch_size,), generator=self.generator).tolist()
         self.step += 1
-        return _windows(self.data, starts, self.block_size)
+        return _windows(self.data, starts, self.block_size, self.label_shift)
 
     def skip_batch(self) -> None:
         """Advance past the next batch without building it (data parallelism: another rank's batch)."""
@@ -1272,7 +1294,8 @@ class BatchSampler:
 
 
 def iter_eval_batches(
-    data: torch.Tensor, batch_size: int, block_size: int, max_batches: int | None = None
+    data: torch.Tensor, batch_size: int, block_size: int, max_batches: int | None = None,
+    label_shift: int | None = None,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Deterministic ``(inputs, targets)`` batches for evaluation, in order.
 
@@ -1293,4 +1316,4 @@ def iter_eval_batches(
             picks = torch.linspace(0, n_windows - 1, keep).round().long().tolist()
             starts = [starts[i] for i in picks]
     for i in range(0, len(starts), batch_size):
-        yield _windows(data, starts[i : i + batch_size], block_size)
+        yield _windows(data, starts[i : i + batch_size], block_size, label_shift)

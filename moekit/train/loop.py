@@ -293,7 +293,8 @@ class Trainer:
         names = {id(p): name for name, p in self.model.named_parameters()}
         self._param_names = [names[id(p)] for group in self.optimizer.param_groups for p in group["params"]]
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
-        self.sampler = BatchSampler(self.dataset.train, t.batch_size, t.block_size, seed=t.seed)
+        self.sampler = BatchSampler(self.dataset.train, t.batch_size, t.block_size, seed=t.seed,
+                                    label_shift=self.dataset.label_shift)
         self.step, self.tokens, self.wall_s, self.skipped_steps = 0, 0, 0.0, []
         self._tensorboard = _tensorboard_writer(self.run_dir / "tensorboard") \
             if self.is_main and not self.read_only else None
@@ -486,7 +487,8 @@ class Trainer:
         t = self.run.train
         self.model.eval()
         losses, loads = [], {}
-        for inputs, targets in iter_eval_batches(self.dataset.val, t.batch_size, t.block_size, t.eval_batches):
+        for inputs, targets in iter_eval_batches(self.dataset.val, t.batch_size, t.block_size, t.eval_batches,
+                                                 self.dataset.label_shift):
             with self._autocast():
                 out = self.model(inputs.to(self.device), targets=targets.to(self.device))
             losses.append(float(out.loss))
