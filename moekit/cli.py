@@ -119,7 +119,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     require("train")  # every missing package named now, before any config or file is read
     run = RunConfig.from_dict(_train_values(args))
     t = run.train
-    if t.tokenizer in ("bpe", "hf") or t.init_from:
+    if run.uses_transformers:  # transformers' own class is the model
+        require("train", also=("tokenizers", "transformers"), extra="train,hf")
+    elif t.tokenizer in ("bpe", "hf") or t.init_from:
         require("train", also=("tokenizers",))
     if args.stop_at is not None and not 0 < args.stop_at <= t.max_steps:
         raise ValueError(f"--stop-at {args.stop_at} is not allowed: a step in [1, max_steps={t.max_steps}]")

@@ -199,3 +199,15 @@ def test_capture_refuses_a_mask_of_another_batch():
 def test_capture_refuses_a_model_without_moe_layers():
     with pytest.raises(ValueError, match="routing cannot be recorded"):
         mh.RoutingCapture(torch.nn.Sequential(torch.nn.Linear(4, 4)))
+
+
+def test_the_core_imports_without_transformers_and_moekit_hf_says_what_it_needs():
+    import subprocess
+    import sys
+
+    blocked = ("import sys\nsys.modules['transformers'] = None\n"
+               "import moekit, moekit.layer, moekit.model, moekit.train.loop, moekit.cli\n"
+               "try:\n    import moekit.hf\nexcept ImportError as error:\n    print(error)\n")
+    done = subprocess.run([sys.executable, "-c", blocked], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert 'moekit.hf needs transformers >= 5: pip install "moekit[hf]"' in done.stdout
