@@ -13,6 +13,7 @@ All of it is deterministic (seeded) and takes well under a second per model.
 from __future__ import annotations
 
 import os
+import random
 from pathlib import Path
 
 import torch
@@ -188,3 +189,11 @@ def smollm2_gguf() -> Path | None:
         for found in sorted(Path(location).rglob("*.gguf")):
             return found
     return None
+
+
+def write_words_corpus(path: str | os.PathLike[str], lines: int = 120, seed: int = 0) -> Path:
+    """A text file of `lines` lines of ten random `WORDS` each (every word the test tokenizer knows)."""
+    rng = random.Random(seed)
+    path = Path(path)
+    path.write_text("\n".join(" ".join(rng.choice(WORDS) for _ in range(10)) for _ in range(lines)) + "\n")
+    return path

@@ -20,7 +20,7 @@ pytest.importorskip("transformers.integrations.moe", reason="moekit.hf needs tra
 pytest.importorskip("tokenizers")
 
 from hf_zoo import tiny_model
-from merge_fixtures import VOCAB_SIZE, WORDS, make_tokenizer
+from merge_fixtures import VOCAB_SIZE, WORDS, make_tokenizer, write_words_corpus
 
 from moekit.cli import main
 from moekit.config import RunConfig
@@ -37,10 +37,7 @@ SETTINGS = ["train.block_size=16", "train.batch_size=4", "train.seed=0", "train.
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    rng = random.Random(0)
-    path = tmp_path_factory.mktemp("corpus") / "words.txt"
-    path.write_text("\n".join(" ".join(rng.choice(WORDS) for _ in range(10)) for _ in range(120)) + "\n")
-    return path
+    return write_words_corpus(tmp_path_factory.mktemp("corpus") / "words.txt")
 
 
 def make_folder(root: Path, model_type: str, **overrides) -> Path:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import random
 import re
 import shutil
 from pathlib import Path
@@ -21,7 +20,7 @@ import torch
 pytest.importorskip("transformers")
 pytest.importorskip("tokenizers")
 
-from merge_fixtures import WORDS, load_checked, make_dense_model
+from merge_fixtures import load_checked, make_dense_model, write_words_corpus
 
 from moekit.cli import load_run_dict, main
 from moekit.config import RunConfig, TrainConfig
@@ -52,10 +51,7 @@ def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    rng = random.Random(0)
-    path = tmp_path_factory.mktemp("corpus") / "words.txt"
-    path.write_text("\n".join(" ".join(rng.choice(WORDS) for _ in range(10)) for _ in range(120)) + "\n")
-    return path
+    return write_words_corpus(tmp_path_factory.mktemp("corpus") / "words.txt")
 
 
 def _train_args(source: Path, out: Path, corpus: Path, *extra: str) -> list[str]:
