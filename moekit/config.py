@@ -1047,6 +1047,9 @@ def apply_overrides(values: dict[str, Any], overrides: list[str]) -> dict[str, A
         if len(parts) == 2 and parts[0] == "model" and parts[1] in moe_fields and parts[1] not in model_fields \
                 and not (hf_model and parts[1] in HF_BALANCE_FIELDS):
             parts = ["model", "moe", parts[1]]
+        if hf_model and parts[:2] == ["model", "moe"]:
+            raise ValueError(f"override {item!r}: this run trains transformers' own class, whose model section has "
+                             f"no moe part; set its balancing directly: model.{', model.'.join(HF_BALANCE_FIELDS)}")
         node = values
         for part in parts[:-1]:
             if node.get(part) is None:

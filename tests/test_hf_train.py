@@ -305,3 +305,12 @@ def test_chat_jsonl_errors_name_the_line(tmp_path, quiet_transformers):
     with pytest.raises(ValueError, match="has no chat template"):
         TokenDataset.prepare(data, HFTokenizer.from_model_dir(plain), tmp_path / "cache", block_size=4)
     assert not (tmp_path / "cache").exists()
+
+
+def test_model_overrides_of_a_transformers_run_are_its_balancing_only(corpus, tmp_path, quiet_transformers):
+    folder = make_folder(tmp_path, "granitemoe")
+    with pytest.raises(ValueError, match="no moe part; set its balancing directly"):
+        run_config(folder, corpus, "model.moe.router_aux_loss_coef=0.1")
+    with pytest.raises(ValueError, match="HFModelConfig has no field 'hidden_size'"):
+        run_config(folder, corpus, "model.hidden_size=64")
+    assert run_config(folder, corpus, "model.router_z_loss_coef=0.001").model.router_z_loss_coef == 0.001
