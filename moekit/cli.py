@@ -297,6 +297,11 @@ def cmd_export(args: argparse.Namespace) -> int:
 def cmd_bench(args: argparse.Namespace) -> int:
     from .bench.layer import resolve_configs, resolve_device, run_layer_benchmark
 
+    if args.what == "hf":
+        return _bench_hf(args)
+    if args.families:
+        raise ValueError("--families applies to `moekit bench hf`; `moekit bench layer|model|decode` compare moekit's "
+                         "own layers and presets")
     if args.what in ("model", "decode"):
         return _bench_end_to_end(args)
     if args.presets:
@@ -328,6 +333,25 @@ def _bench_end_to_end(args: argparse.Namespace) -> int:
     runner = run_model_benchmark if args.what == "model" else run_decode_benchmark
     extra = {"repeats": args.repeats} if args.repeats is not None else {}
     runner(presets=presets, device=args.device, threads=args.threads, quick=args.quick, json_path=args.json, **extra)
+    return 0
+
+
+def _bench_hf(args: argparse.Namespace) -> int:
+    """`moekit bench hf`: transformers' own MoE models under every experts implementation, moekit's included."""
+    from .bench.hf import resolve_families, run_hf_benchmark
+    from .bench.layer import resolve_device
+
+    others = [flag for flag, given in (("--configs", args.configs), ("--tokens", args.tokens),
+                                       ("--no-small", args.no_small), ("--presets", args.presets)) if given]
+    if others:
+        raise ValueError(f"{', '.join(others)} does not apply to `moekit bench hf`; it takes --families, --device, "
+                         "--threads, --repeats, --quick and --json")
+    families = args.families.split(",") if args.families else None
+    resolve_families(families)  # a bad family name or a missing GPU fails before any work
+    resolve_device(args.device)
+    extra = {"repeats": args.repeats} if args.repeats is not None else {}
+    run_hf_benchmark(families=families, device=args.device, threads=args.threads, quick=args.quick,
+                     json_path=args.json, **extra)
     return 0
 
 
@@ -462,19 +486,23 @@ def build_parser() -> argparse.ArgumentParser:
     exp.set_defaults(func=cmd_export)
 
     bench = sub.add_parser("bench", help="time an MoE layer, a training step or decoding against transformers")
-    bench.add_argument("what", choices=["layer", "model", "decode"],
+    bench.add_argument("what", choices=["layer", "model", "decode", "hf"],
                        help="layer: one MoE layer vs transformers and the dense floor; model: a training step and "
-                            "a forward of whole presets; decode: greedy generation with a KV cache")
+                            "a forward of whole presets; decode: greedy generation with a KV cache; hf: "
+                            "transformers' own MoE models under every experts implementation, moekit's included")
     bench.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="cpu (fp32) or cuda (bf16)")
     bench.add_argument("--configs", help="layer: comma-separated subset of mixtral,deepseek,dbrx (default all)")
     bench.add_argument("--tokens", help="layer: tokens per batch for the main rows, comma-separated (default 4096)")
     bench.add_argument("--presets", help="model/decode: comma-separated MoE presets (default "
                                          "tiny-mixtral,tiny-deepseek)")
+    bench.add_argument("--families", help="hf: comma-separated transformers model_types (default "
+                                          "qwen3_moe,olmoe,gpt_oss; also mixtral, qwen2_moe, deepseek_v3, "
+                                          "granitemoe, phimoe)")
     bench.add_argument("--threads", type=int, default=2)
     bench.add_argument("--repeats", type=int, default=None,
-                       help="timed interleaved rounds (default: layer 5, model 10, decode 5)")
+                       help="timed interleaved rounds (default: layer 5, model 10, decode 5, hf 5)")
     bench.add_argument("--quick", action="store_true",
-                       help="a smoke run: at most 2 rounds (model/decode: also small shapes)")
+                       help="a smoke run: at most 2 rounds (model/decode/hf: also small shapes)")
     bench.add_argument("--no-small", action="store_true", help="layer: skip the 16-token forward-only rows")
     bench.add_argument("--json", metavar="PATH", help="also write every result as JSON")
     bench.set_defaults(func=cmd_bench)
