@@ -75,14 +75,20 @@ def generator_call(candidate: Candidate, prompt: Tensor, new_tokens: int) -> Cal
     return run
 
 
-def compare_greedy(expected: Tensor, actual: Tensor, reference: Candidate, prompt_len: int, label: str) -> list[str]:
+def compare_greedy(expected: Tensor, actual: Tensor, reference: Candidate | None, prompt_len: int, label: str,
+                   logits_of: Callable[[Tensor], Tensor] | None = None, reference_name: str = "moekit") -> list[str]:
     """Check `actual` greedy tokens against moekit's `expected`; return notes on tie flips, raise otherwise.
 
     At each row's first differing token, moekit's logits (on the common prefix) for the two chosen tokens must be
     within `TIE_TOL`: a tie that rounding in the last bits may break either way. After it the rows diverge.
+    `logits_of(ids [1, P]) -> [1, P, V]` replaces `reference.model` for another reference (`reference_name`).
     """
+    if logits_of is None:
+        def logits_of(ids: Tensor) -> Tensor:
+            return reference.model(ids).logits
     if tuple(actual.shape) != tuple(expected.shape):
-        raise AssertionError(f"{label}: generated shape {tuple(actual.shape)}, moekit {tuple(expected.shape)}")
+        raise AssertionError(f"{label}: generated shape {tuple(actual.shape)}, {reference_name} "
+                             f"{tuple(expected.shape)}")
     notes = []
     for row in range(expected.shape[0]):
         differ = (expected[row] != actual[row]).nonzero()
@@ -93,15 +99,15 @@ def compare_greedy(expected: Tensor, actual: Tensor, reference: Candidate, promp
             raise AssertionError(f"{label}: row {row}'s prompt was changed at position {position}")
         mine, theirs = int(expected[row, position]), int(actual[row, position])
         with torch.no_grad():
-            logits = reference.model(expected[row: row + 1, :position]).logits[0, -1].float()
+            logits = logits_of(expected[row: row + 1, :position])[0, -1].float()
         gap = abs(float(logits[mine] - logits[theirs]))
         step = position - prompt_len
         if gap > TIE_TOL:
             raise AssertionError(
-                f"{label}: greedy token {step} of row {row} is {theirs}, moekit's is {mine}, and moekit's logits for "
-                f"them differ by {gap:.2e} > {TIE_TOL:g}: not a tie, so the two models do not compute the same "
-                "function on the same weights")
-        notes.append(f"{label}: row {row} differs from moekit from new token {step} on, a tie (logit gap "
+                f"{label}: greedy token {step} of row {row} is {theirs}, {reference_name}'s is {mine}, and "
+                f"{reference_name}'s logits for them differ by {gap:.2e} > {TIE_TOL:g}: not a tie, so the two models "
+                "do not compute the same function on the same weights")
+        notes.append(f"{label}: row {row} differs from {reference_name} from new token {step} on, a tie (logit gap "
                      f"{gap:.1e} <= {TIE_TOL:g}); the tokens before it agree")
     return notes
 

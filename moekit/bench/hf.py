@@ -44,7 +44,7 @@ import torch
 from torch import Tensor, nn
 
 from ..train.loop import make_adamw
-from .decode import generator_call
+from .decode import compare_greedy, generator_call
 from .layer import WARMUP, Env, Timer, bench_context, measure_peak_memory, progress, resolve_device, run_interleaved
 from .model import (
     SLOW_FACTOR,
@@ -326,31 +326,10 @@ def check_training(reference: Implementation, candidate: Implementation, ids: Te
 
 
 def compare_tokens(expected: Tensor, actual: Tensor, reference: nn.Module, prompt_len: int, label: str) -> list[str]:
-    """Greedy tokens of `label` against eager's `expected`; notes on tie flips, AssertionError otherwise.
-
-    At a row's first differing token, eager's logits (on the common prefix) for the two tokens must be within
-    `TIE_TOL`; after it the rows diverge and are not compared further.
-    """
-    if tuple(actual.shape) != tuple(expected.shape):
-        raise AssertionError(f"{label}: generated shape {tuple(actual.shape)}, eager {tuple(expected.shape)}")
-    notes = []
-    for row in range(expected.shape[0]):
-        differ = (expected[row] != actual[row]).nonzero()
-        if differ.numel() == 0:
-            continue
-        position = int(differ[0, 0])
-        if position < prompt_len:
-            raise AssertionError(f"{label}: row {row}'s prompt was changed at position {position}")
-        mine, theirs = int(expected[row, position]), int(actual[row, position])
-        with torch.no_grad():
-            logits = reference(input_ids=expected[row: row + 1, :position], use_cache=False).logits[0, -1].float()
-        gap = abs(float(logits[mine] - logits[theirs]))
-        step = position - prompt_len
-        if gap > TIE_TOL:
-            raise AssertionError(f"{label}: greedy token {step} of row {row} is {theirs}, eager's is {mine}, and "
-                                 f"eager's logits for them differ by {gap:.2e} > {TIE_TOL:g}: not a tie")
-        notes.append(f"{label}: row {row} differs from eager from new token {step} on, a tie (logit gap {gap:.1e})")
-    return notes
+    """Greedy tokens of `label` against eager's `expected`: `moekit.bench.decode.compare_greedy`, eager's logits."""
+    return compare_greedy(expected, actual, None, prompt_len, label,
+                          logits_of=lambda ids: reference(input_ids=ids, use_cache=False).logits,
+                          reference_name="eager")
 
 
 def _as_candidate(impl: Implementation, architecture: str) -> Candidate:
