@@ -3,7 +3,8 @@
 from pathlib import Path
 
 import pytest
-from run_helpers import TEXT
+
+from .run_helpers import TEXT
 
 
 @pytest.fixture

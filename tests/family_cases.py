@@ -16,8 +16,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from hf_zoo import randomise
-from merge_fixtures import VOCAB_SIZE, make_tokenizer
+
+from .hf_zoo import randomise
+from .merge_fixtures import VOCAB_SIZE, make_tokenizer
 
 SEQ = 12  # test sequences are longer than every sliding window below
 _COMMON = {"vocab_size": VOCAB_SIZE, "hidden_size": 32, "intermediate_size": 48, "num_hidden_layers": 3,

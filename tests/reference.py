@@ -5,7 +5,7 @@ state dict (the checkpoint names: `router.weight`, `experts.gate_up_proj`, ...),
 and experts in Python, and uses plain torch arithmetic on vectors, so autograd differentiates it
 end to end. Slow on purpose: it is a specification, not an implementation.
 
-Formulas (see /work/shared/FIELD.md):
+Formulas (each from the paper named; the router docstrings in moekit/layer/routers.py cite them too):
 - top-k (Mixtral): p = softmax(W x) (or sigmoid), keep the k best p (+ bias, which only selects),
   weights p (renormalised over the k with norm_topk_prob) * routed_scaling_factor.
 - Switch: top-1, weight p; capacity C = ceil(capacity_factor * T * k / E), overflow dropped by

@@ -6,8 +6,6 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from reference import reference_moe
-from test_reference_parity import make_layer, random_input
 
 from moekit import GroupedExperts, MoEConfig, MoELayer
 from moekit.bench.layer import saved_activation_mib
@@ -16,6 +14,9 @@ from moekit.layer import experts as experts_module
 from moekit.layer import grouped_ffn as grouped_ffn_module
 from moekit.layer.grouped_ffn import grouped_ffn
 from moekit.model.transformer import DenseMLP
+
+from .reference import reference_moe
+from .test_reference_parity import make_layer, random_input
 
 BACKENDS = ["loop", "bmm", "grouped_mm"]
 BACKEND_CASES = ["topk", "switch-capacity_0.5", "deepseek_v3-groups_2_keep_1", "topk-gelu", "expert_choice",

@@ -158,7 +158,7 @@ def test_bad_names_fail_before_any_work(capsys, monkeypatch):
 # and CPU training with large groups (`_CombinedLoopFFN`). Both are checked here against eager on every experts
 # class of the installed transformers that the interface serves.
 def _interface_experts():
-    from hf_zoo import moe_block_classes
+    from .hf_zoo import moe_block_classes
 
     served = [zb.block.experts for zb in moe_block_classes() if hf_experts.is_interface_experts(zb.block.experts)]
     assert len(served) >= 60  # transformers 5.25 has 73 such classes
@@ -206,7 +206,7 @@ def test_decoding_steps_equal_eager_for_every_interface_experts_class():
 
 
 def test_decoding_steps_skip_ids_outside_the_experts():
-    from hf_zoo import tiny_model
+    from .hf_zoo import tiny_model
 
     experts, x, index, weights = _inputs(tiny_model("qwen3_moe").model.layers[0].mlp.experts, 3, 2, 0)
     index[0, 1] = index[2, 0] = experts.num_experts  # a family's "no expert" slot adds nothing

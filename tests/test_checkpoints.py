@@ -11,13 +11,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from run_helpers import small_run, weights
 
 from moekit import _files
 from moekit.cli import main
 from moekit.config import RunConfig
 from moekit.train import checkpoint as ckpt
 from moekit.train.loop import Trainer
+
+from .run_helpers import small_run, weights
 
 PACKAGE = Path(__file__).resolve().parents[1] / "moekit"
 

@@ -13,13 +13,14 @@ import sys
 
 import pytest
 import torch
-from dist_workers import layer_global_batch, layer_worker, sizes_worker, spawn, train_worker
 
 from moekit.config import ModelConfig, MoEConfig, RunConfig
 from moekit.distributed.mesh import check_sizes
 from moekit.layer import MoELayer
 from moekit.train.checkpoint import find_checkpoint, load_weights
 from moekit.train.loop import Trainer
+
+from .dist_workers import layer_global_batch, layer_worker, sizes_worker, spawn, train_worker
 
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
                                 reason="this torch build has no torch.distributed gloo backend")

@@ -23,12 +23,12 @@ import torch
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("safetensors")
 
-from family_cases import CASES, FAMILY_CASE, hf_model, save_case, token_ids  # noqa: E402
-
 from moekit import MoELayer  # noqa: E402
 from moekit.families import FAMILIES, MOE_FAMILIES  # noqa: E402
 from moekit.interop import export_hf, load_hf  # noqa: E402
 from moekit.model.info import load_info_source  # noqa: E402
+
+from .family_cases import CASES, FAMILY_CASE, hf_model, save_case, token_ids  # noqa: E402
 
 ATOL = 1e-4
 pytestmark = pytest.mark.filterwarnings("ignore:Initializing zero-element tensors:UserWarning")

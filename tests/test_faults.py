@@ -17,13 +17,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from run_helpers import SMALL, TEXT, small_overrides, small_run, weights
 
 from moekit.cli import main
 from moekit.train import checkpoint as ckpt
 from moekit.train import loop as loop_module
 from moekit.train.errors import NonFiniteTraining
 from moekit.train.loop import Trainer
+
+from .run_helpers import SMALL, TEXT, small_overrides, small_run, weights
 
 STEPS = 8
 EXTRA = (f"train.max_steps={STEPS}", "train.checkpoint_interval=3", "train.eval_interval=4")

@@ -14,7 +14,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from merge_fixtures import FAMILIES, make_dense_model, make_tokenizer, smollm2_gguf
 
 from moekit.interop.gates import (
     GATE_MODES,
@@ -25,6 +24,8 @@ from moekit.interop.gates import (
     read_input_embedding,
     tokenize_prompts,
 )
+
+from .merge_fixtures import FAMILIES, make_dense_model, make_tokenizer, smollm2_gguf
 
 transformers = pytest.importorskip("transformers")
 

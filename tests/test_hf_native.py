@@ -13,9 +13,9 @@ import torch
 pytest.importorskip("transformers")
 pytest.importorskip("transformers.integrations.moe", reason="moekit.hf needs transformers >= 5 (ExpertsInterface)")
 
-from hf_zoo import moe_block_classes, tiny_model
-
 import moekit.hf as mh
+
+from .hf_zoo import moe_block_classes, tiny_model
 
 #: the families the issue names, by model_type (text part of multimodal ones)
 FAMILIES = ["qwen3_moe", "olmoe", "gpt_oss", "llama4", "granitemoe", "phimoe", "dbrx", "deepseek_v2", "deepseek_v3",

@@ -19,12 +19,12 @@ pytest.importorskip("transformers")
 pytest.importorskip("transformers.integrations.moe", reason="moekit.hf needs transformers >= 5 (ExpertsInterface)")
 pytest.importorskip("tokenizers")
 
-from hf_zoo import tiny_model
-from merge_fixtures import VOCAB_SIZE, WORDS, make_tokenizer, write_words_corpus
-
 from moekit.cli import main
 from moekit.config import RunConfig
 from moekit.train.loop import Trainer, init_from_values
+
+from .hf_zoo import tiny_model
+from .merge_fixtures import VOCAB_SIZE, WORDS, make_tokenizer, write_words_corpus
 
 FAMILIES = ["qwen3_moe", "olmoe", "gpt_oss", "llama4", "granitemoe", "phimoe", "dbrx", "deepseek_v2", "deepseek_v3",
             "minimax", "qwen3_next", "jamba"]

@@ -5,7 +5,7 @@ import torch
 
 pytest.importorskip("transformers")
 
-from hf_zoo import SKIPPED, call_block, moe_block_classes, tiny_config, tiny_model
+from .hf_zoo import SKIPPED, call_block, moe_block_classes, tiny_config, tiny_model
 
 KNOWN_BLOCKS = {
     "MixtralSparseMoeBlock",

@@ -20,8 +20,6 @@ import torch
 pytest.importorskip("transformers")
 pytest.importorskip("tokenizers")
 
-from merge_fixtures import load_checked, make_dense_model, write_words_corpus
-
 from moekit.cli import load_run_dict, main
 from moekit.config import RunConfig, TrainConfig
 from moekit.interop import load_hf
@@ -29,6 +27,8 @@ from moekit.interop.upcycle import upcycle
 from moekit.train.checkpoint import find_checkpoint
 from moekit.train.data import BPETokenizer, HFTokenizer, TokenDataset, load_tokenizer
 from moekit.train.loop import Trainer, init_from_values
+
+from .merge_fixtures import load_checked, make_dense_model, write_words_corpus
 
 BLOCK, BATCH, SEED = 16, 4, 0
 TRAIN_SETTINGS = [f"train.block_size={BLOCK}", f"train.batch_size={BATCH}", f"train.seed={SEED}",

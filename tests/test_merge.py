@@ -13,7 +13,13 @@ import torch
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("yaml")
 
-from merge_fixtures import (  # noqa: E402
+from moekit.cli import main  # noqa: E402
+from moekit.interop import writer  # noqa: E402
+from moekit.interop.gates import ExpertPrompts, compute_gate_weights  # noqa: E402
+from moekit.interop.merge import choose_architecture, merge  # noqa: E402
+from moekit.interop.merge_config import load_merge_config  # noqa: E402
+
+from .merge_fixtures import (  # noqa: E402
     HIDDEN_SIZE,
     INTERMEDIATE_SIZE,
     NUM_LAYERS,
@@ -21,12 +27,6 @@ from merge_fixtures import (  # noqa: E402
     make_dense_model,
     tiny_config,
 )
-
-from moekit.cli import main  # noqa: E402
-from moekit.interop import writer  # noqa: E402
-from moekit.interop.gates import ExpertPrompts, compute_gate_weights  # noqa: E402
-from moekit.interop.merge import choose_architecture, merge  # noqa: E402
-from moekit.interop.merge_config import load_merge_config  # noqa: E402
 
 PROMPTS = (["write a python function", "fix the bug in this code"], ["solve the equation", "prove the sum"],
            ["tell a story about a dragon", "the king and queen"])

@@ -32,9 +32,6 @@ import torch
 transformers = pytest.importorskip("transformers")
 yaml = pytest.importorskip("yaml")
 
-from merge_fixtures import load_checked, make_dense_model  # noqa: E402
-from run_helpers import SMALL  # noqa: E402
-
 from moekit._files import temp_sibling  # noqa: E402
 from moekit.cli import main  # noqa: E402
 from moekit.config import ModelConfig, MoEConfig  # noqa: E402
@@ -42,6 +39,9 @@ from moekit.interop import export_hf, load_hf  # noqa: E402
 from moekit.interop.merge import merge  # noqa: E402
 from moekit.interop.outputs import MARKER_NAME, check_output, read_marker  # noqa: E402
 from moekit.interop.upcycle import upcycle  # noqa: E402
+
+from .merge_fixtures import load_checked, make_dense_model  # noqa: E402
+from .run_helpers import SMALL  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -10,10 +10,11 @@ import math
 
 import pytest
 import torch
-from reference import reference_moe, token_choice_assignments
 from torch import Tensor, nn
 
 from moekit import MoEConfig, MoELayer
+
+from .reference import reference_moe, token_choice_assignments
 
 ATOL = 1e-5
 BASE = {"hidden_size": 16, "moe_intermediate_size": 32, "num_local_experts": 4, "num_experts_per_tok": 2}

@@ -5,12 +5,13 @@ import warnings
 
 import pytest
 import torch
-from run_helpers import SMALL, small_run, weights
 
 from moekit.cli import load_run_dict, main, preset_names
 from moekit.config import RunConfig
 from moekit.train import loop as loop_module
 from moekit.train.loop import Trainer
+
+from .run_helpers import SMALL, small_run, weights
 
 
 @pytest.mark.parametrize("preset", preset_names())
@@ -225,9 +226,9 @@ def test_export_cli_writes_a_checkpoint_transformers_loads_with_the_same_logits(
 def test_tiny_deepseek_v3_trains_and_exports_as_deepseek_v3(corpus, tmp_path):
     # the preset with DeepSeek-V3's latent attention: trained, exported, and computed alike by transformers' own class
     transformers = pytest.importorskip("transformers")
-    from run_helpers import small_overrides
-
     from moekit.cli import _load_run
+
+    from .run_helpers import small_overrides
 
     run = tmp_path / "run"
     sets = small_overrides("tiny-deepseek-v3", corpus, "train.max_steps=3")

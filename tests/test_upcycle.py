@@ -11,7 +11,10 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from merge_fixtures import (  # noqa: E402
+from moekit.cli import main  # noqa: E402
+from moekit.interop.upcycle import upcycle  # noqa: E402
+
+from .merge_fixtures import (  # noqa: E402
     HIDDEN_SIZE,
     INTERMEDIATE_SIZE,
     NUM_LAYERS,
@@ -19,9 +22,6 @@ from merge_fixtures import (  # noqa: E402
     make_dense_model,
     smollm2_gguf,
 )
-
-from moekit.cli import main  # noqa: E402
-from moekit.interop.upcycle import upcycle  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
@@ -211,10 +211,10 @@ def _train_two_steps(folder: Path, root: Path) -> None:
     """`train.init_from=folder` for two steps: the folder trains, with a finite loss."""
     import random
 
-    from merge_fixtures import WORDS
-
     from moekit.config import RunConfig
     from moekit.train.loop import Trainer, init_from_values
+
+    from .merge_fixtures import WORDS
 
     corpus = root / "words.txt"
     rng = random.Random(0)
