@@ -21,7 +21,8 @@ pytest.importorskip("tokenizers")
 
 from moekit.cli import main
 from moekit.config import RunConfig
-from moekit.train.loop import Trainer, init_from_values
+from moekit.train.init_from import init_from_values
+from moekit.train.loop import Trainer
 
 from .hf_zoo import tiny_model
 from .merge_fixtures import VOCAB_SIZE, WORDS, make_tokenizer, write_words_corpus

@@ -26,7 +26,8 @@ from moekit.interop import load_hf
 from moekit.interop.upcycle import upcycle
 from moekit.train.checkpoint import find_checkpoint
 from moekit.train.data import BPETokenizer, HFTokenizer, TokenDataset, load_tokenizer
-from moekit.train.loop import Trainer, init_from_values
+from moekit.train.init_from import init_from_values
+from moekit.train.loop import Trainer
 
 from .merge_fixtures import load_checked, make_dense_model, write_words_corpus
 

@@ -212,7 +212,8 @@ def _train_two_steps(folder: Path, root: Path) -> None:
     import random
 
     from moekit.config import RunConfig
-    from moekit.train.loop import Trainer, init_from_values
+    from moekit.train.init_from import init_from_values
+    from moekit.train.loop import Trainer
 
     from .merge_fixtures import WORDS
 

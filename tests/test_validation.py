@@ -28,7 +28,8 @@ from moekit.config import ModelConfig, RunConfig, TrainConfig, apply_overrides
 from moekit.interop.merge_config import ExpertSpec, MergeConfig, load_merge_config
 from moekit.model import MoETransformer
 from moekit.model.generate import generate
-from moekit.train.loop import build_optimizer, lr_factor
+from moekit.train.optim import build_optimizer
+from moekit.train.resume import lr_factor
 
 NAN, INF = float("nan"), float("inf")
 

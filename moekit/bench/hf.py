@@ -43,7 +43,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..train.loop import make_adamw
+from ..train.optim import make_adamw
 from .decode import compare_greedy, generator_call
 from .layer import WARMUP, Env, Timer, bench_context, measure_peak_memory, progress, resolve_device, run_interleaved
 from .model import (

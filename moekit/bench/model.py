@@ -50,7 +50,7 @@ from ..config import RunConfig
 from ..interop.hf import export_hf
 from ..layer import update_aux_free_biases
 from ..model.transformer import DenseMLP, MoETransformer
-from ..train.loop import make_adamw
+from ..train.optim import build_optimizer
 from .layer import (
     WARMUP,
     Env,
@@ -371,12 +371,6 @@ def training_loss(candidate: Candidate, x: Tensor, y: Tensor, router_loss: bool 
                                                 else router_loss) else {}
     # shift_labels: y is already the next token of each position, as moekit's targets are
     return candidate.model(input_ids=x, labels=y, shift_labels=y, use_cache=False, **extra).loss
-
-
-def build_optimizer(model: nn.Module, run: RunConfig) -> torch.optim.AdamW:
-    """The same AdamW for every row: what `moekit train` uses (fused where torch has the kernel)."""
-    t = run.train
-    return make_adamw(model.parameters(), lr=t.lr, betas=(t.beta1, t.beta2), weight_decay=t.weight_decay)
 
 
 def training_step(candidate: Candidate, optimizer: torch.optim.Optimizer, x: Tensor,

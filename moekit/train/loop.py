@@ -45,14 +45,16 @@ from ..model import MoETransformer
 from . import checkpoint as ckpt
 from . import rundir
 from .data import BatchSampler, TokenDataset, build_tokenizer, iter_eval_batches, load_tokenizer
+from .device import autocast_dtype, resolve_device
 from .errors import NonFiniteTraining
 from .freeze import apply_freezing
-from .init_from import _model_from_checkpoint, build_model, init_from_values
+from .init_from import _model_from_checkpoint, build_model
 from .interrupts import StopSignals
+from .optim import build_optimizer
 from .parallel import LocalParallel, TrainParallel, wants_parallel
 from .resume import check_resume_changes, hashed_model_dict, lr_factor, planned_total, resume_changes
 
-__all__ = ["TrainResult", "Trainer", "build_optimizer", "init_from_values", "lr_factor", "make_adamw"]
+__all__ = ["TrainResult", "Trainer"]
 
 
 @dataclass
@@ -65,49 +67,6 @@ class TrainResult:
     val_loss: float | None
     interrupted: bool = False
     forced: bool = False  # a repeated signal stopped it at once: `step` is the last checkpoint's, not the last run
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ValueError("train.device='cuda' but no CUDA device is visible; use --set train.device=cpu")
-    return torch.device(name)
-
-
-def autocast_dtype(name: str, device: torch.device) -> torch.dtype | None:
-    """bf16 autocast where the device runs it fast (CUDA with bf16 support); None = plain fp32."""
-    if name == "float32":
-        return None
-    if name == "bfloat16":
-        return torch.bfloat16
-    if device.type == "cuda" and torch.cuda.is_bf16_supported():
-        return torch.bfloat16
-    return None  # CPUs without bf16 matrix units run bf16 slower than fp32
-
-
-def make_adamw(params: Any, **hyperparameters: Any) -> torch.optim.AdamW:
-    """`torch.optim.AdamW` with its fused kernel where this torch and device have one, else the default.
-
-    The fused step is one kernel over all tensors; on CPU it took 2.4-3.5 ms against 19-25 ms for the default
-    (multi-tensor) step on the tiny presets' 3.5M-5.2M parameters (2 cores). Same update rule; a checkpoint
-    keeps the flag, so a run resumes with the implementation it started with.
-    """
-    params = list(params)
-    try:
-        return torch.optim.AdamW(params, fused=True, **hyperparameters)
-    except (RuntimeError, ValueError, TypeError):  # no fused kernel for these tensors' device or dtype
-        return torch.optim.AdamW(params, **hyperparameters)
-
-
-def build_optimizer(model: torch.nn.Module, run: RunConfig) -> torch.optim.AdamW:
-    """AdamW over the trainable parameters: matrices decayed by `train.weight_decay`, vectors (norms, biases) not."""
-    t = run.train
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    decay = [p for p in trainable if p.dim() >= 2]
-    no_decay = [p for p in trainable if p.dim() < 2]
-    groups = [{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return make_adamw(groups, lr=t.lr, betas=(t.beta1, t.beta2))
 
 
 def discard_router_loads(model: torch.nn.Module) -> None:
