@@ -223,6 +223,7 @@ def test_auto_backend_choice():
     assert {*BACKENDS, "auto"} == set(EXPERT_BACKENDS)  # every backend the config accepts is tested above
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("backend", ["auto", *BACKENDS])
 def test_cuda_bf16_backends_match_the_fp32_reference(backend):

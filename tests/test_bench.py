@@ -106,6 +106,7 @@ def test_cuda_without_gpu_raises():
         run_layer_benchmark(configs=["mixtral"], tokens=[64], device="cuda", repeats=1, quick=True)
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_layer_benchmark_structure_cuda():
     result = run_layer_benchmark(configs=["mixtral"], tokens=[64], device="cuda", repeats=1, quick=True,
