@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import argparse
 
-from moekit.bench.layer import ALIASES, CONFIGS, SMALL_TOKENS, resolve_configs, resolve_device, run_layer_benchmark
+from moekit.bench.harness import bench_env
+from moekit.bench.layer import ALIASES, CONFIGS, SMALL_TOKENS, resolve_configs, run_layer_benchmark
 
 
 def parse_tokens(text: str) -> list[int]:
@@ -46,7 +47,7 @@ def main() -> None:
     configs = [name for name in args.configs.split(",") if name.strip()]
     try:  # report a bad config name or a missing GPU as a usage error, before any work
         resolve_configs(configs)
-        resolve_device(args.device)
+        bench_env(args.device)
     except ValueError as error:
         parser.error(str(error))
     run_layer_benchmark(configs=configs, tokens=args.tokens, device=args.device, threads=args.threads,

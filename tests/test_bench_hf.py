@@ -19,8 +19,9 @@ pytest.importorskip("transformers")
 pytest.importorskip("transformers.integrations.moe", reason="moekit.hf needs transformers >= 5 (ExpertsInterface)")
 
 import moekit.hf.experts as hf_experts
+from moekit.bench import harness
 from moekit.bench import hf as bench_hf
-from moekit.bench.hf import FAMILIES, resolve_families, run_hf_benchmark
+from moekit.bench.hf import BENCH_FAMILIES, resolve_families, run_hf_benchmark
 from moekit.cli import main
 
 CPU_IMPLEMENTATIONS = {"eager", "grouped_mm", "batched_mm", "moekit"}  # the others need a GPU, bf16 or a package
@@ -119,7 +120,7 @@ def test_a_wrong_implementation_stops_the_run_before_timing(fault, monkeypatch):
 
 
 def test_training_steps_that_would_not_fit_are_skipped_with_a_note(monkeypatch):
-    monkeypatch.setattr(bench_hf, "TRAIN_MEMORY_FRACTION", 0.0)  # any per-(token, expert) weight copy is too much
+    monkeypatch.setattr(harness, "TRAIN_MEMORY_FRACTION", 0.0)  # any per-(token, expert) weight copy is too much
     result = run_hf_benchmark(["olmoe"], quick=True, threads=1, repeats=1, implementations=["batched_mm"],
                               print_fn=lambda *a: None)
     (res,) = result["results"]
@@ -133,7 +134,7 @@ def test_training_steps_that_would_not_fit_are_skipped_with_a_note(monkeypatch):
 def test_bad_names_fail_before_any_work(capsys, monkeypatch):
     assert resolve_families(None) == list(bench_hf.DEFAULT_FAMILIES)
     assert resolve_families(["olmoe", " qwen3_moe", "olmoe"]) == ["olmoe", "qwen3_moe"]
-    with pytest.raises(ValueError, match="supported model_types: " + ", ".join(FAMILIES)):
+    with pytest.raises(ValueError, match="supported model_types: " + ", ".join(BENCH_FAMILIES)):
         resolve_families(["qwen3_moe", "llama"])
 
     def never(**kwargs):
