@@ -16,7 +16,7 @@ from __future__ import annotations
 import argparse
 
 from moekit.bench.harness import bench_env
-from moekit.bench.layer import ALIASES, CONFIGS, SMALL_TOKENS, resolve_configs, run_layer_benchmark
+from moekit.bench.layer import CONFIGS, SMALL_TOKENS, resolve_configs, run_layer_benchmark
 
 
 def parse_tokens(text: str) -> list[int]:
@@ -38,8 +38,7 @@ def main() -> None:
     parser.add_argument("--tokens", type=parse_tokens, default=[4096],
                         help="tokens per batch for the main rows (default 4096; comma-separated for several)")
     parser.add_argument("--configs", default=",".join(CONFIGS),
-                        help=f"comma-separated subset of the configs {','.join(CONFIGS)} "
-                             f"(former names {','.join(f'{k}={v}' for k, v in ALIASES.items())} still work)")
+                        help=f"comma-separated subset of the configs {','.join(CONFIGS)}")
     parser.add_argument("--no-small", action="store_true", help=f"skip the {SMALL_TOKENS}-token forward-only rows")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
                         help="cpu (fp32, default) or cuda (bf16, with peak memory per row)")

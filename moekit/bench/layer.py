@@ -2,10 +2,9 @@
 
 For each config it times, on the same input and (for the MoE rows) the same weights and routing:
 
-* ``moekit``: ``MoELayer`` with ``expert_backend="auto"`` (what users get: grouped_mm on CUDA bf16; on
-  CPU a hand-written backward when gradients are needed, grouped_mm for small groups and the loop for
-  large ones, and for inference the padded bmm, grouped_mm or the loop by group size), and
-  ``moekit[loop]``, ``moekit[bmm]``, ``moekit[grouped_mm]`` forcing each backend;
+* ``moekit``: ``MoELayer`` with ``expert_backend="auto"`` (what users get), and ``moekit[loop]``,
+  ``moekit[bmm]``, ``moekit[grouped_mm]`` forcing each backend. The thresholds "auto" chooses by are in
+  `moekit.layer.experts.AUTO_BACKEND_THRESHOLDS`;
 * ``transformers[<impl>]``: ``MixtralSparseMoeBlock`` with every experts implementation registered in
   ``transformers.integrations.moe`` ("eager" plus the registered ones); those that raise on the device
   are skipped with a note, and so is any whose estimated memory would not fit. transformers is imported
@@ -79,8 +78,6 @@ CONFIGS: dict[str, tuple[int, int, int, int, int]] = {
     "deepseek": (512, 256, 64, 8, 256),
     "dbrx": (512, 512, 16, 4, 0),
 }
-#: the benchmark's former config names
-ALIASES = {"a": "mixtral", "b": "deepseek"}
 SIZE_FIELDS = ("hidden", "ffn", "experts", "top_k", "shared")
 
 
@@ -499,15 +496,14 @@ def _tutel_version() -> str:
 
 # ---------------------------------------------------------------------------------------------- entry points
 def resolve_configs(names: list[str] | None) -> list[str]:
-    """Canonical config names (the former names a, b are accepted); ValueError for an unknown one."""
+    """Config names from `CONFIGS` (all when None); ValueError for an unknown one."""
     if names is None:
         return list(CONFIGS)
     resolved = []
     for name in names:
-        key = ALIASES.get(name.strip(), name.strip())
+        key = name.strip()
         if key not in CONFIGS:
-            raise ValueError(f"unknown layer benchmark config {name!r}; choose from {', '.join(CONFIGS)} "
-                             f"(or the former names {', '.join(ALIASES)})")
+            raise ValueError(f"unknown layer benchmark config {name!r}; choose from {', '.join(CONFIGS)}")
         resolved.append(key)
     return resolved
 
@@ -518,7 +514,7 @@ def run_layer_benchmark(configs: list[str] | None = None, tokens: list[int] | No
                         sizes: dict[str, int] | None = None) -> dict:
     """Run the layer benchmark, print its tables through `print_fn` and return every result as a dict.
 
-    configs: names from `CONFIGS` (default all; "a", "b" are the former names of mixtral, deepseek).
+    configs: names from `CONFIGS` (default all).
     tokens: token counts of the forward and forward+backward rows (default [4096]); with `small`,
     forward-only rows at 16 tokens are added. quick: at most 2 timed repeats. json_path: also write the
     returned dict there. sizes: override the configs' hidden/ffn/experts/top_k/shared (for tests: tiny
