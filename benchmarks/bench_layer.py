@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import argparse
 
-from moekit.bench.layer import ALIASES, CONFIGS, SMALL_TOKENS, resolve_configs, resolve_device, run_layer_benchmark
+from moekit.bench.harness import bench_env
+from moekit.bench.layer import CONFIGS, SMALL_TOKENS, resolve_configs, run_layer_benchmark
 
 
 def parse_tokens(text: str) -> list[int]:
@@ -37,8 +38,7 @@ def main() -> None:
     parser.add_argument("--tokens", type=parse_tokens, default=[4096],
                         help="tokens per batch for the main rows (default 4096; comma-separated for several)")
     parser.add_argument("--configs", default=",".join(CONFIGS),
-                        help=f"comma-separated subset of the configs {','.join(CONFIGS)} "
-                             f"(former names {','.join(f'{k}={v}' for k, v in ALIASES.items())} still work)")
+                        help=f"comma-separated subset of the configs {','.join(CONFIGS)}")
     parser.add_argument("--no-small", action="store_true", help=f"skip the {SMALL_TOKENS}-token forward-only rows")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
                         help="cpu (fp32, default) or cuda (bf16, with peak memory per row)")
@@ -46,7 +46,7 @@ def main() -> None:
     configs = [name for name in args.configs.split(",") if name.strip()]
     try:  # report a bad config name or a missing GPU as a usage error, before any work
         resolve_configs(configs)
-        resolve_device(args.device)
+        bench_env(args.device)
     except ValueError as error:
         parser.error(str(error))
     run_layer_benchmark(configs=configs, tokens=args.tokens, device=args.device, threads=args.threads,

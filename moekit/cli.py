@@ -295,7 +295,8 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from .bench.layer import resolve_configs, resolve_device, run_layer_benchmark
+    from .bench.harness import bench_env
+    from .bench.layer import resolve_configs, run_layer_benchmark
 
     if args.what == "hf":
         return _bench_hf(args)
@@ -308,7 +309,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         raise ValueError("--presets applies to `moekit bench model|decode`; `moekit bench layer` takes --configs")
     configs = [name for name in args.configs.split(",") if name.strip()] if args.configs else None
     resolve_configs(configs)  # a bad name or a missing GPU fails before any work
-    resolve_device(args.device)
+    bench_env(args.device)
     tokens = [int(t) for t in args.tokens.split(",")] if args.tokens else None
     run_layer_benchmark(configs=configs, tokens=tokens, device=args.device, threads=args.threads,
                         repeats=args.repeats if args.repeats is not None else 5, quick=args.quick,
@@ -319,7 +320,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 def _bench_end_to_end(args: argparse.Namespace) -> int:
     """`moekit bench model|decode`: whole presets against transformers (training step, or generation)."""
     from .bench.decode import run_decode_benchmark
-    from .bench.layer import resolve_device
+    from .bench.harness import bench_env
     from .bench.model import resolve_runs, run_model_benchmark
 
     layer_only = [flag for flag, given in (("--configs", args.configs), ("--tokens", args.tokens),
@@ -328,7 +329,7 @@ def _bench_end_to_end(args: argparse.Namespace) -> int:
         raise ValueError(f"{', '.join(layer_only)} applies only to `moekit bench layer`; `moekit bench {args.what}` "
                          "takes --presets, --device, --threads, --repeats, --quick and --json")
     presets = [name.strip() for name in args.presets.split(",") if name.strip()] if args.presets else None
-    resolve_device(args.device)  # a missing GPU or a bad preset fails before any work
+    bench_env(args.device)  # a missing GPU or a bad preset fails before any work
     resolve_runs(presets)
     runner = run_model_benchmark if args.what == "model" else run_decode_benchmark
     extra = {"repeats": args.repeats} if args.repeats is not None else {}
@@ -338,8 +339,8 @@ def _bench_end_to_end(args: argparse.Namespace) -> int:
 
 def _bench_hf(args: argparse.Namespace) -> int:
     """`moekit bench hf`: transformers' own MoE models under every experts implementation, moekit's included."""
+    from .bench.harness import bench_env
     from .bench.hf import resolve_families, run_hf_benchmark
-    from .bench.layer import resolve_device
 
     others = [flag for flag, given in (("--configs", args.configs), ("--tokens", args.tokens),
                                        ("--no-small", args.no_small), ("--presets", args.presets)) if given]
@@ -348,7 +349,7 @@ def _bench_hf(args: argparse.Namespace) -> int:
                          "--threads, --repeats, --quick and --json")
     families = args.families.split(",") if args.families else None
     resolve_families(families)  # a bad family name or a missing GPU fails before any work
-    resolve_device(args.device)
+    bench_env(args.device)
     extra = {"repeats": args.repeats} if args.repeats is not None else {}
     run_hf_benchmark(families=families, device=args.device, threads=args.threads, quick=args.quick,
                      json_path=args.json, **extra)

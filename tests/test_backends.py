@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from moekit import GroupedExperts, MoEConfig, MoELayer
-from moekit.bench.layer import saved_activation_mib
+from moekit.bench.harness import saved_activation_mib
 from moekit.config import EXPERT_BACKENDS
 from moekit.layer import experts as experts_module
 from moekit.layer import grouped_ffn as grouped_ffn_module

@@ -19,8 +19,9 @@ pytest.importorskip("transformers")
 pytest.importorskip("transformers.integrations.moe", reason="moekit.hf needs transformers >= 5 (ExpertsInterface)")
 
 import moekit.hf.experts as hf_experts
+from moekit.bench import harness
 from moekit.bench import hf as bench_hf
-from moekit.bench.hf import FAMILIES, resolve_families, run_hf_benchmark
+from moekit.bench.hf import BENCH_FAMILIES, resolve_families, run_hf_benchmark
 from moekit.cli import main
 
 CPU_IMPLEMENTATIONS = {"eager", "grouped_mm", "batched_mm", "moekit"}  # the others need a GPU, bf16 or a package
@@ -119,7 +120,7 @@ def test_a_wrong_implementation_stops_the_run_before_timing(fault, monkeypatch):
 
 
 def test_training_steps_that_would_not_fit_are_skipped_with_a_note(monkeypatch):
-    monkeypatch.setattr(bench_hf, "TRAIN_MEMORY_FRACTION", 0.0)  # any per-(token, expert) weight copy is too much
+    monkeypatch.setattr(harness, "TRAIN_MEMORY_FRACTION", 0.0)  # any per-(token, expert) weight copy is too much
     result = run_hf_benchmark(["olmoe"], quick=True, threads=1, repeats=1, implementations=["batched_mm"],
                               print_fn=lambda *a: None)
     (res,) = result["results"]
@@ -133,7 +134,7 @@ def test_training_steps_that_would_not_fit_are_skipped_with_a_note(monkeypatch):
 def test_bad_names_fail_before_any_work(capsys, monkeypatch):
     assert resolve_families(None) == list(bench_hf.DEFAULT_FAMILIES)
     assert resolve_families(["olmoe", " qwen3_moe", "olmoe"]) == ["olmoe", "qwen3_moe"]
-    with pytest.raises(ValueError, match="supported model_types: " + ", ".join(FAMILIES)):
+    with pytest.raises(ValueError, match="supported model_types: " + ", ".join(BENCH_FAMILIES)):
         resolve_families(["qwen3_moe", "llama"])
 
     def never(**kwargs):
@@ -150,94 +151,3 @@ def test_bad_names_fail_before_any_work(capsys, monkeypatch):
     monkeypatch.undo()
     with pytest.raises(ValueError, match="unknown experts implementation 'fast'"):
         run_hf_benchmark(["olmoe"], implementations=["fast"], print_fn=lambda *a: None)
-
-
-# ---------------------------------------------------------------------------------------------- the timed paths
-# `moekit bench hf` times experts_implementation="moekit" at sizes where experts_forward takes two paths that the
-# tiny whole-model tests of test_hf_native.py do not reach: decoding steps (a handful of assignments, no graph)
-# and CPU training with large groups (`_CombinedLoopFFN`). Both are checked here against eager on every experts
-# class of the installed transformers that the interface serves.
-def _interface_experts():
-    from .hf_zoo import moe_block_classes
-
-    served = [zb.block.experts for zb in moe_block_classes() if hf_experts.is_interface_experts(zb.block.experts)]
-    assert len(served) >= 60  # transformers 5.25 has 73 such classes
-    return served
-
-
-def _call(experts, implementation, x, index, weights, grad: bool):
-    experts.config._experts_implementation = implementation
-    experts.zero_grad(set_to_none=True)
-    if not grad:
-        with torch.no_grad():
-            return experts(x, index, weights), {}
-    x, weights = x.clone().requires_grad_(), weights.clone().requires_grad_()
-    out = experts(x, index, weights)
-    (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
-    grads = {name: p.grad.clone() for name, p in experts.named_parameters() if p.grad is not None}
-    return out.detach(), {"input": x.grad, "routing weights": weights.grad, **grads}
-
-
-def _inputs(experts, tokens: int, k: int, seed: int):
-    import copy
-
-    experts = copy.deepcopy(experts).float()
-    in_proj = experts.gate_up_proj if experts.has_gate else experts.up_proj
-    hidden = in_proj.shape[1] if experts.is_transposed else in_proj.shape[2]
-    generator = torch.Generator().manual_seed(seed)
-    x = torch.randn(tokens, hidden, generator=generator)
-    index = torch.stack([torch.randperm(experts.num_experts, generator=generator)[:k] for _ in range(tokens)])
-    return experts, x, index, torch.rand(tokens, k, generator=generator)
-
-
-def test_decoding_steps_equal_eager_for_every_interface_experts_class():
-    failures = []
-    for seed, source in enumerate(_interface_experts()):
-        for tokens in (1, 3):  # 2 and 6 assignments: the few-assignment path
-            experts, x, index, weights = _inputs(source, tokens, 2, seed)
-            index[-1, 1] = index[-1, 0]  # one token picks an expert twice: both count
-            if tokens == 3:
-                index[0, 0] = index[1, 0]  # two tokens share an expert
-            expected, _ = _call(experts, "eager", x, index, weights, grad=False)
-            got, _ = _call(experts, "moekit", x, index, weights, grad=False)
-            if not torch.allclose(got, expected, atol=2e-5, rtol=1e-4):
-                failures.append(f"{type(experts).__name__} ({tokens} tokens)")
-    assert not failures, failures
-
-
-def test_decoding_steps_skip_ids_outside_the_experts():
-    from .hf_zoo import tiny_model
-
-    experts, x, index, weights = _inputs(tiny_model("qwen3_moe").model.layers[0].mlp.experts, 3, 2, 0)
-    index[0, 1] = index[2, 0] = experts.num_experts  # a family's "no expert" slot adds nothing
-    expected, _ = _call(experts, "eager", x, index, weights, grad=False)
-    got, _ = _call(experts, "moekit", x, index, weights, grad=False)
-    assert torch.allclose(got, expected, atol=1e-6)
-
-
-def test_large_group_training_equals_eager_for_every_stacked_experts_class(monkeypatch):
-    monkeypatch.setattr(hf_experts, "COMBINED_LOOP_MIN_ROW_ELEMENTS", 0)  # every CPU training call takes it
-    taken = []
-    original = hf_experts._CombinedLoopFFN.forward
-    monkeypatch.setattr(hf_experts._CombinedLoopFFN, "forward",
-                        staticmethod(lambda ctx, *args: taken.append(1) or original(ctx, *args)))
-    failures, checked = [], 0
-    for seed, source in enumerate(_interface_experts()):
-        if hf_experts.stacked_kind(source) is None:
-            continue
-        experts, x, index, weights = _inputs(source, 13, 2, seed)
-        index[0, 1] = index[0, 0]
-        expected = _call(experts, "eager", x, index, weights, grad=True)
-        before = len(taken)
-        got = _call(experts, "moekit", x, index, weights, grad=True)
-        assert len(taken) == before + 1, type(experts).__name__
-        if not torch.allclose(got[0], expected[0], atol=2e-5, rtol=1e-4):
-            failures.append(f"{type(experts).__name__}: output")
-        if got[1].keys() != expected[1].keys():
-            failures.append(f"{type(experts).__name__}: gradients of {sorted(got[1])}")
-        for name, grad in expected[1].items():
-            if name in got[1] and not torch.allclose(got[1][name], grad, atol=2e-5, rtol=1e-4):
-                failures.append(f"{type(experts).__name__}: grad of {name}")
-        checked += 1
-    assert not failures, failures
-    assert checked >= 40

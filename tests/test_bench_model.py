@@ -18,14 +18,15 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 from moekit.bench import decode as bench_decode  # noqa: E402
+from moekit.bench import harness  # noqa: E402
 from moekit.bench import model as bench_model  # noqa: E402
 from moekit.bench.decode import compare_greedy, run_decode_benchmark  # noqa: E402
+from moekit.bench.harness import load_transformers  # noqa: E402
 from moekit.bench.model import (  # noqa: E402
-    Candidate,
+    ModelCandidate,
     attention_parameters,
     deepseek_v3_config,
     load_preset,
-    load_transformers,
     mla_dims,
     run_model_benchmark,
 )
@@ -143,7 +144,7 @@ def test_model_benchmark_catches_a_mismatched_weight(monkeypatch):
 
 
 def test_model_benchmark_skips_training_steps_that_would_not_fit(monkeypatch):
-    monkeypatch.setattr(bench_model, "TRAIN_MEMORY_FRACTION", 0.0)  # any per-(token, expert) weight copy is too much
+    monkeypatch.setattr(harness, "TRAIN_MEMORY_FRACTION", 0.0)  # any per-(token, expert) weight copy is too much
     result = run_model_benchmark([tiny("tiny-mixtral")], threads=1, repeats=1, print_fn=lambda *a: None)
     (res,) = result["results"]
     gathered = [row for row in res["rows"] if row["experts_implementation"] == "batched_mm"]
@@ -256,7 +257,7 @@ def test_compare_greedy_accepts_only_ties():
     tied, other = unused[0], unused[1]
     with torch.no_grad():
         model.lm_head.weight[tied] = model.lm_head.weight[chosen]  # an exact tie with the chosen token
-    reference = Candidate("moekit", "moekit", "MoETransformer", None, model, True)
+    reference = ModelCandidate("moekit", "moekit", "MoETransformer", None, model, True)
     assert compare_greedy(expected, expected.clone(), reference, 8, "same") == []
     flipped = expected.clone()
     flipped[0, 8] = tied

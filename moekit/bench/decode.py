@@ -33,35 +33,42 @@ from torch import Tensor
 
 from ..config import RunConfig
 from ..model.generate import generate
-from .layer import WARMUP, Env, Timer, bench_context, measure_peak_memory, progress, resolve_device, run_interleaved
-from .model import (
-    DEFAULT_PRESETS,
-    QUICK_REPEATS,
+from .harness import (
     SEED,
-    Candidate,
-    Prepared,
+    WARMUP,
+    Env,
+    Timer,
+    bench_context,
+    bench_env,
     check_json_path,
+    first_line,
+    fmt,
     footer,
     header,
     is_slow,
     load_transformers,
-    prepare,
+    measure_peak_memory,
+    print_checks_and_notes,
     print_rows,
+    progress,
     quiet_transformers,
-    resolve_runs,
+    resolve_repeats,
+    run_interleaved,
     timed,
+    timed_result,
     write_result,
 )
+from .model import DEFAULT_PRESETS, ModelCandidate, Prepared, prepare, resolve_runs
 
 DEFAULT_PROMPT = 64
 DEFAULT_NEW_TOKENS = 64
 DEFAULT_BATCHES = (1, 8)
-DEFAULT_REPEATS = 5
+DECODE_REPEATS = 5  # the decode benchmark's default timed rounds
 QUICK_PROMPT, QUICK_NEW_TOKENS, QUICK_BATCHES = 16, 8, (1,)
 TIE_TOL = 1e-4  # logit gap under which two greedy choices count as a tie
 
 
-def generator_call(candidate: Candidate, prompt: Tensor, new_tokens: int) -> Callable[[], Tensor]:
+def generator_call(candidate: ModelCandidate, prompt: Tensor, new_tokens: int) -> Callable[[], Tensor]:
     """A closure generating `new_tokens` greedy tokens after `prompt` [B, P]; returns [B, P + new_tokens]."""
     model = candidate.model
     if candidate.library == "moekit":
@@ -75,7 +82,7 @@ def generator_call(candidate: Candidate, prompt: Tensor, new_tokens: int) -> Cal
     return run
 
 
-def compare_greedy(expected: Tensor, actual: Tensor, reference: Candidate | None, prompt_len: int, label: str,
+def compare_greedy(expected: Tensor, actual: Tensor, reference: ModelCandidate | None, prompt_len: int, label: str,
                    logits_of: Callable[[Tensor], Tensor] | None = None, reference_name: str = "moekit") -> list[str]:
     """Check `actual` greedy tokens against moekit's `expected`; return notes on tie flips, raise otherwise.
 
@@ -126,13 +133,20 @@ class DecodeRow:
     timed_once: bool = False
     extra: dict = field(default_factory=dict)
 
+    def as_dict(self) -> dict:
+        """The row as the JSON result holds it."""
+        return {"label": self.label, "library": self.library, "architecture": self.architecture,
+                "experts_implementation": self.impl, "batch": self.batch, "generate_1_ms": self.one_ms,
+                "generate_n_ms": self.all_ms, "generate_1_peak_mib": self.one_peak_mib,
+                "generate_n_peak_mib": self.all_peak_mib, "timed_once": self.timed_once, **self.extra}
+
 
 def _check(prepared: Prepared, prompts: dict[int, Tensor], new_tokens: int, env: Env,
-           checks: list[dict]) -> tuple[list[Candidate], dict[tuple[str, int], float]]:
+           checks: list[dict]) -> tuple[list[ModelCandidate], dict[tuple[str, int], float]]:
     """Greedy-token checks (fp32) for every candidate and batch; returns the candidates that ran and the time of
     each checked generate call (used to spot rows too slow to repeat)."""
     reference = prepared.candidates[0]
-    kept: list[Candidate] = []
+    kept: list[ModelCandidate] = []
     seconds: dict[tuple[str, int], float] = {}
     expected: dict[int, Tensor] = {}
     for candidate in prepared.candidates:
@@ -141,16 +155,14 @@ def _check(prepared: Prepared, prompts: dict[int, Tensor], new_tokens: int, env:
             outputs = {}
             for batch, prompt in prompts.items():
                 call = generator_call(candidate, prompt, new_tokens)
-                holder: list[Tensor] = []
-                seconds[(candidate.label, batch)] = timed(lambda call=call, holder=holder: holder.append(call()), env)
-                outputs[batch] = holder[0]
+                seconds[(candidate.label, batch)], outputs[batch] = timed_result(call, env.sync)
         except AssertionError:
             raise
         except Exception as error:
             if candidate is reference:
                 raise  # moekit is every ratio's baseline
-            first = str(error).strip().splitlines()[0][:160] if str(error).strip() else ""
-            prepared.notes.append(f"{candidate.label}: skipped, generate raised {type(error).__name__}: {first}")
+            prepared.notes.append(f"{candidate.label}: skipped, generate raised {type(error).__name__}: "
+                                  f"{first_line(error)}")
             continue
         prompt_len = next(iter(prompts.values())).shape[1]
         for batch, tokens in outputs.items():
@@ -176,7 +188,7 @@ def _check(prepared: Prepared, prompts: dict[int, Tensor], new_tokens: int, env:
     return kept, seconds
 
 
-def _bench_preset(prepared: Prepared, env: Env, repeats: int, prompt_len: int, new_tokens: int,
+def _bench_decode_preset(prepared: Prepared, env: Env, repeats: int, prompt_len: int, new_tokens: int,
                   batches: list[int]) -> dict:
     run = prepared.run
     generator = torch.Generator().manual_seed(SEED + 2)
@@ -199,7 +211,7 @@ def _bench_preset(prepared: Prepared, env: Env, repeats: int, prompt_len: int, n
             if candidate.library != "moekit" and is_slow(check_seconds[(candidate.label, batch)],
                                                          reference_seconds):
                 row.timed_once = True
-                row.one_ms, row.all_ms = timed(one, env) * 1e3, timed(full, env) * 1e3
+                row.one_ms, row.all_ms = timed(one, env.sync) * 1e3, timed(full, env.sync) * 1e3
             else:
                 timers += [Timer(row, "one_ms", one), Timer(row, "all_ms", full)]
             rows.append(row)
@@ -209,7 +221,7 @@ def _bench_preset(prepared: Prepared, env: Env, repeats: int, prompt_len: int, n
     _add_decode_ratios(rows, new_tokens)
     return {"preset": run.name, "export_architecture": prepared.export_arch, "prompt_tokens": prompt_len,
             "new_tokens": new_tokens, "batches": batches, "checks": checks, "notes": prepared.notes,
-            "rows": [_row_dict(r) for r in rows], "best": _best(rows)}
+            "rows": [r.as_dict() for r in rows], "best": _fastest_decode_per_batch(rows)}
 
 
 def _add_decode_ratios(rows: list[DecodeRow], new_tokens: int) -> None:
@@ -227,14 +239,7 @@ def _add_decode_ratios(rows: list[DecodeRow], new_tokens: int) -> None:
             row.extra[name] = theirs / mine if mine and theirs and mine > 0 else None
 
 
-def _row_dict(row: DecodeRow) -> dict:
-    return {"label": row.label, "library": row.library, "architecture": row.architecture,
-            "experts_implementation": row.impl, "batch": row.batch, "generate_1_ms": row.one_ms,
-            "generate_n_ms": row.all_ms, "generate_1_peak_mib": row.one_peak_mib,
-            "generate_n_peak_mib": row.all_peak_mib, "timed_once": row.timed_once, **row.extra}
-
-
-def _best(rows: list[DecodeRow]) -> dict[str, dict]:
+def _fastest_decode_per_batch(rows: list[DecodeRow]) -> dict[str, dict]:
     """Per transformers architecture and batch: the experts implementation with the fastest decode per token."""
     best: dict[str, dict] = {}
     for row in rows:
@@ -248,10 +253,6 @@ def _best(rows: list[DecodeRow]) -> dict[str, dict]:
     return best
 
 
-def _fmt(value: float | None, pattern: str = "{:.2f}") -> str:
-    return "-" if value is None else pattern.format(value)
-
-
 def _print_result(result: dict, env: Env, print_fn: Callable[..., Any]) -> None:
     print_fn(f"\nPreset {result['preset']}: prompt {result['prompt_tokens']} tokens, {result['new_tokens']} new "
              f"tokens, greedy (exported as {result['export_architecture']})")
@@ -262,26 +263,23 @@ def _print_result(result: dict, env: Env, print_fn: Callable[..., Any]) -> None:
     table = []
     for row in result["rows"]:
         mark = " (timed once)" if row["timed_once"] else ""
-        cells = [row["label"] + mark, str(row["batch"]), _fmt(row["prefill_ms"], "{:.1f}"),
-                 _fmt(row["prefill_moekit_speedup"], "{:.2f}x"), _fmt(row["decode_ms_per_token"]),
-                 _fmt(row["decode_tokens_per_s"], "{:,.0f}"), _fmt(row["decode_moekit_speedup"], "{:.2f}x"),
-                 _fmt(row["generate_n_ms"], "{:.1f}")]
+        cells = [row["label"] + mark, str(row["batch"]), fmt(row["prefill_ms"], "{:.1f}"),
+                 fmt(row["prefill_moekit_speedup"], "{:.2f}x"), fmt(row["decode_ms_per_token"], "{:.2f}"),
+                 fmt(row["decode_tokens_per_s"], "{:,.0f}"), fmt(row["decode_moekit_speedup"], "{:.2f}x"),
+                 fmt(row["generate_n_ms"], "{:.1f}")]
         if env.cuda:
-            cells.append(_fmt(row["generate_n_peak_mib"], "{:.1f}"))
+            cells.append(fmt(row["generate_n_peak_mib"], "{:.1f}"))
         table.append(cells)
     print_rows(headers, table, print_fn)
     for key, best in result["best"].items():
         speedup = best["moekit_speedup"]
         print_fn(f"  best {key}: [{best['experts_implementation']}], moekit decodes "
-                 f"{_fmt(speedup, '{:.2f}x')} its speed")
-    for check in result["checks"]:
-        print_fn(f"  check passed: {check['what']}")
-    for note in result["notes"]:
-        print_fn(f"  note: {note}")
+                 f"{fmt(speedup, '{:.2f}x')} its speed")
+    print_checks_and_notes(result, print_fn)
 
 
 def run_decode_benchmark(presets: Iterable[str | RunConfig] | None = DEFAULT_PRESETS, device: str = "cpu",
-                         threads: int = 2, repeats: int = DEFAULT_REPEATS, prompt_tokens: int | None = None,
+                         threads: int = 2, repeats: int = DECODE_REPEATS, prompt_tokens: int | None = None,
                          new_tokens: int | None = None, batch_sizes: Iterable[int] | None = None,
                          json_path: str | Path | None = None, print_fn: Callable[..., Any] = print,
                          quick: bool = False) -> dict:
@@ -308,16 +306,14 @@ def run_decode_benchmark(presets: Iterable[str | RunConfig] | None = DEFAULT_PRE
         ImportError: transformers is not installed.
         AssertionError: a twin's greedy tokens differ from moekit's other than by a tie.
     """
-    env = resolve_device(device)
+    env = bench_env(device)
     runs = resolve_runs(presets)
     tf = load_transformers()
     check_json_path(json_path)
-    repeats = min(repeats, QUICK_REPEATS) if quick else repeats
     prompt_len = prompt_tokens or (QUICK_PROMPT if quick else DEFAULT_PROMPT)
     count = new_tokens or (QUICK_NEW_TOKENS if quick else DEFAULT_NEW_TOKENS)
     batches = list(batch_sizes) if batch_sizes is not None else list(QUICK_BATCHES if quick else DEFAULT_BATCHES)
-    if repeats < 1:
-        raise ValueError(f"repeats must be at least 1, got {repeats}")
+    repeats = resolve_repeats(repeats, quick)
     if prompt_len < 1:
         raise ValueError(f"prompt_tokens must be a positive integer, got {prompt_len}")
     if count < 2:
@@ -338,7 +334,7 @@ def run_decode_benchmark(presets: Iterable[str | RunConfig] | None = DEFAULT_PRE
                  "False, max_new_tokens=N, min_new_tokens=N), default cache. moekit speed-up = row time / moekit's.")
         results = []
         for item in prepared:
-            result = _bench_preset(item, env, repeats, prompt_len, count, batches)
+            result = _bench_decode_preset(item, env, repeats, prompt_len, count, batches)
             _print_result(result, env, print_fn)
             results.append(result)
         footer(info, env, print_fn)

@@ -1,7 +1,7 @@
 """transformers' own MoE models under every experts implementation, moekit's included (`moekit bench hf`).
 
 `run_hf_benchmark` builds, per family (a transformers ``model_type``), one small causal LM from the family's own
-config class (`FAMILIES`: shapes scaled down from a released checkpoint's ratios) with a fixed seed, then one copy
+config class (`BENCH_FAMILIES`: shapes scaled down from a released checkpoint's ratios) with a fixed seed, then one copy
 per experts implementation with the same weights: transformers' ``eager`` (the family's own expert loop), every
 implementation transformers registers in its `ExpertsInterface` (``grouped_mm``, ``batched_mm``, and those that
 cannot run on the device, skipped with a note), and moekit's (``moekit``, registered by `moekit.hf`; the forced
@@ -12,7 +12,8 @@ Before anything is timed, every implementation must compute what ``eager`` compu
 
 * a training-mode forward and backward of a check batch: logits (atol = rtol = 1e-4), the loss (atol 1e-5) and
   the gradient of every parameter (within `GRAD_TOL` of the largest gradient of the tensor, see `grads_close`);
-* greedy decoding of a prompt: the same tokens, or a difference at a tie of eager's logits (`TIE_TOL`).
+* greedy decoding of a prompt: the same tokens, or a difference at a tie of eager's logits
+  (`moekit.bench.decode.TIE_TOL`).
 
 A difference raises AssertionError and nothing is timed. Then, in one run and round-robin over every row
 (`run_interleaved`), each implementation is timed for
@@ -32,7 +33,6 @@ On CPU everything is fp32; with ``device="cuda"`` the checks run in fp32 and the
 from __future__ import annotations
 
 import copy
-import inspect
 import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -45,33 +45,46 @@ from torch import Tensor, nn
 
 from ..train.optim import make_adamw
 from .decode import compare_greedy, generator_call
-from .layer import WARMUP, Env, Timer, bench_context, measure_peak_memory, progress, resolve_device, run_interleaved
-from .model import (
+from .harness import (
+    ATOL,
+    LOSS_ATOL,
+    RTOL,
+    SEED,
     SLOW_FACTOR,
     SLOW_SECONDS,
-    TRAIN_MEMORY_FRACTION,
-    Candidate,
+    WARMUP,
+    Env,
+    Timer,
+    bench_context,
+    bench_env,
     check_json_path,
+    first_line,
+    fmt,
     footer,
+    gathered_weight_bytes,
     header,
     is_slow,
     load_transformers,
+    measure_peak_memory,
+    print_checks_and_notes,
     print_rows,
+    progress,
     quiet_transformers,
+    resolve_repeats,
+    run_interleaved,
     timed,
+    timed_result,
+    training_step_skip_note,
+    uses_router_loss,
     write_result,
 )
+from .model import ModelCandidate
 
-ATOL = RTOL = 1e-4  # fp32 equality of logits
-LOSS_ATOL = 1e-5
 #: a gradient agrees when |g - g_eager| <= GRAD_TOL * max|g_eager| of that tensor + GRAD_RTOL * |g_eager|: fp32
 #: sums in another order differ far less, a wrong expert, weight or missing term by the size of the values
 GRAD_TOL, GRAD_RTOL = 1e-4, 1e-3
-TIE_TOL = 1e-4  # eager logit gap under which two greedy choices count as a tie
-SEED = 0
 DEFAULT_FAMILIES = ("qwen3_moe", "olmoe", "gpt_oss")
-DEFAULT_REPEATS = 5
-QUICK_REPEATS = 2
+HF_REPEATS = 5  # the hf benchmark's default timed rounds
 #: (batch, sequence length) of the training step, (prompt tokens, new tokens) of decoding; and the check batch
 TRAIN_SHAPE, QUICK_TRAIN_SHAPE = (8, 256), (2, 16)
 DECODE_SHAPE, QUICK_DECODE_SHAPE = (32, 32), (8, 4)
@@ -81,7 +94,7 @@ LEARNING_RATE = 1e-4
 #: moekit's implementation timed by default; the forced backends are timed when named in `implementations`
 MOEKIT_DEFAULT = "moekit"
 
-LOSS_RULE = (
+HF_LOSS_RULE = (
     "train = forward with labels (transformers' shifted cross-entropy, plus its load-balancing loss via "
     "output_router_logits=True where the family computes one and router_aux_loss_coef > 0) + backward + "
     "torch.optim.AdamW step (fused where torch has the kernel, lr 1e-4) + zero_grad(set_to_none=True); the "
@@ -91,7 +104,7 @@ LOSS_RULE = (
 
 # ---------------------------------------------------------------------------------------------- families
 @dataclass(frozen=True)
-class Family:
+class BenchFamily:
     """A transformers MoE family at the benchmark's size: its config class and the fields that set the shape."""
 
     config_class: str
@@ -101,40 +114,40 @@ class Family:
 
 _ATTENTION = {"num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 64}
 
-FAMILIES: dict[str, Family] = {
-    "qwen3_moe": Family("Qwen3MoeConfig", {
+BENCH_FAMILIES: dict[str, BenchFamily] = {
+    "qwen3_moe": BenchFamily("Qwen3MoeConfig", {
         "hidden_size": 256, "intermediate_size": 768, "moe_intermediate_size": 128, "num_hidden_layers": 4,
         **_ATTENTION, "num_experts": 64, "num_experts_per_tok": 8, "norm_topk_prob": True,
         "decoder_sparse_step": 1, "mlp_only_layers": []}, "Qwen3-30B-A3B (128 experts top-8, expert width 3/8 hidden)"),
-    "olmoe": Family("OlmoeConfig", {
+    "olmoe": BenchFamily("OlmoeConfig", {
         "hidden_size": 512, "intermediate_size": 256, "num_hidden_layers": 4, "num_attention_heads": 8,
         "num_key_value_heads": 8, "num_experts": 64, "num_experts_per_tok": 8},
         "OLMoE-1B-7B (64 experts top-8, expert width 1/2 hidden)"),
-    "gpt_oss": Family("GptOssConfig", {
+    "gpt_oss": BenchFamily("GptOssConfig", {
         "hidden_size": 256, "intermediate_size": 256, "num_hidden_layers": 4, **_ATTENTION,
         "num_local_experts": 32, "num_experts_per_tok": 4, "sliding_window": 128,
         "layer_types": ["sliding_attention", "full_attention"] * 2,
         "max_position_embeddings": 131072},  # its YaRN rope: 32 x the original 4096 positions
         "gpt-oss-20b (32 experts top-4, biases, clamped SwiGLU, attention sinks)"),
-    "mixtral": Family("MixtralConfig", {
+    "mixtral": BenchFamily("MixtralConfig", {
         "hidden_size": 256, "intermediate_size": 896, "num_hidden_layers": 4, **_ATTENTION, "num_local_experts": 8,
         "num_experts_per_tok": 2}, "Mixtral-8x7B (8 experts top-2, expert width 3.5 hidden)"),
-    "qwen2_moe": Family("Qwen2MoeConfig", {
+    "qwen2_moe": BenchFamily("Qwen2MoeConfig", {
         "hidden_size": 256, "intermediate_size": 704, "moe_intermediate_size": 176,
         "shared_expert_intermediate_size": 704, "num_hidden_layers": 4, "num_attention_heads": 4,
         "num_key_value_heads": 4, "num_experts": 60, "num_experts_per_tok": 4, "decoder_sparse_step": 1,
         "mlp_only_layers": []}, "Qwen1.5-MoE-A2.7B (60 experts top-4 + a shared expert)"),
-    "deepseek_v3": Family("DeepseekV3Config", {
+    "deepseek_v3": BenchFamily("DeepseekV3Config", {
         "hidden_size": 256, "intermediate_size": 640, "moe_intermediate_size": 64, "num_hidden_layers": 4,
         "num_attention_heads": 4, "num_key_value_heads": 4, "n_routed_experts": 64, "num_experts_per_tok": 8,
         "n_group": 8, "topk_group": 4, "n_shared_experts": 1, "first_k_dense_replace": 1, "q_lora_rank": None,
         "kv_lora_rank": 64, "qk_nope_head_dim": 32, "qk_rope_head_dim": 32, "v_head_dim": 64, "head_dim": 32},
         "DeepSeek-V3 (MLA, group-limited routing, 256 experts top-8 + a shared expert; 64 experts here)"),
-    "granitemoe": Family("GraniteMoeConfig", {
+    "granitemoe": BenchFamily("GraniteMoeConfig", {
         "hidden_size": 256, "intermediate_size": 128, "num_hidden_layers": 4, "num_attention_heads": 4,
         "num_key_value_heads": 4, "num_local_experts": 32, "num_experts_per_tok": 8},
         "granite-3.0-1b-a400m (32 experts top-8, expert width 1/2 hidden)"),
-    "phimoe": Family("PhimoeConfig", {
+    "phimoe": BenchFamily("PhimoeConfig", {
         "hidden_size": 256, "intermediate_size": 400, "num_hidden_layers": 4, **_ATTENTION, "num_local_experts": 16,
         "num_experts_per_tok": 2}, "Phi-3.5-MoE (16 experts top-2, router jitter)"),
 }
@@ -152,18 +165,18 @@ def resolve_families(names: Iterable[str] | None) -> list[str]:
     """Family names (transformers model_types) in the order given; ValueError naming the supported ones."""
     entries = [name.strip() for name in (DEFAULT_FAMILIES if names is None else names) if name.strip()]
     if not entries:
-        raise ValueError(f"no family named; choose from {', '.join(FAMILIES)}")
-    unknown = [name for name in entries if name not in FAMILIES]
+        raise ValueError(f"no family named; choose from {', '.join(BENCH_FAMILIES)}")
+    unknown = [name for name in entries if name not in BENCH_FAMILIES]
     if unknown:
         raise ValueError(f"unknown family {', '.join(map(repr, unknown))} for `moekit bench hf`; supported "
-                         f"model_types: {', '.join(FAMILIES)}")
+                         f"model_types: {', '.join(BENCH_FAMILIES)}")
     return list(dict.fromkeys(entries))
 
 
 def family_config(tf: SimpleNamespace, model_type: str, quick: bool = False) -> Any:
     """The family's transformers config at the benchmark's (or the quick) shape: fp32, untied embeddings, no
     special token ids (every id is an ordinary token), a context long enough for the training step."""
-    family = FAMILIES[model_type]
+    family = BENCH_FAMILIES[model_type]
     sizes = dict(family.sizes)
     if quick:
         sizes.update({key: QUICK_SIZES[key] for key in sizes if key in QUICK_SIZES})
@@ -205,32 +218,22 @@ def transformers_implementations(tf: SimpleNamespace) -> list[str]:
     return [impl for impl in tf.implementations if impl not in IMPLEMENTATIONS]
 
 
-def uses_router_loss(model: nn.Module) -> bool:
-    """True when transformers adds a load-balancing loss for this model in training (see `LOSS_RULE`)."""
-    coef = float(getattr(model.config, "router_aux_loss_coef", 0.0) or 0.0)
-    return coef > 0 and "output_router_logits" in inspect.signature(type(model).forward).parameters
-
-
-def training_loss(model: nn.Module, ids: Tensor) -> tuple[Tensor, Tensor]:
+def training_loss_from_labels(model: nn.Module, ids: Tensor) -> tuple[Tensor, Tensor]:
     """(loss, logits) of a training forward: labels = the ids (transformers shifts them), plus the router loss."""
     extra = {"output_router_logits": True} if uses_router_loss(model) else {}
     out = model(input_ids=ids, labels=ids, use_cache=False, **extra)
     return out.loss, out.logits
 
 
-def gathered_weight_bytes(model: nn.Module, impl: str, tokens: int, env: Env, backward: bool) -> int:
-    """Rough peak of the per-(token, expert) weight copies transformers' batched_mm makes (0 for the others).
-
-    In training every MoE layer's copies are kept for backward, plus two layers' worth while backward runs.
-    """
-    if impl != "batched_mm":
-        return 0
+def training_step_gathered_bytes(model: nn.Module, impl: str, tokens: int, env: Env) -> int:
+    """Rough peak of the weights transformers' batched_mm gathers in a training step of `model`
+    (`gathered_weight_bytes`: one expert's gate_up + down per (token, expert) pair, every MoE layer kept)."""
     experts = interface_experts(model)
     first = experts[0]
     in_proj = first.gate_up_proj if first.has_gate else first.up_proj
-    per_pair = (in_proj[0].numel() + first.down_proj[0].numel()) * torch.empty((), dtype=env.dtype).element_size()
-    layers = len(experts) + 2 if backward else 1
-    return layers * tokens * model.config.num_experts_per_tok * per_pair
+    return gathered_weight_bytes(impl, tokens, model.config.num_experts_per_tok,
+                                 in_proj[0].numel() + first.down_proj[0].numel(), env.dtype,
+                                 moe_layers=len(experts), backward=True)
 
 
 @dataclass
@@ -265,15 +268,10 @@ def build_models(tf: SimpleNamespace, config: Any, names: list[str], notes: list
             if name == "eager":
                 raise
             notes.append(f"[{name}]: skipped, set_experts_implementation raised {type(error).__name__}: "
-                         f"{_first_line(error)}")
+                         f"{first_line(error)}")
             continue
         built.append(Implementation(name, "moekit" if name in IMPLEMENTATIONS else "transformers", model))
     return built
-
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0][:160] if text else ""
 
 
 # ---------------------------------------------------------------------------------------------- checks
@@ -290,12 +288,12 @@ def grads_close(actual: Tensor, expected: Tensor) -> float:
     return diff.max().item() / scale if scale else 0.0
 
 
-def forward_backward(model: nn.Module, ids: Tensor) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
+def training_grads(model: nn.Module, ids: Tensor) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
     """Training-mode (loss, logits, every parameter's gradient) on `ids`, with a fixed seed (router jitter)."""
     model.train()
     model.zero_grad(set_to_none=True)
     torch.manual_seed(SEED + 3)
-    loss, logits = training_loss(model, ids)
+    loss, logits = training_loss_from_labels(model, ids)
     loss.backward()
     grads = {name: p.grad.detach().clone() for name, p in model.named_parameters() if p.grad is not None}
     model.zero_grad(set_to_none=True)
@@ -307,7 +305,7 @@ def check_training(reference: Implementation, candidate: Implementation, ids: Te
     """Logits, loss and every gradient of `candidate` equal `reference`'s (eager's); returns the check's record."""
     what = f"{candidate.label} vs [{reference.name}]"
     ref_loss, ref_logits, ref_grads = expected
-    loss, logits, grads = forward_backward(candidate.model, ids)
+    loss, logits, grads = training_grads(candidate.model, ids)
     torch.testing.assert_close(logits, ref_logits, atol=ATOL, rtol=RTOL,
                                msg=lambda m: f"{what}: logits differ although the weights are the same. {m}")
     torch.testing.assert_close(loss, ref_loss, atol=LOSS_ATOL, rtol=0,
@@ -332,8 +330,8 @@ def compare_tokens(expected: Tensor, actual: Tensor, reference: nn.Module, promp
                           reference_name="eager")
 
 
-def _as_candidate(impl: Implementation, architecture: str) -> Candidate:
-    return Candidate(impl.label, "transformers", architecture, impl.name, impl.model, True)
+def _as_candidate(impl: Implementation, architecture: str) -> ModelCandidate:
+    return ModelCandidate(impl.label, "transformers", architecture, impl.name, impl.model, True)
 
 
 # ---------------------------------------------------------------------------------------------- rows
@@ -352,13 +350,21 @@ class HFRow:
     first_loss: float | None = None
     extra: dict = field(default_factory=dict)
 
+    def as_dict(self) -> dict:
+        """The row as the JSON result holds it."""
+        return {"experts_implementation": self.impl, "library": self.library, "train_ms": self.train_ms,
+                "generate_1_ms": self.one_ms, "generate_n_ms": self.all_ms, "train_peak_mib": self.train_peak_mib,
+                "generate_1_peak_mib": self.one_peak_mib, "generate_n_peak_mib": self.all_peak_mib,
+                "train_timed_once": self.train_timed_once, "decode_timed_once": self.decode_timed_once,
+                "first_step_loss": self.first_loss, **self.extra}
 
-def training_step(model: nn.Module, optimizer: torch.optim.Optimizer, ids: Tensor,
-                  losses: list[float]) -> Callable[[], None]:
+
+def recording_training_step(model: nn.Module, optimizer: torch.optim.Optimizer, ids: Tensor,
+                            losses: list[float]) -> Callable[[], None]:
     """One training step of `model` on `ids`; the first call's loss goes to `losses`."""
 
     def run() -> None:
-        loss, _ = training_loss(model, ids)
+        loss, _ = training_loss_from_labels(model, ids)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -368,7 +374,7 @@ def training_step(model: nn.Module, optimizer: torch.optim.Optimizer, ids: Tenso
     return run
 
 
-def add_ratios(rows: list[HFRow], tokens: int, new_tokens: int) -> None:
+def add_hf_ratios(rows: list[HFRow], tokens: int, new_tokens: int) -> None:
     """Per row: tokens/s, decode ms per token, and speed-ups over eager and over transformers' fastest row
     (the fastest row's time / the row's, per measure; > 1 means the row is faster)."""
     for row in rows:
@@ -394,15 +400,7 @@ def add_ratios(rows: list[HFRow], tokens: int, new_tokens: int) -> None:
             row.extra[f"{measure}_fastest_transformers"] = fastest.impl if fastest is not None else None
 
 
-def _row_dict(row: HFRow) -> dict:
-    return {"experts_implementation": row.impl, "library": row.library, "train_ms": row.train_ms,
-            "generate_1_ms": row.one_ms, "generate_n_ms": row.all_ms, "train_peak_mib": row.train_peak_mib,
-            "generate_1_peak_mib": row.one_peak_mib, "generate_n_peak_mib": row.all_peak_mib,
-            "train_timed_once": row.train_timed_once, "decode_timed_once": row.decode_timed_once,
-            "first_step_loss": row.first_loss, **row.extra}
-
-
-def _summary(rows: list[HFRow]) -> dict[str, dict]:
+def _moekit_summary(rows: list[HFRow]) -> dict[str, dict]:
     """Per moekit row and measure: transformers' fastest implementation and moekit's speed-up over it and eager."""
     summary = {}
     for row in rows:
@@ -436,7 +434,7 @@ def _bench_family(tf: SimpleNamespace, model_type: str, names: list[str], env: E
     reference = impls[0]
     for impl in impls:
         impl.model.to(env.device)
-    expected = forward_backward(reference.model, check_ids)
+    expected = training_grads(reference.model, check_ids)
     kept = [reference]
     for impl in impls[1:]:
         try:
@@ -445,7 +443,7 @@ def _bench_family(tf: SimpleNamespace, model_type: str, names: list[str], env: E
             raise
         except Exception as error:  # e.g. an implementation that needs a GPU, bf16 or a package this machine lacks
             notes.append(f"{impl.label}: skipped, its training forward raised {type(error).__name__}: "
-                         f"{_first_line(error)}")
+                         f"{first_line(error)}")
             continue
         kept.append(impl)
     decode_seconds: dict[str, float] = {}
@@ -454,20 +452,18 @@ def _bench_family(tf: SimpleNamespace, model_type: str, names: list[str], env: E
     for impl in kept:
         impl.model.eval()
         call = generator_call(_as_candidate(impl, architecture), prompt, new_tokens)
-        holder: list[Tensor] = []
         try:
-            decode_seconds[impl.name] = timed(lambda call=call, holder=holder: holder.append(call()), env)
+            decode_seconds[impl.name], tokens[impl.name] = timed_result(call, env.sync)
         except Exception as error:
             if impl is reference:
                 raise
             notes.append(f"{impl.label}: decoding skipped, generate raised {type(error).__name__}: "
-                         f"{_first_line(error)}")
+                         f"{first_line(error)}")
             continue
-        tokens[impl.name] = holder[0]
         if impl is not reference:
-            ties = compare_tokens(tokens[reference.name], holder[0], reference.model, prompt_len, impl.label)
+            ties = compare_tokens(tokens[reference.name], tokens[impl.name], reference.model, prompt_len, impl.label)
             notes.extend(ties)
-            agree = int((holder[0][:, prompt_len:] == tokens[reference.name][:, prompt_len:]).sum())
+            agree = int((tokens[impl.name][:, prompt_len:] == tokens[reference.name][:, prompt_len:]).sum())
             checks.append({"what": f"{impl.label}: greedy tokens equal to [eager]'s ({agree} of {new_tokens} new "
                                    "tokens" + (", the rest after a tie)" if ties else ")"), "ties": len(ties),
                            "passed": True})
@@ -484,26 +480,24 @@ def _bench_family(tf: SimpleNamespace, model_type: str, names: list[str], env: E
     # moekit first: its first step is the yardstick of `is_slow`
     for impl in sorted(kept, key=lambda i: i.library != "moekit"):
         model, row = impl.model.to(env.device, env.dtype), rows[impl.name]
-        need = gathered_weight_bytes(model, impl.name, batch * seq_len, env, backward=True)
-        if available is not None and need > TRAIN_MEMORY_FRACTION * available:
-            notes.append(f"{impl.label}: training step skipped: it copies the expert weights once per (token, "
-                         f"expert) pair and keeps the copies for backward, ~{need / 2**30:.1f} GiB at "
-                         f"{batch * seq_len} tokens vs {available / 2**30:.1f} GiB available (limit "
-                         f"{TRAIN_MEMORY_FRACTION:.0%} of it)")
+        need = training_step_gathered_bytes(model, impl.name, batch * seq_len, env)
+        note = training_step_skip_note(impl.label, need, batch * seq_len, available)
+        if note:
+            notes.append(note)
             continue
         parameters = list(model.parameters())
         opt = (make_adamw(parameters, lr=LEARNING_RATE) if optimizer
                else SimpleNamespace(step=lambda: None, zero_grad=model.zero_grad))
         losses[impl.name] = []
-        step = training_step(model, opt, ids, losses[impl.name])
+        step = recording_training_step(model, opt, ids, losses[impl.name])
         model.train()
         try:
-            first = timed(step, env)
+            first = timed(step, env.sync)
         except Exception as error:
             if impl.library == "moekit" or impl is reference:
                 raise
             notes.append(f"{impl.label}: training step skipped, it raised {type(error).__name__}: "
-                         f"{_first_line(error)}")
+                         f"{first_line(error)}")
             continue
         row.first_loss = losses[impl.name][0]
         first_step[impl.name] = first
@@ -523,21 +517,21 @@ def _bench_family(tf: SimpleNamespace, model_type: str, names: list[str], env: E
         if impl.library != "moekit" and moekit_decode and is_slow(decode_seconds[impl.name], moekit_decode):
             impl.model.eval()
             row.decode_timed_once = True
-            row.one_ms, row.all_ms = timed(one, env) * 1e3, timed(full, env) * 1e3
+            row.one_ms, row.all_ms = timed(one, env.sync) * 1e3, timed(full, env.sync) * 1e3
         else:
             timers += [Timer(row, "one_ms", one, impl.model.eval), Timer(row, "all_ms", full, impl.model.eval)]
     progress(f"  [{model_type}] timing {len(timers)} measurements in {WARMUP + repeats} interleaved rounds ...")
     run_interleaved(timers, repeats, env.sync)
     measure_peak_memory(timers, env)
     ordered = [rows[impl.name] for impl in kept]
-    add_ratios(ordered, batch * seq_len, new_tokens)
-    return {"family": model_type, "architecture": architecture, "config_class": FAMILIES[model_type].config_class,
-            "scaled_from": FAMILIES[model_type].scaled_from, "shape": shape,
-            "config": {key: getattr(config, key, value) for key, value in FAMILIES[model_type].sizes.items()},
+    add_hf_ratios(ordered, batch * seq_len, new_tokens)
+    return {"family": model_type, "architecture": architecture, "config_class": BENCH_FAMILIES[model_type].config_class,
+            "scaled_from": BENCH_FAMILIES[model_type].scaled_from, "shape": shape,
+            "config": {key: getattr(config, key, value) for key, value in BENCH_FAMILIES[model_type].sizes.items()},
             "batch_size": batch, "seq_len": seq_len, "tokens_per_step": batch * seq_len,
             "prompt_tokens": prompt_len, "new_tokens": new_tokens, "optimizer_step": optimizer,
             "implementations": [impl.name for impl in impls], "checks": checks, "notes": notes,
-            "rows": [_row_dict(row) for row in ordered], "moekit": _summary(ordered)}
+            "rows": [row.as_dict() for row in ordered], "moekit": _moekit_summary(ordered)}
 
 
 def _check_first_losses(rows: dict[str, HFRow], reference: str, env: Env, checks: list[dict]) -> None:
@@ -558,10 +552,6 @@ def _check_first_losses(rows: dict[str, HFRow], reference: str, env: Env, checks
 
 
 # ---------------------------------------------------------------------------------------------- output
-def _fmt(value: float | None, pattern: str = "{:.1f}") -> str:
-    return "-" if value is None else pattern.format(value)
-
-
 def print_family(result: dict, env: Env, print_fn: Callable[..., Any]) -> None:
     shape = result["shape"]
     print_fn(f"\nFamily {result['family']} ({result['architecture']}, {shape['parameters'] / 1e6:.1f}M parameters; "
@@ -577,13 +567,13 @@ def print_family(result: dict, env: Env, print_fn: Callable[..., Any]) -> None:
     table = []
     for row in result["rows"]:
         mark = " (timed once)" if row["train_timed_once"] or row["decode_timed_once"] else ""
-        cells = [f"[{row['experts_implementation']}]{mark}", _fmt(row["train_ms"]),
-                 _fmt(row["train_tokens_per_s"], "{:,.0f}"), _fmt(row["train_speedup_vs_eager"], "{:.2f}x"),
-                 _fmt(row["train_speedup_vs_fastest"], "{:.2f}x"), _fmt(row["prefill_ms"]),
-                 _fmt(row["decode_ms_per_token"], "{:.2f}"), _fmt(row["decode_speedup_vs_eager"], "{:.2f}x"),
-                 _fmt(row["decode_speedup_vs_fastest"], "{:.2f}x")]
+        cells = [f"[{row['experts_implementation']}]{mark}", fmt(row["train_ms"]),
+                 fmt(row["train_tokens_per_s"], "{:,.0f}"), fmt(row["train_speedup_vs_eager"], "{:.2f}x"),
+                 fmt(row["train_speedup_vs_fastest"], "{:.2f}x"), fmt(row["prefill_ms"]),
+                 fmt(row["decode_ms_per_token"], "{:.2f}"), fmt(row["decode_speedup_vs_eager"], "{:.2f}x"),
+                 fmt(row["decode_speedup_vs_fastest"], "{:.2f}x")]
         if env.cuda:
-            cells.append(_fmt(row["train_peak_mib"]))
+            cells.append(fmt(row["train_peak_mib"]))
         table.append(cells)
     print_rows(headers, table, print_fn)
     for impl, measures in result["moekit"].items():
@@ -592,22 +582,19 @@ def print_family(result: dict, env: Env, print_fn: Callable[..., Any]) -> None:
             if item["speedup_vs_fastest"] is not None:
                 parts.append(f"{measure} {item['speedup_vs_fastest']:.2f}x [{item['fastest_transformers']}]")
         print_fn(f"  [{impl}] over transformers' fastest: {', '.join(parts) or '-'}")
-    for check in result["checks"]:
-        print_fn(f"  check passed: {check['what']}")
-    for note in result["notes"]:
-        print_fn(f"  note: {note}")
+    print_checks_and_notes(result, print_fn)
 
 
 # ---------------------------------------------------------------------------------------------- entry point
 def run_hf_benchmark(families: Iterable[str] | None = DEFAULT_FAMILIES, device: str = "cpu", threads: int = 2,
-                     repeats: int = DEFAULT_REPEATS, quick: bool = False,
+                     repeats: int = HF_REPEATS, quick: bool = False,
                      train_shape: tuple[int, int] | None = None, decode_shape: tuple[int, int] | None = None,
                      implementations: Iterable[str] | None = None, optimizer: bool = True,
                      json_path: str | Path | None = None, print_fn: Callable[..., Any] = print) -> dict:
     """Time a training step and greedy decoding of transformers' MoE models under every experts implementation.
 
     Args:
-        families: transformers model_types from `FAMILIES` (default qwen3_moe, olmoe, gpt_oss).
+        families: transformers model_types from `BENCH_FAMILIES` (default qwen3_moe, olmoe, gpt_oss).
         device: "cpu" (fp32) or "cuda" (checks in fp32, timing in bf16).
         threads: torch CPU threads during the run (restored afterwards).
         repeats: interleaved timed rounds after `WARMUP` untimed ones; medians are reported.
@@ -630,15 +617,13 @@ def run_hf_benchmark(families: Iterable[str] | None = DEFAULT_FAMILIES, device: 
         ImportError: transformers (>= 5) is not installed.
         AssertionError: an implementation's outputs, gradients or greedy tokens differ from eager's.
     """
-    env = resolve_device(device)
+    env = bench_env(device)
     names = resolve_families(families)
     tf = load_transformers()
     from .. import hf as moekit_hf  # registers moekit's implementations; ImportError for transformers < 5
 
     check_json_path(json_path)
-    repeats = min(repeats, QUICK_REPEATS) if quick else repeats
-    if repeats < 1:
-        raise ValueError(f"repeats must be at least 1, got {repeats}")
+    repeats = resolve_repeats(repeats, quick)
     train_shape = tuple(train_shape or (QUICK_TRAIN_SHAPE if quick else TRAIN_SHAPE))
     decode_shape = tuple(decode_shape or (QUICK_DECODE_SHAPE if quick else DECODE_SHAPE))
     if len(train_shape) != 2 or min(train_shape) < 1:
@@ -658,7 +643,7 @@ def run_hf_benchmark(families: Iterable[str] | None = DEFAULT_FAMILIES, device: 
                       "decoding", env, tf, threads, repeats, print_fn)
         print_fn(f"  implementations: {', '.join(chosen)} (eager = the family's own expert loop; moekit = "
                  "moekit.hf's experts_implementation)")
-        print_fn(f"  {LOSS_RULE}")
+        print_fn(f"  {HF_LOSS_RULE}")
         print_fn("  decode: model.generate(do_sample=False, max_new_tokens=N, min_new_tokens=N), default cache; "
                  "prefill ms = generate 1 token; decode ms/token = (time(N) - time(1)) / (N - 1).")
         print_fn("  vs eager / vs fastest transformers = that row's time / this row's (> 1: this row is faster); "
@@ -673,6 +658,6 @@ def run_hf_benchmark(families: Iterable[str] | None = DEFAULT_FAMILIES, device: 
         footer(info, env, print_fn)
     output = {"benchmark": "hf", "machine": info, "device": env.device.type,
               "dtype": str(env.dtype).removeprefix("torch."), "repeats": repeats, "warmup": WARMUP,
-              "loss_rule": LOSS_RULE, "results": results}
+              "loss_rule": HF_LOSS_RULE, "results": results}
     write_result(json_path, output, print_fn)
     return output

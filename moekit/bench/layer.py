@@ -2,14 +2,13 @@
 
 For each config it times, on the same input and (for the MoE rows) the same weights and routing:
 
-* ``moekit``: ``MoELayer`` with ``expert_backend="auto"`` (what users get: grouped_mm on CUDA bf16; on
-  CPU a hand-written backward when gradients are needed, grouped_mm for small groups and the loop for
-  large ones, and for inference the padded bmm, grouped_mm or the loop by group size), and
-  ``moekit[loop]``, ``moekit[bmm]``, ``moekit[grouped_mm]`` forcing each backend;
+* ``moekit``: ``MoELayer`` with ``expert_backend="auto"`` (what users get), and ``moekit[loop]``,
+  ``moekit[bmm]``, ``moekit[grouped_mm]`` forcing each backend. The thresholds "auto" chooses by are in
+  `moekit.layer.experts.AUTO_BACKEND_THRESHOLDS`;
 * ``transformers[<impl>]``: ``MixtralSparseMoeBlock`` with every experts implementation registered in
   ``transformers.integrations.moe`` ("eager" plus the registered ones); those that raise on the device
   are skipped with a note, and so is any whose estimated memory would not fit. transformers is imported
-  only here, lazily: without it these rows are skipped with a note and the others still run;
+  lazily (`load_layer_transformers`): without it these rows are skipped with a note and the others still run;
 * ``tutel``: Microsoft's Tutel layer (dropless, SwiGLU experts, the same weights; see `moekit.bench.tutel`)
   where tutel is installed (it is not on PyPI: it builds from source), with a note saying how otherwise;
 * ``floor``: a dense SwiGLU FFN with the same active width (k * ffn, plus the shared expert's width),
@@ -27,14 +26,7 @@ every timed call and the peak memory of one call per row.
 
 from __future__ import annotations
 
-import datetime
-import os
-import platform
-import statistics
-import sys
-import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
@@ -48,16 +40,34 @@ from .._files import write_json
 from ..config import MoEConfig
 from ..layer import MoELayer
 from ..model.transformer import DenseMLP as DenseSwiGLU  # the floor: a dense SwiGLU FFN
+from .harness import (
+    ATOL,
+    RTOL,
+    WARMUP,
+    Env,
+    Timer,
+    bench_context,
+    bench_env,
+    calibrate_gflops,
+    first_line,
+    gathered_weight_bytes,
+    load_average,
+    load_transformers,
+    machine_info,
+    measure_peak_memory,
+    progress,
+    resolve_repeats,
+    run_interleaved,
+    saved_activation_mib,
+)
 from .tutel import INSTALL_HINT, build_tutel, load_tutel, tutel_grads
 
-ATOL = RTOL = 1e-4  # fp32 equality
 # bf16 keeps 8 significant bits (rounding ~4e-3 relative) and the implementations round their intermediates
 # at different points (combine before or after the down projection, accumulation order of the gradients),
 # so an elementwise 1e-4 cannot hold. bf16 tensors are compared with rtol = BF16_TOL and an atol of
 # BF16_TOL times the reference's largest magnitude: rounding noise passes, a wrong routing, a missing
 # term or a wrong gradient (errors of the order of the values themselves) still fails.
 BF16_TOL = 3e-2
-WARMUP = 2
 SMALL_TOKENS = 16
 DEFAULT_TOKENS = 4096
 MEMORY_FRACTION = 0.5  # skip a row whose estimated peak memory exceeds this share of the available memory
@@ -68,8 +78,6 @@ CONFIGS: dict[str, tuple[int, int, int, int, int]] = {
     "deepseek": (512, 256, 64, 8, 256),
     "dbrx": (512, 512, 16, 4, 0),
 }
-#: the benchmark's former config names
-ALIASES = {"a": "mixtral", "b": "deepseek"}
 SIZE_FIELDS = ("hidden", "ffn", "experts", "top_k", "shared")
 
 
@@ -103,27 +111,6 @@ class Row:
     fwd_peak_mib: float | None = None  # CUDA only: peak memory one call adds over what is resident
     fwd_bwd_peak_mib: float | None = None
     extra: dict = field(default_factory=dict)
-
-
-@dataclass
-class Env:
-    """Where and in which precision the benchmark runs."""
-
-    device: torch.device
-    dtype: torch.dtype
-
-    @property
-    def cuda(self) -> bool:
-        return self.device.type == "cuda"
-
-    def sync(self) -> None:
-        if self.cuda:
-            torch.cuda.synchronize(self.device)
-
-    def available_bytes(self) -> int | None:
-        if self.cuda:
-            return torch.cuda.mem_get_info(self.device)[0]
-        return _available_ram()
 
 
 # ---------------------------------------------------------------------------------------------- modules
@@ -199,19 +186,18 @@ class MoekitOutput(nn.Module):
 
 
 # ---------------------------------------------------------------------------------------------- transformers
-def load_transformers() -> SimpleNamespace | None:
-    """The transformers pieces the benchmark uses, or None when transformers is not installed."""
+def load_layer_transformers() -> SimpleNamespace | None:
+    """`load_transformers` plus the Mixtral block and Llama MLP the layer rows use, or None when transformers is not
+    installed (its rows are skipped then)."""
     try:
-        import transformers
-        from transformers import LlamaConfig, MixtralConfig
-        from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
+        tf = load_transformers()
         from transformers.models.llama.modeling_llama import LlamaMLP
         from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
     except ImportError:
         return None
-    return SimpleNamespace(version=transformers.__version__, LlamaConfig=LlamaConfig, MixtralConfig=MixtralConfig,
-                           LlamaMLP=LlamaMLP, MixtralSparseMoeBlock=MixtralSparseMoeBlock,
-                           implementations=["eager", *[n for n in ALL_EXPERTS_FUNCTIONS if n != "eager"]])
+    tf.LlamaConfig, tf.MixtralConfig = tf.module.LlamaConfig, tf.module.MixtralConfig
+    tf.LlamaMLP, tf.MixtralSparseMoeBlock = LlamaMLP, MixtralSparseMoeBlock
+    return tf
 
 
 def build_hf(tf: SimpleNamespace, bc: BenchConfig, layer: MoELayer, impl: str) -> WithShared:
@@ -235,7 +221,7 @@ def build_hf(tf: SimpleNamespace, bc: BenchConfig, layer: MoELayer, impl: str) -
 
 
 # ---------------------------------------------------------------------------------------------- builders
-def build_moekit(bc: BenchConfig, backend: str = "auto") -> MoELayer:
+def build_moekit_layer(bc: BenchConfig, backend: str = "auto") -> MoELayer:
     config = MoEConfig(hidden_size=bc.hidden, moe_intermediate_size=bc.ffn, num_local_experts=bc.experts,
                        num_experts_per_tok=bc.top_k, router="topk", n_shared_experts=1 if bc.shared else 0,
                        shared_expert_intermediate_size=bc.shared or None, expert_backend=backend)
@@ -295,35 +281,13 @@ def named_grads(module: nn.Module, kind: str) -> dict[str, Tensor | None]:
     return grads
 
 
-def forward_backward(module: nn.Module, x: Tensor, grad: Tensor) -> tuple[Tensor, Tensor]:
+def output_and_input_grad(module: nn.Module, x: Tensor, grad: Tensor) -> tuple[Tensor, Tensor]:
+    """(output, input gradient) of a forward and `out.backward(grad)`; the parameters' gradients stay on them."""
     module.zero_grad(set_to_none=True)
     xg = x.detach().clone().requires_grad_(True)
     out = module(xg)
     out.backward(grad)
     return out.detach(), xg.grad
-
-
-def saved_activation_mib(module: nn.Module, x: Tensor) -> float:
-    """MiB of tensors the forward keeps for backward: activation memory, not counting parameters.
-
-    Every tensor autograd saves passes `saved_tensors_hooks`; storages are counted once each (views
-    share one), and storages of the module's parameters (the weights) are left out. The input is
-    counted, so a layer that saves only its input reports the input's size.
-    """
-    weights = {p.untyped_storage().data_ptr() for p in module.parameters()}
-    kept: dict[int, int] = {}
-
-    def pack(t: Tensor) -> Tensor:
-        storage = t.untyped_storage()
-        if storage.data_ptr() not in weights:
-            kept[storage.data_ptr()] = storage.nbytes()
-        return t
-
-    xg = x.detach().clone().requires_grad_(True)
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = module(xg)
-    del out
-    return sum(kept.values()) / 2**20
 
 
 def assert_equal_work(reference: nn.Module, candidate: nn.Module, kind: str, x: Tensor, grad: Tensor | None,
@@ -333,8 +297,8 @@ def assert_equal_work(reference: nn.Module, candidate: nn.Module, kind: str, x: 
         assert_close(candidate(x), reference(x), env, "output")
     if grad is None:
         return
-    ref_out, ref_dx = forward_backward(reference, x, grad)
-    out, dx = forward_backward(candidate, x, grad)
+    ref_out, ref_dx = output_and_input_grad(reference, x, grad)
+    out, dx = output_and_input_grad(candidate, x, grad)
     assert_close(out, ref_out, env, "output (autograd)")
     assert_close(dx, ref_dx, env, "input grad")
     ref_grads, grads = named_grads(reference, "moekit"), named_grads(candidate, kind)
@@ -345,16 +309,6 @@ def assert_equal_work(reference: nn.Module, candidate: nn.Module, kind: str, x: 
 
 
 # ---------------------------------------------------------------------------------------------- timing
-@dataclass
-class Timer:
-    """One thing to time: `run` (after `before`), whose median lands in `row.<attribute>`."""
-
-    row: Row
-    attribute: str
-    run: Callable[[], object]
-    before: Callable[[], None] | None = None
-
-
 def forward_timer(row: Row, module: nn.Module, x: Tensor) -> Timer:
     def run() -> None:
         with torch.no_grad():
@@ -376,119 +330,13 @@ def forward_backward_timer(row: Row, module: nn.Module, x: Tensor, grad: Tensor)
     return Timer(row, "fwd_bwd_ms", run, zero)
 
 
-def _time_once(run: Callable[[], object], sync: Callable[[], None]) -> float:
-    sync()
-    start = time.perf_counter()
-    run()
-    sync()
-    return time.perf_counter() - start
-
-
-def median_ms(fn: Callable[[], object], repeats: int, sync: Callable[[], None] = lambda: None) -> float:
-    times = [_time_once(fn, sync) for _ in range(WARMUP + repeats)][WARMUP:]
-    return statistics.median(times) * 1e3
-
-
-def run_interleaved(timers: list[Timer], repeats: int, sync: Callable[[], None] = lambda: None) -> None:
-    """Time every timer once per round, round after round, and keep each one's median.
-
-    Interleaving spreads the machine's slow and fast moments over all rows alike, so the ratios
-    measured in one run stay meaningful on a noisy shared machine. `sync` waits for the device
-    (torch.cuda.synchronize on CUDA) before and after each timed call.
-    """
-    samples: list[list[float]] = [[] for _ in timers]
-    for round_index in range(WARMUP + repeats):
-        for timer, times in zip(timers, samples, strict=True):
-            if timer.before is not None:
-                timer.before()
-            elapsed = _time_once(timer.run, sync)
-            if round_index >= WARMUP:
-                times.append(elapsed)
-    for timer, times in zip(timers, samples, strict=True):
-        setattr(timer.row, timer.attribute, statistics.median(times) * 1e3)
-        if timer.before is not None:
-            timer.before()
-
-
-def measure_peak_memory(timers: list[Timer], env: Env) -> None:
-    """CUDA: run each timer once more and record the peak memory that call adds over what is resident.
-
-    The peak counter is reset before each measurement; `torch.cuda.max_memory_allocated` minus the memory
-    allocated just before the call is stored (in MiB) as `<fwd|fwd_bwd>_peak_mib` on the row.
-    """
-    if not env.cuda:
-        return
-    for timer in timers:
-        if timer.before is not None:
-            timer.before()
-        env.sync()
-        resident = torch.cuda.memory_allocated(env.device)
-        torch.cuda.reset_peak_memory_stats(env.device)
-        timer.run()
-        env.sync()
-        peak = torch.cuda.max_memory_allocated(env.device)
-        setattr(timer.row, timer.attribute.replace("_ms", "_peak_mib"), (peak - resident) / 2**20)
-        if timer.before is not None:
-            timer.before()
-
-
-def calibrate_gflops(env: Env) -> tuple[str, float]:
-    """Matmul throughput right now (a noise indicator: compare the value at the start and the end)."""
-    m, k, n = (2048, 512, 2048) if not env.cuda else (8192, 8192, 8192)
-    a = torch.randn(m, k, device=env.device, dtype=env.dtype)
-    b = torch.randn(k, n, device=env.device, dtype=env.dtype)
-    ms = median_ms(lambda: a @ b, 5, env.sync)
-    label = f"{m}x{k}x{n} {'fp32' if env.dtype == torch.float32 else 'bf16'} matmul"
-    return label, 2 * m * k * n / (ms / 1e3) / 1e9
-
-
-def load_average() -> str:
-    try:
-        return ", ".join(f"{v:.2f}" for v in os.getloadavg())
-    except OSError:
-        return "n/a"
-
-
-def _available_ram() -> int | None:
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
-
-
 def estimated_bytes(impl: str, bc: BenchConfig, tokens: int, backward: bool, env: Env) -> int:
-    """Rough peak memory of the rows that materialise per-assignment weights (transformers' batched_mm)."""
-    if impl != "batched_mm":
-        return 0
-    element = torch.empty((), dtype=env.dtype).element_size()
-    per_pair = 3 * bc.ffn * bc.hidden * element  # gathered gate_up [2I, H] + down [H, I]
-    return tokens * bc.top_k * per_pair * (3 if backward else 1)
+    """Rough peak memory of the rows that materialise per-assignment weights (transformers' batched_mm): gathered
+    gate_up [2I, H] + down [H, I] per (token, expert) pair, one layer."""
+    return gathered_weight_bytes(impl, tokens, bc.top_k, 3 * bc.ffn * bc.hidden, env.dtype, backward=backward)
 
 
 # ---------------------------------------------------------------------------------------------- running
-@contextmanager
-def bench_context(threads: int, env: Env) -> Iterator[None]:
-    """Set the thread count and fork the RNG for the run; both restored afterwards."""
-    if threads < 1:
-        raise ValueError(f"threads must be at least 1, got {threads}")
-    previous = torch.get_num_threads()
-    devices = [env.device.index] if env.cuda else []
-    try:
-        torch.set_num_threads(threads)
-        with torch.random.fork_rng(devices=devices):
-            yield
-    finally:
-        torch.set_num_threads(previous)
-
-
-def progress(text: str) -> None:
-    print(text, file=sys.stderr, flush=True)
-
-
 def run_config(bc: BenchConfig, repeats: int, small: bool, env: Env,
                tf: SimpleNamespace | None) -> tuple[list[Row], list[str]]:
     torch.manual_seed(0)
@@ -500,7 +348,7 @@ def run_config(bc: BenchConfig, repeats: int, small: bool, env: Env,
     def make_input(tokens: int) -> Tensor:  # drawn on the CPU, so CPU and CUDA runs see the same values
         return torch.randn(1, tokens, bc.hidden).to(env.device, env.dtype)
 
-    layer = put(build_moekit(bc))
+    layer = put(build_moekit_layer(bc))
     main = [(tokens, make_input(tokens), make_input(tokens)) for tokens in bc.tokens]
     x_small, grad_small = make_input(SMALL_TOKENS), make_input(SMALL_TOKENS)
 
@@ -562,8 +410,7 @@ def run_config(bc: BenchConfig, repeats: int, small: bool, env: Env,
             except AssertionError:
                 raise
             except Exception as error:
-                first_line = str(error).strip().splitlines()[0] if str(error).strip() else ""
-                notes.append(f"{label} @ {tokens} tokens: skipped, raised {type(error).__name__}: {first_line[:160]}")
+                notes.append(f"{label} @ {tokens} tokens: skipped, raised {type(error).__name__}: {first_line(error)}")
                 if env.cuda:  # e.g. out of memory: give the cached blocks back before the next row
                     torch.cuda.empty_cache()
     progress(f"  [{bc.name}] timing {len(timers)} measurements in {WARMUP + repeats} interleaved rounds ...")
@@ -582,7 +429,9 @@ def fmt_ratio(value: float | None, suffix: str = "") -> str:
     return "-" if value is None else f"{value:.2f}x{suffix}"
 
 
-def add_ratios(rows: list[Row]) -> None:
+def add_layer_ratios(rows: list[Row]) -> None:
+    """Per row: its time over the floor's and over transformers' eager block's (fwd+bwd, or fwd for the few-token
+    rows), tokens/s and its saved activation memory over the floor's."""
     def base(prefix: str, tokens: int) -> Row | None:
         return next((r for r in rows if r.impl.startswith(prefix) and r.tokens == tokens), None)
 
@@ -635,29 +484,6 @@ def print_table(bc: BenchConfig, rows: list[Row], notes: list[str], env: Env, pr
         print_fn(f"  note: {note}")
 
 
-def machine_info(threads: int, env: Env, tf: SimpleNamespace | None) -> dict:
-    cpu = platform.processor()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
-    except OSError:
-        pass
-    info = {
-        "platform": platform.platform(),
-        "cpu": cpu,
-        "cpu_count": os.cpu_count(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "transformers": tf.version if tf is not None else "not installed",
-        "threads": threads,
-        "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-    }
-    if env.cuda:
-        info["gpu"] = torch.cuda.get_device_name(env.device)
-        info["cuda"] = torch.version.cuda
-    return info
-
-
 def _tutel_version() -> str:
     if load_tutel() is None:
         return "not installed"
@@ -670,28 +496,16 @@ def _tutel_version() -> str:
 
 # ---------------------------------------------------------------------------------------------- entry points
 def resolve_configs(names: list[str] | None) -> list[str]:
-    """Canonical config names (the former names a, b are accepted); ValueError for an unknown one."""
+    """Config names from `CONFIGS` (all when None); ValueError for an unknown one."""
     if names is None:
         return list(CONFIGS)
     resolved = []
     for name in names:
-        key = ALIASES.get(name.strip(), name.strip())
+        key = name.strip()
         if key not in CONFIGS:
-            raise ValueError(f"unknown layer benchmark config {name!r}; choose from {', '.join(CONFIGS)} "
-                             f"(or the former names {', '.join(ALIASES)})")
+            raise ValueError(f"unknown layer benchmark config {name!r}; choose from {', '.join(CONFIGS)}")
         resolved.append(key)
     return resolved
-
-
-def resolve_device(device: str) -> Env:
-    """The run's device and dtype: CPU in fp32, CUDA in bf16; ValueError when CUDA is asked for but absent."""
-    if device == "cpu":
-        return Env(torch.device("cpu"), torch.float32)
-    if device == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError("device 'cuda' was asked for but torch sees no CUDA device; use --device cpu")
-        return Env(torch.device("cuda", torch.cuda.current_device()), torch.bfloat16)
-    raise ValueError(f"unknown device {device!r}; use 'cpu' or 'cuda'")
 
 
 def run_layer_benchmark(configs: list[str] | None = None, tokens: list[int] | None = None, device: str = "cpu",
@@ -700,23 +514,21 @@ def run_layer_benchmark(configs: list[str] | None = None, tokens: list[int] | No
                         sizes: dict[str, int] | None = None) -> dict:
     """Run the layer benchmark, print its tables through `print_fn` and return every result as a dict.
 
-    configs: names from `CONFIGS` (default all; "a", "b" are the former names of mixtral, deepseek).
+    configs: names from `CONFIGS` (default all).
     tokens: token counts of the forward and forward+backward rows (default [4096]); with `small`,
     forward-only rows at 16 tokens are added. quick: at most 2 timed repeats. json_path: also write the
     returned dict there. sizes: override the configs' hidden/ffn/experts/top_k/shared (for tests: tiny
     shapes). The input is seeded and the caller's RNG state and thread count are restored afterwards.
     """
     names = resolve_configs(configs)
-    env = resolve_device(device)
+    env = bench_env(device)
     tokens = list(tokens) if tokens is not None else [DEFAULT_TOKENS]
     if not tokens or any(t < 1 for t in tokens):
         raise ValueError(f"tokens must be a non-empty list of positive counts, got {tokens}")
     unknown = set(sizes or {}) - set(SIZE_FIELDS)
     if unknown:
         raise ValueError(f"sizes accepts {', '.join(SIZE_FIELDS)}; got {', '.join(sorted(unknown))}")
-    repeats = min(repeats, 2) if quick else repeats
-    if repeats < 1:
-        raise ValueError(f"repeats must be at least 1, got {repeats}")
+    repeats = resolve_repeats(repeats, quick)
 
     with bench_context(threads, env):
         return _run(names, tokens, env, threads, repeats, small, sizes or {}, json_path, print_fn)
@@ -725,7 +537,7 @@ def run_layer_benchmark(configs: list[str] | None = None, tokens: list[int] | No
 def _run(names: list[str], tokens: list[int], env: Env, threads: int, repeats: int, small: bool,
          sizes: dict[str, int], json_path: str | None, print_fn: Callable[..., Any]) -> dict:
     torch.manual_seed(0)
-    tf = load_transformers()
+    tf = load_layer_transformers()
     info = machine_info(threads, env, tf)
     info["tutel"] = _tutel_version()
     precision = "fp32, CPU" if not env.cuda else "bf16, CUDA"
@@ -764,7 +576,7 @@ def _run(names: list[str], tokens: list[int], env: Env, threads: int, repeats: i
             notes.insert(0, "transformers' MixtralSparseMoeBlock has no shared expert: its rows add an HF dense "
                             f"SwiGLU MLP (LlamaMLP, width {bc.shared}) on the same input, summed, with moekit's "
                             "shared-expert weights")
-        add_ratios(rows)
+        add_layer_ratios(rows)
         print_table(bc, rows, notes, env, print_fn)
         results.append({"config": asdict(bc), "notes": notes,
                         "rows": [{"impl": r.impl, "tokens": r.tokens, "fwd_ms": r.fwd_ms, "fwd_bwd_ms": r.fwd_bwd_ms,

@@ -21,7 +21,7 @@
 
 A training step is: forward on ``[batch, block]`` token ids with next-token targets, loss, backward, AdamW step,
 ``zero_grad``. The loss is the cross-entropy plus the balancing losses each library adds in training for this
-configuration (see `LOSS_RULE`). The inference row is a forward under ``torch.no_grad()`` in eval mode, logits
+configuration (see `MODEL_LOSS_RULE`). The inference row is a forward under ``torch.no_grad()`` in eval mode, logits
 for every position, no KV cache. On CPU everything is fp32; with ``device="cuda"`` the checks run in fp32 and
 the timing in bf16 (parameters cast, AdamW on bf16 parameters), with the peak memory of one call per row.
 """
@@ -29,13 +29,9 @@ the timing in bf16 (parameters cast, AdamW on bf16 parameters), with the peak me
 from __future__ import annotations
 
 import copy
-import inspect
 import math
-import resource
 import tempfile
-import time
-from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -45,42 +41,50 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .._files import write_json
 from ..config import RunConfig
 from ..interop.hf import export_hf
 from ..layer import update_aux_free_biases
 from ..model.transformer import DenseMLP, MoETransformer
 from ..train.optim import build_optimizer
-from .layer import (
+from .harness import (
+    ATOL,
+    LOSS_ATOL,
+    RTOL,
+    SEED,
+    SLOW_FACTOR,
+    SLOW_SECONDS,
     WARMUP,
     Env,
     Timer,
     bench_context,
-    calibrate_gflops,
-    load_average,
-    machine_info,
+    bench_env,
+    check_json_path,
+    first_line,
+    fmt,
+    footer,
+    gathered_weight_bytes,
+    header,
+    is_slow,
+    load_transformers,
     measure_peak_memory,
+    print_checks_and_notes,
+    print_rows,
     progress,
-    resolve_device,
+    quiet_transformers,
+    resolve_repeats,
     run_interleaved,
+    saved_tensors_mib,
+    timed,
+    training_step_skip_note,
+    uses_router_loss,
+    write_result,
 )
 
-ATOL = RTOL = 1e-4  # fp32 equality of logits (the exported models agree to ~1e-6)
-LOSS_ATOL = 1e-5
 DEFAULT_PRESETS = ("tiny-mixtral", "tiny-deepseek")
-DEFAULT_REPEATS = 10
-QUICK_REPEATS = 2
+MODEL_REPEATS = 10  # the model benchmark's default timed rounds
 QUICK_BATCH, QUICK_BLOCK = 2, 32
-SEED = 0
-#: a candidate whose first measured call takes more than SLOW_FACTOR times moekit's (and over SLOW_SECONDS) is
-#: timed once instead of in every round (transformers' batched_mm gathers one weight copy per token and expert)
-SLOW_FACTOR = 10.0
-SLOW_SECONDS = 5.0
-#: a training step whose estimated memory exceeds this share of the available memory is skipped (the machine
-#: may be shared); see `gathered_weight_bytes`
-TRAIN_MEMORY_FRACTION = 0.25
 
-LOSS_RULE = (
+MODEL_LOSS_RULE = (
     "loss = next-token cross-entropy + the balancing losses each library adds in training for this config: "
     "moekit adds MoEOutput.aux_loss (what `moekit train` minimises: every term whose coefficient is > 0) and "
     "updates the aux-free router bias after the optimiser step; transformers adds its load-balancing loss where "
@@ -123,33 +127,6 @@ def resolve_runs(presets: Iterable[str | RunConfig] | None) -> list[RunConfig]:
 
 
 # ---------------------------------------------------------------------------------------------- transformers
-def load_transformers() -> SimpleNamespace:
-    """transformers and the pieces used here; ImportError with the fix when it is not installed."""
-    try:
-        import transformers
-        from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
-    except ImportError as error:
-        raise ImportError("the model and decode benchmarks compare against transformers, which is not installed: "
-                          "pip install transformers") from error
-    return SimpleNamespace(module=transformers, version=transformers.__version__,
-                           implementations=["eager", *[n for n in ALL_EXPERTS_FUNCTIONS if n != "eager"]])
-
-
-@contextmanager
-def quiet_transformers(tf: SimpleNamespace) -> Iterator[None]:
-    """No loading progress bars and no warnings from transformers inside the block (restored afterwards)."""
-    logging = tf.module.utils.logging
-    verbosity, bars = logging.get_verbosity(), logging.is_progress_bar_enabled()
-    logging.set_verbosity_error()
-    logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        logging.set_verbosity(verbosity)
-        if bars:
-            logging.enable_progress_bar()
-
-
 def load_exported(tf: SimpleNamespace, path: Path, impl: str) -> nn.Module:
     """`AutoModelForCausalLM.from_pretrained(path)` in fp32 with the given experts implementation."""
     return tf.module.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, experts_implementation=impl)
@@ -205,7 +182,7 @@ def deepseek_v3_config(tf: SimpleNamespace, run: RunConfig, hf_config: Any) -> A
 
 # ---------------------------------------------------------------------------------------------- candidates
 @dataclass
-class Candidate:
+class ModelCandidate:
     """One model to time: moekit's, an exported transformers twin, or DeepseekV3 with random weights."""
 
     label: str
@@ -230,11 +207,11 @@ class Prepared:
 
     run: RunConfig
     export_arch: str
-    candidates: list[Candidate]
+    candidates: list[ModelCandidate]
     notes: list[str] = field(default_factory=list)
 
 
-def build_moekit(run: RunConfig) -> MoETransformer:
+def build_moekit_model(run: RunConfig) -> MoETransformer:
     """The preset's `MoETransformer`, seeded, fp32."""
     torch.manual_seed(SEED)
     return MoETransformer(run.model)
@@ -273,24 +250,24 @@ def prepare(run: RunConfig, tf: SimpleNamespace, workdir: Path) -> Prepared:
 
     Raises ValueError (from `export_hf`, with the reason) for a preset no transformers architecture computes.
     """
-    model = build_moekit(run)
+    model = build_moekit_model(run)
     folder = workdir / run.name
     try:
         export_hf(model, folder, overwrite=True)
     except ValueError as error:
         raise ValueError(f"preset {run.name!r} has no transformers twin to compare with: {error}") from error
     arch = str(tf.module.AutoConfig.from_pretrained(folder).architectures[0])
-    prepared = Prepared(run, arch, [Candidate("moekit", "moekit", "MoETransformer", None, model, True),
-                                    Candidate(f"floor (dense FFN {floor_width(run)})", "floor", "MoETransformer",
+    prepared = Prepared(run, arch, [ModelCandidate("moekit", "moekit", "MoETransformer", None, model, True),
+                                    ModelCandidate(f"floor (dense FFN {floor_width(run)})", "floor", "MoETransformer",
                                               None, build_floor(run), False)])
     for impl in tf.implementations:
         label = f"transformers {arch} [{impl}]"
         try:
             hf = load_exported(tf, folder, impl)
         except Exception as error:  # an implementation this machine cannot load
-            prepared.notes.append(f"{label}: skipped, loading raised {type(error).__name__}: {_first_line(error)}")
+            prepared.notes.append(f"{label}: skipped, loading raised {type(error).__name__}: {first_line(error)}")
             continue
-        prepared.candidates.append(Candidate(label, "transformers", arch, impl, hf, True))
+        prepared.candidates.append(ModelCandidate(label, "transformers", arch, impl, hf, True))
     if arch == "Glm4MoeForCausalLM":  # DeepSeek-V3 routing: add the architecture the issue names (MLA)
         config = deepseek_v3_config(tf, run, tf.module.AutoConfig.from_pretrained(folder))
         reference: nn.Module | None = None
@@ -305,11 +282,11 @@ def prepare(run: RunConfig, tf: SimpleNamespace, workdir: Path) -> Prepared:
                     hf.load_state_dict(reference.state_dict())
             except Exception as error:
                 prepared.notes.append(f"{label}: skipped, construction raised {type(error).__name__}: "
-                                      f"{_first_line(error)}")
+                                      f"{first_line(error)}")
                 continue
             if reference is None:
                 reference = hf
-            prepared.candidates.append(Candidate(label, "transformers", "DeepseekV3ForCausalLM", impl, hf.eval(),
+            prepared.candidates.append(ModelCandidate(label, "transformers", "DeepseekV3ForCausalLM", impl, hf.eval(),
                                                  False))
         standard, mla = attention_parameters(run)
         dims = mla_dims(run)
@@ -331,12 +308,7 @@ def prepare(run: RunConfig, tf: SimpleNamespace, workdir: Path) -> Prepared:
     return prepared
 
 
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0][:160] if text else ""
-
-
-def forward_logits(candidate: Candidate, ids: Tensor) -> Tensor:
+def forward_logits(candidate: ModelCandidate, ids: Tensor) -> Tensor:
     """Logits of every position, eval mode, no grad, no cache."""
     candidate.model.eval()
     with torch.no_grad():
@@ -353,33 +325,27 @@ def assert_logits_equal(actual: Tensor, expected: Tensor, what: str) -> float:
     return diff
 
 
-def uses_router_loss(candidate: Candidate) -> bool:
-    """True when transformers adds a load-balancing loss for this model in training (see `LOSS_RULE`)."""
-    if candidate.library != "transformers":
-        return False
-    config = candidate.model.config
-    coef = float(getattr(config, "router_aux_loss_coef", 0.0) or 0.0)
-    return coef > 0 and "output_router_logits" in inspect.signature(type(candidate.model).forward).parameters
-
-
-def training_loss(candidate: Candidate, x: Tensor, y: Tensor, router_loss: bool | None = None) -> Tensor:
-    """The step's loss (see `LOSS_RULE`); `router_loss=False` gives transformers' plain cross-entropy."""
+def training_loss_with_targets(candidate: ModelCandidate, x: Tensor, y: Tensor,
+                               router_loss: bool | None = None) -> Tensor:
+    """The step's loss on inputs `x` and next-token targets `y` (see `MODEL_LOSS_RULE`); `router_loss=False` gives
+    transformers' plain cross-entropy."""
     if candidate.library != "transformers":
         out = candidate.model(x, targets=y)
         return out.loss + out.aux_loss
-    extra = {"output_router_logits": True} if (uses_router_loss(candidate) if router_loss is None
-                                                else router_loss) else {}
+    if router_loss is None:
+        router_loss = uses_router_loss(candidate.model)
+    extra = {"output_router_logits": True} if router_loss else {}
     # shift_labels: y is already the next token of each position, as moekit's targets are
     return candidate.model(input_ids=x, labels=y, shift_labels=y, use_cache=False, **extra).loss
 
 
-def training_step(candidate: Candidate, optimizer: torch.optim.Optimizer, x: Tensor,
+def candidate_training_step(candidate: ModelCandidate, optimizer: torch.optim.Optimizer, x: Tensor,
                   y: Tensor) -> Callable[[], None]:
     """A closure running one full training step of `candidate` (forward, loss, backward, AdamW, zero_grad)."""
     model = candidate.model
 
     def run() -> None:
-        training_loss(candidate, x, y).backward()
+        training_loss_with_targets(candidate, x, y).backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         if candidate.library == "moekit":
@@ -388,7 +354,7 @@ def training_step(candidate: Candidate, optimizer: torch.optim.Optimizer, x: Ten
     return run
 
 
-def inference_forward(candidate: Candidate, x: Tensor) -> Callable[[], None]:
+def inference_forward(candidate: ModelCandidate, x: Tensor) -> Callable[[], None]:
     model = candidate.model
 
     def run() -> None:
@@ -401,55 +367,15 @@ def inference_forward(candidate: Candidate, x: Tensor) -> Callable[[], None]:
     return run
 
 
-def saved_activation_mib(loss_fn: Callable[[], Tensor], model: nn.Module) -> float:
-    """MiB of the tensors autograd keeps for backward while `loss_fn` runs: the step's activation memory.
-
-    Every saved tensor passes `saved_tensors_hooks`; storages are counted once (views share one) and the model's
-    own parameters and buffers are left out. Unlike the process's RSS this is separable per model on CPU.
-    """
-    own = {t.untyped_storage().data_ptr() for t in (*model.parameters(), *model.buffers())}
-    kept: dict[int, int] = {}
-
-    def pack(tensor: Tensor) -> Tensor:
-        storage = tensor.untyped_storage()
-        if storage.data_ptr() not in own:
-            kept[storage.data_ptr()] = storage.nbytes()
-        return tensor
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-        loss = loss_fn()
-    del loss
-    return sum(kept.values()) / 2**20
-
-
-def timed(run: Callable[[], object], env: Env) -> float:
-    """Seconds one call of `run` takes (device-synchronised)."""
-    env.sync()
-    start = time.perf_counter()
-    run()
-    env.sync()
-    return time.perf_counter() - start
-
-
-def is_slow(seconds: float, reference_seconds: float) -> bool:
-    return seconds > SLOW_SECONDS and seconds > SLOW_FACTOR * reference_seconds
-
-
-def gathered_weight_bytes(run: RunConfig, impl: str | None, tokens: int, env: Env) -> int:
-    """Memory of the per-(token, expert) weight copies transformers' batched_mm makes in one MoE layer (0 for
-    other implementations): tokens * k * (gate_up + down = 3 * I * H) elements."""
-    moe = run.model.moe
-    if impl != "batched_mm" or moe is None:
-        return 0
-    element = torch.empty((), dtype=env.dtype).element_size()
-    return tokens * moe.num_experts_per_tok * 3 * moe.moe_intermediate_size * run.model.hidden_size * element
-
-
 def training_step_bytes(run: RunConfig, impl: str | None, tokens: int, env: Env) -> int:
-    """Rough peak of the gathered weights in a training step: every MoE layer's copies are kept for backward,
-    plus two layers' worth (the gradient of the copies and the forward's transient) while backward runs."""
+    """Rough peak of the weights transformers' batched_mm gathers in a training step of the preset
+    (`gathered_weight_bytes`: gate_up + down = 3 * I * H elements per (token, expert) pair)."""
+    moe = run.model.moe
+    if moe is None:
+        return 0
     moe_layers = sum(run.model.is_moe_layer(i) for i in range(run.model.num_hidden_layers))
-    return (moe_layers + 2) * gathered_weight_bytes(run, impl, tokens, env)
+    return gathered_weight_bytes(impl, tokens, moe.num_experts_per_tok, 3 * moe.moe_intermediate_size
+                                 * run.model.hidden_size, env.dtype, moe_layers=moe_layers, backward=True)
 
 
 # ---------------------------------------------------------------------------------------------- rows
@@ -468,8 +394,15 @@ class ModelRow:
     timed_once: bool = False
     extra: dict = field(default_factory=dict)
 
+    def as_dict(self) -> dict:
+        """The row as the JSON result holds it."""
+        return {"label": self.label, "library": self.library, "architecture": self.architecture,
+                "experts_implementation": self.impl, "parameters": self.parameters, "train_ms": self.train_ms,
+                "fwd_ms": self.fwd_ms, "train_peak_mib": self.train_peak_mib, "fwd_peak_mib": self.fwd_peak_mib,
+                "saved_mib": self.saved_mib, "timed_once": self.timed_once, **self.extra}
 
-def _check_candidates(prepared: Prepared, x: Tensor, y: Tensor, checks: list[dict]) -> list[Candidate]:
+
+def _check_candidates(prepared: Prepared, x: Tensor, y: Tensor, checks: list[dict]) -> list[ModelCandidate]:
     """Run every equality check on [batch, block] inputs (fp32); drop candidates that cannot run, with a note.
 
     Exported twins: logits and plain cross-entropy equal to moekit's. DeepseekV3: loss finite, and every
@@ -488,13 +421,13 @@ def _check_candidates(prepared: Prepared, x: Tensor, y: Tensor, checks: list[dic
         try:
             logits = forward_logits(candidate, x)
             with torch.no_grad():
-                loss = training_loss(candidate, x, y, router_loss=False)
-                full_loss = training_loss(candidate, x, y)
+                loss = training_loss_with_targets(candidate, x, y, router_loss=False)
+                full_loss = training_loss_with_targets(candidate, x, y)
         except AssertionError:
             raise
         except Exception as error:  # e.g. an implementation that needs bf16 or a package this machine lacks
             prepared.notes.append(f"{candidate.label}: skipped, running it raised {type(error).__name__}: "
-                                  f"{_first_line(error)}")
+                                  f"{first_line(error)}")
             continue
         if not torch.isfinite(full_loss):
             raise AssertionError(f"{candidate.label}: the training loss is {full_loss.item()}, not finite")
@@ -518,7 +451,7 @@ def _check_candidates(prepared: Prepared, x: Tensor, y: Tensor, checks: list[dic
     return kept
 
 
-def _bench_preset(prepared: Prepared, env: Env, repeats: int, batch: int, block: int) -> dict:
+def _bench_model_preset(prepared: Prepared, env: Env, repeats: int, batch: int, block: int) -> dict:
     run = prepared.run
     generator = torch.Generator().manual_seed(SEED + 1)
     ids = torch.randint(0, run.model.vocab_size, (batch, block + 1), generator=generator)
@@ -541,7 +474,7 @@ def _bench_preset(prepared: Prepared, env: Env, repeats: int, batch: int, block:
         progress(f"  [{run.name}] {candidate.label} ...")
         model.eval()
         try:
-            first_fwd = timed(forward, env)
+            first_fwd = timed(forward, env.sync)
         except Exception as error:  # e.g. out of memory at the benchmark's shape (it passed the checks' run)
             _skip(prepared, candidate, "its forward", error, env)
             continue
@@ -552,18 +485,16 @@ def _bench_preset(prepared: Prepared, env: Env, repeats: int, batch: int, block:
         else:
             timers.append(Timer(row, "fwd_ms", forward, model.eval))
         need = training_step_bytes(run, candidate.impl, batch * block, env)
-        if available is not None and need > TRAIN_MEMORY_FRACTION * available:
-            prepared.notes.append(
-                f"{candidate.label}: training step skipped: it copies the expert weights once per (token, expert) "
-                f"pair and keeps the copies for backward, ~{need / 2**30:.1f} GiB at {batch * block} tokens vs "
-                f"{available / 2**30:.1f} GiB available (limit {TRAIN_MEMORY_FRACTION:.0%} of it)")
+        note = training_step_skip_note(candidate.label, need, batch * block, available)
+        if note:
+            prepared.notes.append(note)
             continue
         optimizer = build_optimizer(model, run)
-        step = training_step(candidate, optimizer, x, y)
+        step = candidate_training_step(candidate, optimizer, x, y)
         model.train()
         try:
-            row.saved_mib = saved_activation_mib(lambda c=candidate: training_loss(c, x, y), model)
-            first = timed(step, env)  # the first step also creates the optimiser state
+            row.saved_mib = saved_tensors_mib(lambda c=candidate: training_loss_with_targets(c, x, y), model)
+            first = timed(step, env.sync)  # the first step also creates the optimiser state
         except Exception as error:
             row.saved_mib = None
             _skip(prepared, candidate, "its training step", error, env)
@@ -580,14 +511,14 @@ def _bench_preset(prepared: Prepared, env: Env, repeats: int, batch: int, block:
     _add_model_ratios(rows, batch * block)
     return {"preset": run.name, "export_architecture": prepared.export_arch, "batch_size": batch,
             "block_size": block, "tokens_per_step": batch * block, "checks": checks, "notes": prepared.notes,
-            "rows": [_row_dict(r) for r in rows], "best": _best(rows)}
+            "rows": [r.as_dict() for r in rows], "best": _fastest_training_per_architecture(rows)}
 
 
-def _skip(prepared: Prepared, candidate: Candidate, what: str, error: Exception, env: Env) -> None:
+def _skip(prepared: Prepared, candidate: ModelCandidate, what: str, error: Exception, env: Env) -> None:
     if candidate.library != "transformers":
         raise error  # moekit and its floor are the baselines of the ratios: nothing to compare without them
     prepared.notes.append(f"{candidate.label}: {what} skipped, it raised {type(error).__name__}: "
-                          f"{_first_line(error)}")
+                          f"{first_line(error)}")
     if env.cuda:  # e.g. out of memory: give the cached blocks back before the next row
         torch.cuda.empty_cache()
 
@@ -607,14 +538,7 @@ def _add_model_ratios(rows: list[ModelRow], tokens: int) -> None:
             row.extra[f"{kind}_vs_floor"] = ms / base if ms and base else None
 
 
-def _row_dict(row: ModelRow) -> dict:
-    return {"label": row.label, "library": row.library, "architecture": row.architecture,
-            "experts_implementation": row.impl, "parameters": row.parameters, "train_ms": row.train_ms,
-            "fwd_ms": row.fwd_ms, "train_peak_mib": row.train_peak_mib, "fwd_peak_mib": row.fwd_peak_mib,
-            "saved_mib": row.saved_mib, "timed_once": row.timed_once, **row.extra}
-
-
-def _best(rows: list[ModelRow]) -> dict[str, dict]:
+def _fastest_training_per_architecture(rows: list[ModelRow]) -> dict[str, dict]:
     """Per transformers architecture: its fastest experts implementation for the training step, and moekit's
     speed-up over it (train and fwd)."""
     best: dict[str, dict] = {}
@@ -631,24 +555,6 @@ def _best(rows: list[ModelRow]) -> dict[str, dict]:
 
 
 # ---------------------------------------------------------------------------------------------- output
-def _fmt(value: float | None, pattern: str = "{:.1f}") -> str:
-    return "-" if value is None else pattern.format(value)
-
-
-def print_rows(headers: list[str], table: list[list[str]], print_fn: Callable[..., Any]) -> None:
-    """A left-aligned first column and right-aligned others."""
-    widths = [max(len(h), *(len(r[i]) for r in table)) for i, h in enumerate(headers)]
-
-    def line(cells: list[str]) -> str:
-        return "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths,
-                                                                                                strict=True)))
-
-    print_fn(line(headers))
-    print_fn("-" * len(line(headers)))
-    for cells in table:
-        print_fn(line(cells))
-
-
 def _print_model_result(result: dict, env: Env, print_fn: Callable[..., Any]) -> None:
     print_fn(f"\nPreset {result['preset']}: batch {result['batch_size']} x block {result['block_size']} = "
              f"{result['tokens_per_step']:,} tokens per step (exported as {result['export_architecture']})")
@@ -659,13 +565,13 @@ def _print_model_result(result: dict, env: Env, print_fn: Callable[..., Any]) ->
     table = []
     for row in result["rows"]:
         mark = " (timed once)" if row["timed_once"] else ""
-        cells = [row["label"] + mark, f"{row['parameters'] / 1e6:.2f}M", _fmt(row["train_ms"]),
-                 _fmt(row["train_tokens_per_s"], "{:,.0f}"), _fmt(row["train_moekit_speedup"], "{:.2f}x"),
-                 _fmt(row["train_vs_floor"], "{:.2f}x"), _fmt(row["fwd_ms"]), _fmt(row["fwd_tokens_per_s"], "{:,.0f}"),
-                 _fmt(row["fwd_moekit_speedup"], "{:.2f}x"), _fmt(row["fwd_vs_floor"], "{:.2f}x"),
-                 _fmt(row["saved_mib"])]
+        cells = [row["label"] + mark, f"{row['parameters'] / 1e6:.2f}M", fmt(row["train_ms"]),
+                 fmt(row["train_tokens_per_s"], "{:,.0f}"), fmt(row["train_moekit_speedup"], "{:.2f}x"),
+                 fmt(row["train_vs_floor"], "{:.2f}x"), fmt(row["fwd_ms"]), fmt(row["fwd_tokens_per_s"], "{:,.0f}"),
+                 fmt(row["fwd_moekit_speedup"], "{:.2f}x"), fmt(row["fwd_vs_floor"], "{:.2f}x"),
+                 fmt(row["saved_mib"])]
         if env.cuda:
-            cells += [_fmt(row["train_peak_mib"]), _fmt(row["fwd_peak_mib"])]
+            cells += [fmt(row["train_peak_mib"]), fmt(row["fwd_peak_mib"])]
         table.append(cells)
     print_rows(headers, table, print_fn)
     moekit = result["rows"][0]
@@ -675,57 +581,13 @@ def _print_model_result(result: dict, env: Env, print_fn: Callable[..., Any]) ->
         if best["train_vs_floor"] and moekit["train_vs_floor"]:
             print_fn(f"    training step over the dense floor's: {arch} [{best['experts_implementation']}] "
                      f"{best['train_vs_floor']:.2f}x, moekit {moekit['train_vs_floor']:.2f}x")
-    for check in result["checks"]:
-        print_fn(f"  check passed: {check['what']} (max |diff| {check['max_abs_diff']:.1e}, atol {check['atol']:g})")
-    for note in result["notes"]:
-        print_fn(f"  note: {note}")
-
-
-def header(title: str, env: Env, tf: SimpleNamespace, threads: int, repeats: int,
-           print_fn: Callable[..., Any]) -> dict:
-    """Print the run's title, machine, calibration and load; return the machine info dict."""
-    info = machine_info(threads, env, tf)
-    precision = "fp32, CPU" if not env.cuda else "checks in fp32, timing in bf16, CUDA"
-    print_fn(f"{title} ({precision})")
-    for key, value in info.items():
-        print_fn(f"  {key}: {value}")
-    print_fn(f"  warmup {WARMUP}, median of {repeats} interleaved rounds (round-robin over every row)")
-    label, info["calibration_start_gflops"] = calibrate_gflops(env)
-    info["load_average_start"] = load_average()
-    print_fn(f"  calibration at start: {label} {info['calibration_start_gflops']:.0f} GFLOP/s, "
-             f"load average {info['load_average_start']}")
-    return info
-
-
-def footer(info: dict, env: Env, print_fn: Callable[..., Any]) -> None:
-    """Calibrate again and record the load and the process's peak RSS."""
-    _, info["calibration_end_gflops"] = calibrate_gflops(env)
-    info["load_average_end"] = load_average()
-    info["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
-    print_fn(f"\ncalibration at end: {info['calibration_end_gflops']:.0f} GFLOP/s (start "
-             f"{info['calibration_start_gflops']:.0f}), load average {info['load_average_end']}; "
-             "a large drop means the timings above were disturbed")
-    if not env.cuda:
-        print_fn(f"memory: per-row peaks are not separable on CPU (one process, one allocator); the process's "
-                 f"peak RSS over the whole run was {info['peak_rss_mib']:,.0f} MiB")
-
-
-def check_json_path(json_path: str | Path | None) -> None:
-    """Refuse, before any work, a JSON destination whose folder does not exist (the run's results would be lost)."""
-    if json_path and not Path(json_path).expanduser().absolute().parent.is_dir():
-        raise FileNotFoundError(f"the folder of --json {str(json_path)!r} does not exist; create it or choose "
-                                "another path")
-
-
-def write_result(json_path: str | Path | None, output: dict, print_fn: Callable[..., Any]) -> None:
-    if json_path:
-        write_json(Path(json_path), output)
-        print_fn(f"\nwrote {json_path}")
+    print_checks_and_notes(result, print_fn,
+                           lambda check: f" (max |diff| {check['max_abs_diff']:.1e}, atol {check['atol']:g})")
 
 
 # ---------------------------------------------------------------------------------------------- entry point
 def run_model_benchmark(presets: Iterable[str | RunConfig] | None = DEFAULT_PRESETS, device: str = "cpu",
-                        threads: int = 2, repeats: int = DEFAULT_REPEATS, batch_size: int | None = None,
+                        threads: int = 2, repeats: int = MODEL_REPEATS, batch_size: int | None = None,
                         block_size: int | None = None, json_path: str | Path | None = None,
                         print_fn: Callable[..., Any] = print, quick: bool = False) -> dict:
     """Time a training step and an inference forward of moekit presets and their transformers counterparts.
@@ -752,13 +614,11 @@ def run_model_benchmark(presets: Iterable[str | RunConfig] | None = DEFAULT_PRES
         ImportError: transformers is not installed.
         AssertionError: a twin's logits or loss differ from moekit's (nothing is timed then).
     """
-    env = resolve_device(device)
+    env = bench_env(device)
     runs = resolve_runs(presets)
     tf = load_transformers()
     check_json_path(json_path)
-    repeats = min(repeats, QUICK_REPEATS) if quick else repeats
-    if repeats < 1:
-        raise ValueError(f"repeats must be at least 1, got {repeats}")
+    repeats = resolve_repeats(repeats, quick)
     for name, value in (("batch_size", batch_size), ("block_size", block_size)):
         if value is not None and value < 1:
             raise ValueError(f"{name} must be a positive integer, got {value}")
@@ -782,15 +642,15 @@ def run_model_benchmark(presets: Iterable[str | RunConfig] | None = DEFAULT_PRES
         print_fn("  expert width + shared width): same active FLOPs, no routing; x floor = row time / floor time.")
         print_fn(f"  (timed once): a row over {SLOW_FACTOR:g}x moekit's time and {SLOW_SECONDS:g} s is not repeated;"
                  " its first call (after the checks) is its time.")
-        print_fn(f"  {LOSS_RULE}")
+        print_fn(f"  {MODEL_LOSS_RULE}")
         results = []
         for item, (batch, block) in zip(prepared, shapes, strict=True):
-            result = _bench_preset(item, env, repeats, batch, block)
+            result = _bench_model_preset(item, env, repeats, batch, block)
             _print_model_result(result, env, print_fn)
             results.append(result)
         footer(info, env, print_fn)
     output = {"benchmark": "model", "machine": info, "device": env.device.type,
               "dtype": str(env.dtype).removeprefix("torch."), "repeats": repeats, "warmup": WARMUP,
-              "loss_rule": LOSS_RULE, "results": results}
+              "loss_rule": MODEL_LOSS_RULE, "results": results}
     write_result(json_path, output, print_fn)
     return output
