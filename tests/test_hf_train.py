@@ -20,7 +20,7 @@ pytest.importorskip("transformers.integrations.moe", reason="moekit.hf needs tra
 pytest.importorskip("tokenizers")
 
 from moekit.cli import main
-from moekit.config import RunConfig
+from moekit.train.config import RunConfig
 from moekit.train.init_from import init_from_values
 from moekit.train.loop import Trainer
 

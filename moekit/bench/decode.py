@@ -31,8 +31,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..config import RunConfig
 from ..model.generate import generate
+from ..train.config import RunConfig
 from .layer import WARMUP, Env, Timer, bench_context, measure_peak_memory, progress, resolve_device, run_interleaved
 from .model import (
     DEFAULT_PRESETS,
