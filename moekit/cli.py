@@ -247,7 +247,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_info(args: argparse.Namespace) -> int:
-    from .model.info import info_from_model_config, load_info_source
+    from .info import info_from_model_config, load_info_source
 
     if args.source in preset_names() and not Path(args.source).exists():
         from .train.config import RunConfig
