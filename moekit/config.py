@@ -392,8 +392,9 @@ class MoEConfig(_DictMixin):
                 _fail("max_devices_per_token", M, f"None or an integer in [1, expert_devices={D}]; set "
                       "expert_devices to the expert-parallel size first")
             if k > M * (E // D):
-                _fail("max_devices_per_token", M, f"at least {math.ceil(k / (E // D))}: M devices hold "
-                      f"M * {E // D} experts, fewer than num_experts_per_tok={k}")
+                _fail("max_devices_per_token", M, f"at least {math.ceil(k / (E // D))}: M devices hold M * "
+                      f"num_local_experts / expert_devices = {M * (E // D)} experts, fewer than "
+                      f"num_experts_per_tok={k}")
 
         if self.router == "switch":
             if k != 1:
