@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from moekit.cli import load_run_dict
-from moekit.config import RunConfig, apply_overrides
+from moekit.train.config import RunConfig, apply_overrides
 from moekit.train.loop import Trainer
 from moekit.train.report import compare_runs
 

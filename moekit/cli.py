@@ -81,7 +81,7 @@ def load_run_dict(preset: str | None, config: str | None) -> dict[str, Any]:
 
 def _train_values(args: argparse.Namespace) -> dict[str, Any]:
     """The run config dict a `moekit train` invocation describes (nothing read but configs and checkpoints)."""
-    from .config import apply_overrides
+    from .train.config import apply_overrides
     from .train.init_from import init_from_values
     from .train.rundir import read_run_config
 
@@ -111,8 +111,8 @@ def _train_values(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from .config import RunConfig
     from .extras import require
+    from .train.config import RunConfig
     from .train.loop import Trainer
     from .train.report import write_report
 
@@ -174,9 +174,9 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def _load_run(run_dir: str):
-    from .config import RunConfig
     from .model import MoETransformer
     from .train.checkpoint import find_checkpoint, load_weights
+    from .train.config import RunConfig
     from .train.data import load_tokenizer
     from .train.init_from import build_model
     from .train.rundir import read_run_config
@@ -222,8 +222,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from .config import RunConfig, apply_overrides
     from .extras import require
+    from .train.config import RunConfig, apply_overrides
     from .train.loop import Trainer
     from .train.rundir import read_run_config
 
@@ -247,10 +247,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_info(args: argparse.Namespace) -> int:
-    from .model.info import info_from_model_config, load_info_source
+    from .info import info_from_model_config, load_info_source
 
     if args.source in preset_names() and not Path(args.source).exists():
-        from .config import RunConfig
+        from .train.config import RunConfig
 
         info = info_from_model_config(RunConfig.from_dict(load_run_dict(args.source, None)).model,
                                       context=args.context, batch=args.batch)

@@ -107,7 +107,7 @@ def sizes_worker(rank: int, world: int, port: int, ep: int, out_dir: str) -> Non
 def train_worker(rank: int, world: int, port: int, run_dict: dict, run_dir: str, resume: bool,
                  stop_at: int | None = None) -> None:
     """`Trainer` on every rank, as `torchrun -m moekit train` runs it (stopping early at `stop_at`)."""
-    from moekit.config import RunConfig
+    from moekit.train.config import RunConfig
     from moekit.train.loop import Trainer
 
     trainer = Trainer(RunConfig.from_dict(run_dict), Path(run_dir), resume=resume, overwrite=not resume,

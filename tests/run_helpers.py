@@ -5,7 +5,7 @@ from pathlib import Path
 import torch
 
 from moekit.cli import load_run_dict
-from moekit.config import RunConfig, apply_overrides
+from moekit.train.config import RunConfig, apply_overrides
 
 TEXT = ("To be, or not to be, that is the question:\nWhether 'tis nobler in the mind to suffer\n"
         "The slings and arrows of outrageous fortune,\nOr to take arms against a sea of troubles\n") * 40

@@ -31,9 +31,9 @@ from moekit.bench.model import (  # noqa: E402
     run_model_benchmark,
 )
 from moekit.cli import main  # noqa: E402
-from moekit.config import RunConfig, apply_overrides  # noqa: E402
 from moekit.model import MoETransformer  # noqa: E402
 from moekit.model.generate import generate  # noqa: E402
+from moekit.train.config import RunConfig, apply_overrides  # noqa: E402
 
 TINY = ["model.hidden_size=32", "model.moe.hidden_size=32", "model.num_hidden_layers=2",
         "model.num_attention_heads=2", "model.intermediate_size=64", "model.moe.moe_intermediate_size=16",

@@ -14,8 +14,8 @@ import torch
 
 from moekit import _files
 from moekit.cli import main
-from moekit.config import RunConfig
 from moekit.train import checkpoint as ckpt
+from moekit.train.config import RunConfig
 from moekit.train.loop import Trainer
 
 from .run_helpers import small_run, weights

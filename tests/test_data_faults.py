@@ -25,7 +25,7 @@ import pytest
 import torch
 
 from moekit.cli import main as cli_main
-from moekit.model.info import INFO_SOURCES, load_info_source
+from moekit.info import INFO_SOURCES, load_info_source
 from moekit.train.data import (
     MAX_TRAINING_RUN,
     ByteTokenizer,

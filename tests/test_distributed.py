@@ -14,10 +14,11 @@ import sys
 import pytest
 import torch
 
-from moekit.config import ModelConfig, MoEConfig, RunConfig
+from moekit.config import ModelConfig, MoEConfig
 from moekit.distributed.mesh import check_sizes
 from moekit.layer import MoELayer
 from moekit.train.checkpoint import find_checkpoint, load_weights
+from moekit.train.config import RunConfig
 from moekit.train.loop import Trainer
 
 from .dist_workers import layer_global_batch, layer_worker, sizes_worker, spawn, train_worker

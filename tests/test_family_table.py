@@ -32,10 +32,10 @@ pytest.importorskip("tokenizers")
 from moekit import MoELayer  # noqa: E402
 from moekit.cli import _load_run, main  # noqa: E402
 from moekit.families import FAMILIES, MOE_FAMILIES  # noqa: E402
+from moekit.info import load_info_source  # noqa: E402
 from moekit.interop import export_hf, load_hf  # noqa: E402
 from moekit.interop.merge import merge  # noqa: E402
 from moekit.interop.upcycle import upcycle  # noqa: E402
-from moekit.model.info import load_info_source  # noqa: E402
 
 from .family_cases import CASES, FAMILY_CASE, hf_model, save_case, token_ids  # noqa: E402
 from .merge_fixtures import WORDS, make_merge_inputs  # noqa: E402

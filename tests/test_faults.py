@@ -42,8 +42,8 @@ def straight(tmp_path_factory) -> dict[str, torch.Tensor]:
 
 def _loaded(run_dir: Path) -> dict[str, torch.Tensor]:
     """The weights of a run's newest checkpoint, loaded into its model (tied tensors filled)."""
-    from moekit.config import RunConfig
     from moekit.model import MoETransformer
+    from moekit.train.config import RunConfig
 
     model = MoETransformer(RunConfig.from_dict(json.loads((run_dir / "config.json").read_text())).model)
     ckpt.load_weights(ckpt.find_checkpoint(run_dir), model)

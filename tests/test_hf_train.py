@@ -20,7 +20,7 @@ pytest.importorskip("transformers.integrations.moe", reason="moekit.hf needs tra
 pytest.importorskip("tokenizers")
 
 from moekit.cli import main
-from moekit.config import RunConfig
+from moekit.train.config import RunConfig
 from moekit.train.init_from import init_from_values
 from moekit.train.loop import Trainer
 
@@ -226,7 +226,7 @@ def test_cli_train_generate_eval_info_on_a_transformers_run(corpus, tmp_path, ca
 def test_info_counts_agree_with_the_measured_model(model_type, corpus, tmp_path, quiet_transformers):
     """`moekit info` on a folder moekit does not convert (meta-device count, k from the config) against the
     trained model's own count (k measured from a forward)."""
-    from moekit.model.info import load_info_source
+    from moekit.info import load_info_source
 
     folder = make_folder(tmp_path, model_type)
     info = load_info_source(folder)

@@ -1,4 +1,4 @@
-"""moekit.model.info: analytic parameter, FLOP and memory counts against published numbers and real models."""
+"""moekit.info: analytic parameter, FLOP and memory counts against published numbers and real models."""
 
 import json
 
@@ -6,13 +6,13 @@ import pytest
 import torch
 
 from moekit.config import ModelConfig, MoEConfig
-from moekit.model import MoETransformer
-from moekit.model.info import (
+from moekit.info import (
     ModelInfo,
     info_from_hf_config,
     info_from_model_config,
     load_info_source,
 )
+from moekit.model import MoETransformer
 
 MIXTRAL_8X7B = {
     "model_type": "mixtral",

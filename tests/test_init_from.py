@@ -21,10 +21,10 @@ pytest.importorskip("transformers")
 pytest.importorskip("tokenizers")
 
 from moekit.cli import load_run_dict, main
-from moekit.config import RunConfig, TrainConfig
 from moekit.interop import load_hf
 from moekit.interop.upcycle import upcycle
 from moekit.train.checkpoint import find_checkpoint
+from moekit.train.config import RunConfig, TrainConfig
 from moekit.train.data import BPETokenizer, HFTokenizer, TokenDataset, load_tokenizer
 from moekit.train.init_from import init_from_values
 from moekit.train.loop import Trainer

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from moekit.cli import load_run_dict, main, preset_names
-from moekit.config import RunConfig
 from moekit.train import loop as loop_module
+from moekit.train.config import RunConfig
 from moekit.train.loop import Trainer
 
 from .run_helpers import SMALL, small_run, weights

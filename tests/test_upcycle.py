@@ -211,7 +211,7 @@ def _train_two_steps(folder: Path, root: Path) -> None:
     """`train.init_from=folder` for two steps: the folder trains, with a finite loss."""
     import random
 
-    from moekit.config import RunConfig
+    from moekit.train.config import RunConfig
     from moekit.train.init_from import init_from_values
     from moekit.train.loop import Trainer
 

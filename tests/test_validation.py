@@ -13,6 +13,7 @@ import dataclasses
 import datetime
 import math
 import re
+import sys
 import typing
 from pathlib import Path
 from typing import Any
@@ -24,10 +25,11 @@ from hypothesis import strategies as st
 
 from moekit import MoEConfig, MoELayer
 from moekit import config as config_module
-from moekit.config import ModelConfig, RunConfig, TrainConfig, apply_overrides
+from moekit.config import ModelConfig
 from moekit.interop.merge_config import ExpertSpec, MergeConfig, load_merge_config
 from moekit.model import MoETransformer
 from moekit.model.generate import generate
+from moekit.train.config import RunConfig, TrainConfig, apply_overrides
 from moekit.train.optim import build_optimizer
 from moekit.train.resume import lr_factor
 
@@ -309,7 +311,7 @@ def test_fuzz_merge_expert_key(key: str, value: Any, index: int) -> None:
                                             (TrainConfig, "_TRAIN_RULES"), (RunConfig, "_RUN_RULES")])
 def test_every_non_bool_field_has_a_range_rule(cls: type, rules: str) -> None:
     hints = typing.get_type_hints(cls)
-    table = getattr(config_module, rules)
+    table = getattr(sys.modules[cls.__module__], rules)  # the table beside the class
     missing = [f.name for f in dataclasses.fields(cls) if hints[f.name] is not bool and f.name not in table]
     assert not missing, f"{cls.__name__} fields without a range rule: {missing}"
     assert set(table) <= {f.name for f in dataclasses.fields(cls)}

@@ -31,8 +31,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..config import RunConfig
 from ..model.generate import generate
+from ..train.config import RunConfig
 from .harness import (
     SEED,
     WARMUP,

@@ -41,10 +41,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..config import RunConfig
 from ..interop.hf import export_hf
 from ..layer import update_aux_free_biases
 from ..model.transformer import DenseMLP, MoETransformer
+from ..train.config import RunConfig
 from ..train.optim import build_optimizer
 from .harness import (
     ATOL,

@@ -19,7 +19,7 @@ Beside this module: `config_io` (a config.json read with a family's defaults and
 families share), `problems` (what a family cannot hold, in words), `equivalence` (when two configs compute the same
 function), `moe_common` (behaviour several MoE families share: softmax routing's export, block reading helpers) and
 `tensor_map`, which runs the tensor map in both directions. `moekit.interop` (load, export, merge, upcycle),
-`moekit.model.info` and `MoELayer.from_hf` use families only through this interface.
+`moekit.info` and `MoELayer.from_hf` use families only through this interface.
 """
 
 from __future__ import annotations

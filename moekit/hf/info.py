@@ -38,7 +38,7 @@ def info_from_transformers(hf_config: dict[str, Any], context: int = 4096, batch
     """
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from ..model.info import TRAINING_BYTES_PER_PARAM, ModelInfo
+    from ..info import TRAINING_BYTES_PER_PARAM, ModelInfo
 
     values = dict(hf_config)
     model_type = values.pop("model_type")

@@ -349,7 +349,7 @@ class MergePlan:
 
     def format(self) -> str:
         """A readable multi-line summary."""
-        from ..model.info import human_bytes, human_count
+        from ..info import human_bytes, human_count
 
         share = 100.0 * self.active_params / self.total_params if self.total_params else 0.0
         lines = [

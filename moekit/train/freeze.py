@@ -7,8 +7,8 @@ from typing import Any
 
 from torch import nn
 
-from ..config import split_patterns
 from ..layer import MoELayer
+from .config import split_patterns
 
 
 def router_parameter_names(model: nn.Module) -> list[str]:

@@ -21,8 +21,9 @@ from typing import Any
 
 import torch
 
-from ..config import HFModelConfig, ModelConfig, apply_overrides
+from ..config import HFModelConfig, ModelConfig
 from ..model import MoETransformer
+from .config import apply_overrides
 
 INIT_FROM_MOE_FIELDS = ("router_aux_loss_coef", "router_z_loss_coef", "importance_loss_coef", "load_loss_coef",
                         "seq_aux_loss_coef", "aux_free_bias_update_rate", "router_jitter_noise", "capacity_factor",
@@ -93,7 +94,7 @@ def init_from_values(values: dict[str, Any], overrides: list[str]) -> dict[str, 
     """A run config dict whose model section is `train.init_from`'s, with `overrides` applied on top.
 
     `values` is a preset or config file (a dict with `model` and `train` sections); `train.init_from` comes
-    from it or from `overrides` (`KEY=VALUE` items, as for :func:`moekit.config.apply_overrides`). Without
+    from it or from `overrides` (`KEY=VALUE` items, as for :func:`moekit.train.config.apply_overrides`). Without
     `init_from` this is `apply_overrides(values, overrides)`. With it, the model section is replaced by the
     checkpoint's configuration before the overrides apply, so `model.moe.router_aux_loss_coef=0.01` adds a
     balancing loss to the checkpoint's router, while a field outside :data:`INIT_FROM_MOE_FIELDS` that differs is

@@ -39,11 +39,11 @@ from .._files import (
     write_json,
     write_json_lines,
 )
-from ..config import RunConfig
 from ..layer import MoELayer
 from ..model import MoETransformer
 from . import checkpoint as ckpt
 from . import rundir
+from .config import RunConfig
 from .data import BatchSampler, TokenDataset, build_tokenizer, iter_eval_batches, load_tokenizer
 from .device import autocast_dtype, resolve_device
 from .errors import NonFiniteTraining

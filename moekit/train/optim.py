@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from ..config import RunConfig
+from .config import RunConfig
 
 __all__ = ["build_optimizer", "make_adamw"]
 

@@ -46,7 +46,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..config import ModelConfig, MoEConfig
+from .config import ModelConfig, MoEConfig
 
 #: Bytes per parameter for mixed-precision AdamW training: fp32 weights, gradients and two moments.
 TRAINING_BYTES_PER_PARAM = 16
@@ -336,8 +336,8 @@ def info_from_hf_config(config: dict[str, Any], context: int = 4096, batch: int 
         ValueError: a `model_type` moekit has no family for (naming the supported ones), or a config value the
             counts need that is missing or wrong.
     """
-    from ..families import family_for
-    from ..families.config_io import HFConfig, read_rope
+    from .families import family_for
+    from .families.config_io import HFConfig, read_rope
 
     model_type = config.get("model_type")
     family = family_for(model_type, "info")
@@ -449,7 +449,7 @@ def _read_config_file(path: Path) -> dict[str, Any]:
 
 def _moekit_family(model_type: Any) -> bool:
     """True when moekit has a family module that reads `model_type`."""
-    from ..families import family_for
+    from .families import family_for
 
     try:
         family_for(model_type, "info")
@@ -460,7 +460,7 @@ def _moekit_family(model_type: Any) -> bool:
 
 def _transformers_knows(model_type: Any) -> bool:
     """True when transformers >= 5 is installed and has a config class for `model_type`."""
-    from ..extras import installed
+    from .extras import installed
 
     if not isinstance(model_type, str) or not installed("transformers"):
         return False
@@ -499,7 +499,7 @@ def load_info_source(path: str | Path, context: int = 4096, batch: int = 1, dtyp
     values = _read_config_file(path)
     model_type = values.get("model_type")
     if model_type is not None and not _moekit_family(model_type) and _transformers_knows(model_type):
-        from ..hf.info import info_from_transformers
+        from .hf.info import info_from_transformers
 
         try:
             info = info_from_transformers(values, context=context, batch=batch, dtype_bytes=dtype_bytes)
@@ -515,7 +515,7 @@ def load_info_source(path: str | Path, context: int = 4096, batch: int = 1, dtyp
             raise ValueError(f"{path}: an HF config value has the wrong type or is zero ({_one_line(error)}); fix "
                              "the config, or pass another model directory") from error
     elif isinstance(values.get("model"), dict) and "hf_config" in values["model"]:  # a transformers-backend run
-        from ..hf.info import info_from_transformers
+        from .hf.info import info_from_transformers
 
         info = info_from_transformers(dict(values["model"]["hf_config"]), context=context, batch=batch,
                                       dtype_bytes=dtype_bytes)
