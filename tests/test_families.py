@@ -156,7 +156,7 @@ def test_info_reads_the_key_spellings_transformers_saves(tmp_path: Path) -> None
 
 # ---------------------------------------------------------------------------------------------- every block class
 def test_every_transformers_moe_block_is_computed_exactly_or_refused() -> None:
-    hf_zoo = pytest.importorskip("hf_zoo")
+    from . import hf_zoo
     zoo = hf_zoo.moe_block_classes()
     assert len(zoo) > 40
     computed, refused = [], []
