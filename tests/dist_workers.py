@@ -87,7 +87,7 @@ def layer_worker(rank: int, world: int, port: int, ep: int, config_dict: dict, t
     dist.all_reduce(router_grad)  # replicated parameter: the sum over ranks is the global batch's gradient
     torch.save({"out": out.hidden_states.detach().float(), "x_grad": x_mine.grad, "router_grad": router_grad,
                 "expert_grads": {n: p.grad for n, p in layer.experts.named_parameters()},
-                "offset": layer.experts.expert_offset, "stats": out.stats,
+                "offset": layer.dispatcher.expert_offset, "stats": out.stats,
                 "inference": inference if autocast else None},
                Path(out_dir) / f"rank{rank}.pt")
 

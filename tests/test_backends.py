@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -36,7 +38,9 @@ def orientation(request, monkeypatch):
     x W^T: run every check every way."""
     rows = 0 if request.param == "weight_right" else 10**6
     monkeypatch.setattr(grouped_ffn_module, "WEIGHT_LEFT_MAX_ROWS", rows)
-    monkeypatch.setattr(experts_module, "PADDED_WEIGHT_LEFT_MAX_ROWS", rows)  # the padded bmm's two orientations
+    padded = experts_module.AUTO_BACKEND_THRESHOLDS["padded_weight_left_max_rows"]  # the padded bmm's two orientations
+    monkeypatch.setitem(experts_module.AUTO_BACKEND_THRESHOLDS, "padded_weight_left_max_rows",
+                        dataclasses.replace(padded, value=rows))
     stream_bytes = 0 if request.param == "weight_left_streamed" else 2**62
     monkeypatch.setattr(grouped_ffn_module, "STREAM_WEIGHT_MIN_BYTES", stream_bytes)
     return request.param

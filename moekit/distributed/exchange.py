@@ -27,6 +27,7 @@ class _AllToAll(torch.autograd.Function):
 
 
 def _exchange(x: Tensor, out_splits: list[int], in_splits: list[int], group) -> Tensor:
+    # x: [sum(in_splits), ...] rows to send, rank by rank; out: [sum(out_splits), ...] rows received, rank by rank
     out = x.new_empty((sum(out_splits), *x.shape[1:]))
     dist.all_to_all_single(out, x.contiguous(), out_splits, in_splits, group=group)
     return out
@@ -34,7 +35,11 @@ def _exchange(x: Tensor, out_splits: list[int], in_splits: list[int], group) -> 
 
 def all_to_all(x: Tensor, out_splits: list[int], in_splits: list[int], group=None) -> Tensor:
     """Send rows `x[sum(in_splits[:d]) : sum(in_splits[:d+1])]` to rank d of `group`; receive `sum(out_splits)`
-    rows, rank d's first (`out_splits[d]` of them). Differentiable when `x` requires grad."""
+    rows, rank d's first (`out_splits[d]` of them). Differentiable when `x` requires grad.
+
+    `x` is [sum(in_splits), ...]; the result [sum(out_splits), ...] (trailing dimensions unchanged). Both split
+    lists have one entry per rank of `group`.
+    """
     if x.requires_grad and torch.is_grad_enabled():
         return _AllToAll.apply(x, out_splits, in_splits, group)
     return _exchange(x, out_splits, in_splits, group)
@@ -42,7 +47,11 @@ def all_to_all(x: Tensor, out_splits: list[int], in_splits: list[int], group=Non
 
 def exchange_counts(counts: Tensor, group=None) -> Tensor:
     """Each rank's `counts[d]` (a row per destination rank d) goes to rank d: returns the rows every rank sent
-    here, in rank order. The first step of an uneven exchange: each side learns how much it will receive."""
+    here, in rank order. The first step of an uneven exchange: each side learns how much it will receive.
+
+    `counts` is [ranks, C] (C counts per destination, e.g. token rows and assignments); the result is [ranks, C],
+    row s what rank s sent here.
+    """
     received = torch.empty_like(counts)
     dist.all_to_all_single(received, counts.contiguous(), group=group)
     return received

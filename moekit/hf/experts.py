@@ -38,7 +38,7 @@ from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
 from ..layer.dispatch import plan_dispatch
-from ..layer.experts import GROUPED_MM_CPU_ROWS, builds_graph, compute_dtype, stacked_experts
+from ..layer.experts import auto_threshold, builds_graph, compute_dtype, stacked_experts
 from ..layer.grouped_ffn import activate, grouped_mm_fits
 
 #: the registered names and the moekit backend each runs ("auto" chooses per call, as moekit's own layers do)
@@ -296,7 +296,8 @@ def _combined_loop_fits(x: Tensor, in_proj: Tensor, down_proj: Tensor, group_siz
 
 
 def _inference_grouped_mm(x: Tensor, in_proj: Tensor, down_proj: Tensor, group_sizes: list[int], rows: int) -> bool:
-    """True for CPU inference with up to `GROUPED_MM_CPU_ROWS[1]` rows per busy expert on average (a prefill).
+    """True for CPU inference with up to `grouped_mm_cpu_rows`' upper bound (`AUTO_BACKEND_THRESHOLDS`) rows per
+    busy expert on average (a prefill).
 
     Routing in a real model is uneven: the padded `bmm`, which `stacked_experts` may choose at these sizes, pads
     every expert to the busiest one, and torch's `grouped_mm` (the kernel of transformers' own `grouped_mm`,
@@ -307,7 +308,7 @@ def _inference_grouped_mm(x: Tensor, in_proj: Tensor, down_proj: Tensor, group_s
     if not grouped_mm_fits(down_proj.shape[1], down_proj.shape[2], compute_dtype(x)):
         return False
     busy = sum(1 for size in group_sizes if size > 0)
-    return rows <= GROUPED_MM_CPU_ROWS[1] * busy
+    return rows <= auto_threshold("grouped_mm_cpu_rows")[1] * busy
 
 
 def _stacked_grad_buffer(weight: Tensor, group_sizes: list[int]) -> Tensor:

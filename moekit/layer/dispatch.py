@@ -3,16 +3,24 @@
 Token-choice and expert-choice routing arrive as flat assignments (token, expert, weight).
 `plan_dispatch` orders them by expert (dropping the overflow when a capacity is set) with one
 stable sort; `permute` gathers the rows; `combine` folds the weights into one scatter-add.
+A `TokenDispatcher` carries a layer's grouped assignments to its experts and their results back to the
+token rows: `LocalDispatcher` when the layer holds every expert, the expert-parallel one
+(`moekit.distributed`) when ranks share them; `MoELayer` calls whichever it holds the same way.
 Soft MoE has its own pair, `soft_dispatch` / `soft_combine`, since slots are weighted averages.
 """
 
 from __future__ import annotations
 
 import math
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
+
+if TYPE_CHECKING:
+    from .experts import GroupedExperts
 
 
 @dataclass
@@ -112,10 +120,52 @@ def combine(expert_out: Tensor, token_index: Tensor, weights: Tensor | None, pla
 
     Pass `weights=None` when the experts already applied them (`GroupedExperts(row_scale=...)`).
     """
-    out = expert_out.new_zeros(num_tokens, expert_out.shape[-1])
     if weights is not None:
         expert_out = expert_out * weights[plan.order].unsqueeze(-1).to(expert_out.dtype)
-    return out.index_add_(0, token_index[plan.order], expert_out)
+    return scatter_rows(expert_out, token_index[plan.order], num_tokens)
+
+
+def scatter_rows(rows: Tensor, row_index: Tensor, num_rows: int) -> Tensor:
+    """Sum `rows: [N, H]` into `num_rows` rows: row n adds into row `row_index[n]`; [num_rows, H], `rows`' dtype."""
+    return rows.new_zeros(num_rows, rows.shape[-1]).index_add_(0, row_index, rows)
+
+
+class TokenDispatcher(ABC):
+    """How a layer's routed assignments reach its experts and come back: the one place local and
+    expert-parallel layers differ.
+
+    A layer holds one (`MoELayer.dispatcher`) and never asks which: `LocalDispatcher` runs the layer's own
+    experts; `moekit.distributed.ExpertParallelDispatcher` (put in place by `shard_experts`) sends the rows
+    to the ranks holding their experts. A dispatcher holds no parameters, so a layer's state dict is the
+    same under either.
+    """
+
+    @abstractmethod
+    def dispatch_and_combine(self, experts: GroupedExperts, x: Tensor, group_sizes: list[int], row_scale: Tensor,
+                             row_index: Tensor) -> Tensor:
+        """The routed experts' weighted sum for every token row of `x: [T, H]`: [T, H].
+
+        `group_sizes` (length E, every expert of the layer), `row_scale` and `row_index` ([N] each) are the
+        grouped assignments as `MoELayer` plans them: expert e's assignments are the e-th slice, assignment n
+        reads token `row_index[n]` and weighs its result by `row_scale[n]`. `experts` is the layer's
+        `GroupedExperts` (all E of them, or this rank's slice under expert parallelism).
+        """
+
+    def stats(self) -> dict[str, Tensor]:
+        """What the last `dispatch_and_combine` cost beyond computing, as scalar tensors (none for local)."""
+        return {}
+
+
+class LocalDispatcher(TokenDispatcher):
+    """Every expert is in this process: run them on the grouped rows and scatter-add into token order."""
+
+    def dispatch_and_combine(self, experts: GroupedExperts, x: Tensor, group_sizes: list[int], row_scale: Tensor,
+                             row_index: Tensor) -> Tensor:
+        expert_out = experts(x, group_sizes, row_scale=row_scale, row_index=row_index)
+        return scatter_rows(expert_out, row_index, x.shape[0])
+
+    def __repr__(self) -> str:
+        return "LocalDispatcher()"
 
 
 class _Sequences:

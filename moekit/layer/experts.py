@@ -13,6 +13,7 @@ weight into the activation, where a bias would not be scaled).
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -21,18 +22,55 @@ from torch import Tensor, nn
 from ..config import GATED_ACTS, MoEConfig
 from .grouped_ffn import activate, check_grouped_mm, grouped_ffn, grouped_mm_fits, streams_weights
 
-#: the padded `bmm` backend is chosen automatically only when no expert has more rows than this
-PADDED_MAX_ROWS = 64
-#: CPU inference keeps the loop while busy experts average at most this many rows (decoding, short batches)
-LOOP_MAX_AVERAGE_ROWS = 4
-#: padded batches of at most this many rows per expert multiply with the weights as the left operand
-PADDED_WEIGHT_LEFT_MAX_ROWS = 4
-#: CPU inference runs `grouped_mm` when a busy expert has on average more rows than the first and at most the
-#: second (prefill and eval batches of a few hundred tokens); outside that range the loop is as fast or faster
-GROUPED_MM_CPU_ROWS = (8, 128)
-#: CPU training runs `grouped_mm` (every projection one call, elementwise work over all rows) when the average
-#: busy expert's rows x hidden size is at most this; above it the loop's per-expert cache locality wins
-GROUPED_MM_CPU_TRAIN_ROW_ELEMENTS = 65536
+
+@dataclass(frozen=True)
+class BackendThreshold:
+    """One measured bound of the "auto" expert backend choice.
+
+    Attributes:
+        value: the bound (a pair for a range).
+        decides: what is chosen on which side of it.
+        evidence: the benchmark result (under `benchmarks/results/`) or the recorded sweep that set it.
+    """
+
+    value: int | tuple[int, int]
+    decides: str
+    evidence: str
+
+
+#: Every measured bound behind `expert_backend="auto"` (CPU; CUDA in bf16/fp16 always runs `grouped_mm`), by name.
+#: `choose_backend` and the padded bmm read their values here; docs point here rather than restating them.
+AUTO_BACKEND_THRESHOLDS: dict[str, BackendThreshold] = {
+    "grouped_mm_cpu_train_row_elements": BackendThreshold(
+        65536,
+        "training: grouped_mm while the average busy expert's rows x hidden size is at most this, else the loop",
+        "the fwd+bwd sweep in commit d8eae36's message (hidden 128-512, 32-512 rows per expert); "
+        "benchmarks/results/bench_model.txt (tiny-deepseek's training step)"),
+    "loop_max_average_rows": BackendThreshold(
+        4,
+        "inference: the loop while busy experts average at most this many rows and each expert's weight "
+        "streams from memory (decoding), before the padded bmm is considered",
+        "benchmarks/results/bench_layer_16.txt (16-token rows; commit 54280ec)"),
+    "padded_max_rows": BackendThreshold(
+        64,
+        "inference: the padded bmm only when no expert has more rows than this",
+        "benchmarks/results/bench_layer_16.txt (16-token rows) and bench_layer.txt (4096 tokens: bmm slower)"),
+    "padded_weight_left_max_rows": BackendThreshold(
+        4,
+        "the padded bmm multiplies with the weights as the left operand up to this many rows per expert",
+        "benchmarks/results/bench_layer_16.txt (16-token rows; commit 496964e)"),
+    "grouped_mm_cpu_rows": BackendThreshold(
+        (8, 128),
+        "inference: grouped_mm when busy experts average more rows than the first and at most the second "
+        "(prefill, eval batches); outside that range the loop",
+        "the no-grad sweep in commit f0be1fc's message (hidden 128-512, 256-1024 tokens); "
+        "benchmarks/results/bench_decode.txt (prefill)"),
+}
+
+
+def auto_threshold(name: str) -> int | tuple[int, int]:
+    """The value of `AUTO_BACKEND_THRESHOLDS[name]`."""
+    return AUTO_BACKEND_THRESHOLDS[name].value
 
 
 def _activation(name: str):
@@ -62,11 +100,12 @@ def choose_backend(requested: str, x: Tensor, group_sizes: list[int], in_proj: T
 
     `in_proj` is [E, 2I or I, H] and `down_proj` [E, H, I] (any strides). "auto" picks `grouped_mm` on CUDA in
     bf16/fp16. When gradients are needed on the CPU it picks one of the two hand-written backwards (both keep the
-    least memory): `grouped_mm` when the average busy expert's rows times the hidden size is at most
-    `GROUPED_MM_CPU_TRAIN_ROW_ELEMENTS`, else the per-expert `loop` (other devices: the loop). For inference it
-    picks the loop when busy experts average at most `LOOP_MAX_AVERAGE_ROWS` rows and each expert's weight
-    streams from memory; else the padded `bmm` when every group fits a small padded batch that wastes little;
-    else torch's CPU `grouped_mm` when busy experts average within `GROUPED_MM_CPU_ROWS`; else the loop.
+    least memory): `grouped_mm` for small groups (`grouped_mm_cpu_train_row_elements`), else the per-expert `loop`
+    (other devices: the loop). For inference it picks the loop for a few rows per busy expert whose weights stream
+    from memory (`loop_max_average_rows`); else the padded `bmm` when every group fits a small padded batch
+    (`padded_max_rows`) that wastes little; else torch's CPU `grouped_mm` for mid-sized groups
+    (`grouped_mm_cpu_rows`); else the loop. The bounds and the measurements behind them are in
+    `AUTO_BACKEND_THRESHOLDS`.
     """
     num_experts, hidden_size, intermediate_size = down_proj.shape
     dtype = compute_dtype(x)
@@ -82,13 +121,13 @@ def choose_backend(requested: str, x: Tensor, group_sizes: list[int], in_proj: T
     busy = sum(1 for size in group_sizes if size > 0)
     if builds_graph(x, in_proj):
         # training: both hand-written backwards save the least memory; grouped_mm for small groups
-        small = busy and rows * hidden_size <= GROUPED_MM_CPU_TRAIN_ROW_ELEMENTS * busy
+        small = busy and rows * hidden_size <= auto_threshold("grouped_mm_cpu_train_row_elements") * busy
         return "grouped_mm" if fits and small and x.device.type == "cpu" else "loop"
-    if rows <= LOOP_MAX_AVERAGE_ROWS * busy and streams_weights(in_proj):
+    if rows <= auto_threshold("loop_max_average_rows") * busy and streams_weights(in_proj):
         return "loop"  # a few rows per expert: the loop streams just the busy experts' weights
-    if most <= PADDED_MAX_ROWS and 2 * busy >= num_experts and num_experts * most <= 8 * rows:
+    if most <= auto_threshold("padded_max_rows") and 2 * busy >= num_experts and num_experts * most <= 8 * rows:
         return "bmm"
-    low, high = GROUPED_MM_CPU_ROWS
+    low, high = auto_threshold("grouped_mm_cpu_rows")
     if fits and busy and low * busy < rows <= high * busy:
         return "grouped_mm"
     return "loop"
@@ -139,7 +178,7 @@ def _padded_forward(x: Tensor, group_sizes: list[int], in_proj: Tensor, down_pro
     padded = x.new_zeros(num_experts * capacity, x.shape[1]).index_copy(0, slot, x).view(num_experts, capacity, -1)
     if scale is not None:
         scale = scale.new_zeros(num_experts * capacity).index_copy(0, slot, scale).view(num_experts, capacity)
-    if capacity <= PADDED_WEIGHT_LEFT_MAX_ROWS:
+    if capacity <= auto_threshold("padded_weight_left_max_rows"):
         # h^T = W x^T per expert: MKL streams each weight instead of packing it (see grouped_ffn)
         h = torch.bmm(in_proj, padded.transpose(1, 2)).transpose(1, 2)
         a = _scaled_activation(h, gated, scale).contiguous()  # row-major again, for the same fast path below

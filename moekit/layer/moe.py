@@ -1,4 +1,4 @@
-"""`MoELayer`: router -> dispatch -> experts -> combine (+ shared experts), with balancing and stats."""
+"""`MoELayer`: router -> dispatcher (experts, combine) (+ shared experts), with balancing and stats."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from torch import Tensor, nn
 
 from ..config import MoEConfig
 from . import balance
-from .dispatch import combine, expert_capacity, plan_dispatch, soft_combine, soft_dispatch
+from .dispatch import LocalDispatcher, TokenDispatcher, expert_capacity, plan_dispatch, soft_combine, soft_dispatch
 from .experts import GroupedExperts, SharedExperts
 from .routers import Router, Routing, build_router
 
@@ -54,6 +54,8 @@ class MoELayer(nn.Module):
         self.config = config
         self.router: Router = build_router(config)
         self.experts = GroupedExperts.from_config(config)
+        # how routed rows reach `experts` and come back; `shard_experts` puts an expert-parallel one in its place
+        self.dispatcher: TokenDispatcher = LocalDispatcher()
         self.shared_experts = SharedExperts.from_config(config) if config.n_shared_experts else None
         # router choices accumulated over micro-batches since the last aux-free bias update
         self.register_buffer("load_since_update", torch.zeros(config.num_local_experts), persistent=False)
@@ -69,69 +71,63 @@ class MoELayer(nn.Module):
         statistics in eval mode (`aux_loss` is then 0 and `stats` empty), for generation; training
         always computes them, since the loss and the aux-free balancer need them.
         """
-        cfg = self.config
         self._check_input(x)
-        num_sequences = x.shape[0] if x.dim() == 3 else 1
-        seq_len = x.shape[1] if x.dim() == 3 else x.shape[0]
-        flat = x.reshape(-1, cfg.hidden_size)
-        seq_ids = torch.arange(num_sequences, device=x.device).repeat_interleave(seq_len)
-        kept_rows = None
-        if attention_mask is not None:
-            if tuple(attention_mask.shape) != tuple(x.shape[:-1]):
-                raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)} but x has leading "
-                                 f"shape {tuple(x.shape[:-1])}; pass one mask value per token")
-            kept_rows = attention_mask.reshape(-1).bool().nonzero().squeeze(1)
-            flat, seq_ids = flat[kept_rows], seq_ids[kept_rows]
-
-        router_input = flat
-        if self.training and cfg.router_jitter_noise > 0:
-            noise = torch.empty_like(flat).uniform_(1.0 - cfg.router_jitter_noise, 1.0 + cfg.router_jitter_noise)
-            router_input = flat * noise
-        routing = self.router(router_input, seq_ids, num_sequences)
-
+        tokens = _TokenRows.unpad(x, attention_mask)
+        routing = self._route(tokens)
         if routing.is_soft:
-            # per sequence, so a non-finite token reaches no other sequence (None: equal-length sequences in order)
-            soft_seq_ids = None if kept_rows is None else seq_ids
-            slots, sizes = soft_dispatch(flat, routing.soft_dispatch, cfg.num_local_experts, cfg.slots_per_expert,
-                                         soft_seq_ids)
-            out = soft_combine(self.experts(slots, sizes), routing.soft_combine, cfg.num_local_experts,
-                               cfg.slots_per_expert, soft_seq_ids)
-            num_dropped = 0
+            out, num_dropped = self._soft_experts(tokens, routing), 0
         else:
-            capacity = None
-            if cfg.capacity_factor is not None and routing.num_experts_per_tok is not None:
-                capacity = expert_capacity(routing.expert_index.numel(), cfg.num_local_experts, cfg.capacity_factor)
-            plan = plan_dispatch(routing.expert_index, cfg.num_local_experts, routing.weights,
-                                 routing.num_experts_per_tok or 1, capacity)
-            # the combine weights ride along with the rows: the experts apply them where it is cheapest
-            row_scale, row_index = routing.weights[plan.order], routing.token_index[plan.order]
-            exchange = getattr(self.experts, "dispatch_and_combine", None)
-            if exchange is not None:  # experts held elsewhere (expert parallelism): they return token rows
-                out = exchange(flat, plan.group_sizes, row_scale, row_index)
-            else:
-                expert_out = self.experts(flat, plan.group_sizes, row_scale=row_scale, row_index=row_index)
-                out = combine(expert_out, routing.token_index, None, plan, flat.shape[0])
-            num_dropped = plan.num_dropped
+            out, num_dropped = self._routed_experts(tokens.rows, routing)
         if self.shared_experts is not None:
-            out = out + self.shared_experts(flat)
+            out = out + self.shared_experts(tokens.rows)
+        aux_loss, stats = self._balance_and_stats(routing, tokens, num_dropped, compute_stats)
+        return MoEOutput(tokens.repad(out).view(x.shape), aux_loss, tokens.repad(routing.logits), stats)
 
-        if compute_stats or self.training:
-            aux_loss, stats = self._balance(routing, seq_ids, num_sequences, num_dropped, flat.shape[0])
-        else:
-            aux_loss, stats = routing.logits.new_zeros((), dtype=torch.float32), {}
-        if self.training and cfg.aux_free_bias_update_rate > 0:
+    def _route(self, tokens: _TokenRows) -> Routing:
+        """The router's decision for the real token rows; in training with `router_jitter_noise`, on a jittered
+        copy of them (the experts still see the rows themselves)."""
+        router_input, jitter = tokens.rows, self.config.router_jitter_noise
+        if self.training and jitter > 0:
+            router_input = router_input * torch.empty_like(router_input).uniform_(1.0 - jitter, 1.0 + jitter)
+        return self.router(router_input, tokens.seq_ids, tokens.num_sequences)
+
+    def _routed_experts(self, rows: Tensor, routing: Routing) -> tuple[Tensor, int]:
+        """Discrete routing: plan the assignments expert-major (dropping over capacity), hand them to the
+        dispatcher; returns the token rows' expert output [T, H] and the number of dropped assignments."""
+        cfg = self.config
+        capacity = None
+        if cfg.capacity_factor is not None and routing.num_experts_per_tok is not None:
+            capacity = expert_capacity(routing.expert_index.numel(), cfg.num_local_experts, cfg.capacity_factor)
+        plan = plan_dispatch(routing.expert_index, cfg.num_local_experts, routing.weights,
+                             routing.num_experts_per_tok or 1, capacity)
+        # the combine weights ride along with the rows: the experts apply them where it is cheapest
+        row_scale, row_index = routing.weights[plan.order], routing.token_index[plan.order]
+        out = self.dispatcher.dispatch_and_combine(self.experts, rows, plan.group_sizes, row_scale, row_index)
+        return out, plan.num_dropped
+
+    def _soft_experts(self, tokens: _TokenRows, routing: Routing) -> Tensor:
+        """Soft MoE: every expert's slots are weighted averages of a sequence's tokens; [T, H]."""
+        cfg = self.config
+        # per sequence, so a non-finite token reaches no other sequence (None: equal-length sequences in order)
+        seq_ids = None if tokens.kept_rows is None else tokens.seq_ids
+        slots, sizes = soft_dispatch(tokens.rows, routing.soft_dispatch, cfg.num_local_experts, cfg.slots_per_expert,
+                                     seq_ids)
+        return soft_combine(self.experts(slots, sizes), routing.soft_combine, cfg.num_local_experts,
+                            cfg.slots_per_expert, seq_ids)
+
+    def _balance_and_stats(self, routing: Routing, tokens: _TokenRows, num_dropped: int,
+                           compute_stats: bool) -> tuple[Tensor, dict[str, Tensor]]:
+        """The balancing loss and the statistics (skipped in eval mode without `compute_stats`); counts the
+        router's choices for the aux-free bias update in training."""
+        if not (compute_stats or self.training):
+            return routing.logits.new_zeros((), dtype=torch.float32), {}
+        aux_loss, stats = self._balance(routing, tokens.seq_ids, tokens.num_sequences, num_dropped,
+                                        tokens.rows.shape[0])
+        if self.training and self.config.aux_free_bias_update_rate > 0:
             self.load_since_update += stats["tokens_per_expert"]
-        if stats and not routing.is_soft and getattr(self.experts, "exchange_stats", None):
-            # experts on other ranks report what reaching them cost (expert parallelism)
-            stats.update({name: torch.tensor(value) for name, value in self.experts.exchange_stats.items()})
-
-        router_logits = routing.logits
-        if kept_rows is not None:
-            full = out.new_zeros(x.shape[:-1].numel(), cfg.hidden_size)
-            out = full.index_copy(0, kept_rows, out)
-            logits_full = router_logits.new_zeros(full.shape[0], router_logits.shape[-1])
-            router_logits = logits_full.index_copy(0, kept_rows, router_logits)
-        return MoEOutput(out.view(x.shape), aux_loss, router_logits, stats)
+        if not routing.is_soft:
+            stats.update(self.dispatcher.stats())  # what reaching the experts cost (expert parallelism)
+        return aux_loss, stats
 
     def _check_input(self, x: Tensor) -> None:
         """Refuse an input the layer cannot route, naming what is wrong and how to fix it."""
@@ -245,6 +241,46 @@ class MoELayer(nn.Module):
         if bias is not None:  # the selection bias stays float32 whatever the layer's dtype
             bias.copy_(state["router.e_score_correction_bias"].float())
         return layer
+
+
+@dataclass
+class _TokenRows:
+    """The real tokens of a layer input as rows `[T, H]`, with what puts them back in place.
+
+    Attributes:
+        rows: [T, H] the input's rows, padded positions left out.
+        seq_ids: [T] the sequence of each row.
+        num_sequences: sequences in the input (its batch size; 1 for a 2-D input).
+        kept_rows: [T] each row's position in the flattened input; None when nothing was left out.
+        num_positions: positions in the flattened input.
+    """
+
+    rows: Tensor
+    seq_ids: Tensor
+    num_sequences: int
+    kept_rows: Tensor | None
+    num_positions: int
+
+    @classmethod
+    def unpad(cls, x: Tensor, attention_mask: Tensor | None) -> _TokenRows:
+        """The rows of `x: [B, S, H]` or `[S, H]` whose mask is set (every row without a mask)."""
+        num_sequences = x.shape[0] if x.dim() == 3 else 1
+        seq_len = x.shape[1] if x.dim() == 3 else x.shape[0]
+        rows = x.reshape(-1, x.shape[-1])
+        seq_ids = torch.arange(num_sequences, device=x.device).repeat_interleave(seq_len)
+        if attention_mask is None:
+            return cls(rows, seq_ids, num_sequences, None, rows.shape[0])
+        if tuple(attention_mask.shape) != tuple(x.shape[:-1]):
+            raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)} but x has leading "
+                             f"shape {tuple(x.shape[:-1])}; pass one mask value per token")
+        kept_rows = attention_mask.reshape(-1).bool().nonzero().squeeze(1)
+        return cls(rows[kept_rows], seq_ids[kept_rows], num_sequences, kept_rows, rows.shape[0])
+
+    def repad(self, values: Tensor) -> Tensor:
+        """Per-row `values: [T, C]` back at their input positions: [positions, C], zero rows at padding."""
+        if self.kept_rows is None:
+            return values
+        return values.new_zeros(self.num_positions, values.shape[-1]).index_copy(0, self.kept_rows, values)
 
 
 def _autocast_on(device_type: str) -> bool:
