@@ -196,7 +196,7 @@ class MergeConfig:
                              f"{', '.join(MERGE_GATE_MODES)}")
         for key in ("dtype", "gate_dtype"):
             value = getattr(self, key)
-            if (value is not None or key == "gate_dtype") and value not in WEIGHT_DTYPES:
+            if (value is not None or key == "gate_dtype") and not (isinstance(value, str) and value in WEIGHT_DTYPES):
                 raise ValueError(f"merge config: {key}={value!r} is not allowed; use one of {', '.join(WEIGHT_DTYPES)}")
         if self.architecture is not None:
             if not isinstance(self.architecture, str):
