@@ -1,4 +1,5 @@
 """Every file moekit writes goes through here: nothing is ever half-written, and storage faults read as one line.
+Files it reads from a path a user names are opened here too, so that nothing can block.
 
 - :func:`atomic_write` (and :func:`write_json` on top of it) writes a unique temporary file next to the target,
   flushes it to disk, renames it over the target and syncs the folder, so a crash at any moment leaves the old
@@ -8,6 +9,8 @@
 - :func:`storage_error` turns a full disk, a file-size limit, a read-only or forbidden destination into a
   :class:`StorageError` whose message says what was being written, where, and how much space it needed;
   :func:`storage_faults` does that for a block of code.
+- :func:`read_regular_file` reads a file only if it is a regular file (checked on the open descriptor, never
+  blocking on a FIFO or device); :func:`file_kind` says in words what a path that is not one is.
 - :func:`temp_sibling` / :func:`remove_stale_temps` name temporary folders after their writer (host and pid), so a
   later run can tell a dead writer's leftovers from a live writer's work and remove only the former.
 """
@@ -20,6 +23,7 @@ import json
 import os
 import shutil
 import socket
+import stat
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -33,6 +37,9 @@ _FORBIDDEN = (errno.EACCES, errno.EPERM)
 _MESSAGES = (("no space left", errno.ENOSPC), ("os error 28", errno.ENOSPC), ("disk quota", errno.EDQUOT),
              ("file too large", errno.EFBIG), ("os error 27", errno.EFBIG), ("read-only file system", errno.EROFS),
              ("os error 30", errno.EROFS), ("permission denied", errno.EACCES), ("os error 13", errno.EACCES))
+
+_NOT_REGULAR = ((stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISSOCK, "a socket"),
+                (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"))
 
 
 class StorageError(OSError):
@@ -114,6 +121,42 @@ def storage_faults(what: str, where: str | os.PathLike[str], needed: int | None 
         if explained is None:
             raise
         raise explained from error
+
+
+# ------------------------------------------------------------------------------------------------------ reading
+
+
+def file_kind(mode: int) -> str:
+    """What a file of `stat` mode `mode` that is not a regular file is, in words ("a FIFO (named pipe)", ...)."""
+    return next((name for test, name in _NOT_REGULAR if test(mode)), "not a regular file")
+
+
+class NotRegularFile(ValueError):
+    """The path opened is not a regular file (a FIFO, a socket, a device); nothing was read from it."""
+
+    def __init__(self, path: str | os.PathLike[str], mode: int) -> None:
+        self.path = Path(path)
+        self.mode = mode
+        """The `stat` mode of what was opened."""
+        super().__init__(f"{os.fspath(path)} is {file_kind(mode)}, not a regular file")
+
+
+def read_regular_file(path: str | os.PathLike[str], max_bytes: int | None = None) -> bytes:
+    """The bytes of the regular file `path` (at most `max_bytes` of them), opened so that nothing can block.
+
+    The file is opened with ``O_NONBLOCK`` and checked on the open descriptor, so a FIFO or device, even one swapped
+    in after the caller's own ``stat``, raises :class:`NotRegularFile` without being read. The OSErrors of opening
+    and reading pass to the caller, which words them for what it reads.
+    """
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    with open(fd, "rb", closefd=True) as handle:
+        mode = os.fstat(handle.fileno()).st_mode
+        if not stat.S_ISREG(mode):
+            raise NotRegularFile(path, mode)
+        return handle.read() if max_bytes is None else handle.read(max_bytes)
+
+
+# ------------------------------------------------------------------------------------------------------ writing
 
 
 def fsync_dir(path: str | os.PathLike[str]) -> None:

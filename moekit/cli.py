@@ -177,9 +177,9 @@ def _load_run(run_dir: str):
     from .model import MoETransformer
     from .train.checkpoint import find_checkpoint, load_weights
     from .train.config import RunConfig
-    from .train.data import load_tokenizer
     from .train.init_from import build_model
     from .train.rundir import read_run_config
+    from .train.tokenizers import load_tokenizer
 
     path = Path(run_dir)
     run = RunConfig.from_dict(read_run_config(path, "load the run"))

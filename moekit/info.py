@@ -40,12 +40,12 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ._files import NotRegularFile, file_kind, read_regular_file
 from .config import ModelConfig, MoEConfig
 
 #: Bytes per parameter for mixed-precision AdamW training: fp32 weights, gradients and two moments.
@@ -381,10 +381,6 @@ INFO_SOURCES = ("a moekit run directory, a run config file (YAML or JSON), a pre
 #: Config files are small; anything larger is a weights file or data passed by mistake (never read whole).
 MAX_CONFIG_BYTES = 16 * 2**20
 
-_NOT_REGULAR = ((stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISSOCK, "a socket"),
-                (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"))
-
-
 def _one_line(error: BaseException) -> str:
     return " ".join(str(error).split())
 
@@ -392,19 +388,13 @@ def _one_line(error: BaseException) -> str:
 def _read_config_bytes(path: Path) -> bytes:
     """The bytes of the regular file `path` (at most MAX_CONFIG_BYTES), opened so that nothing can block."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # a FIFO swapped in after the caller's stat: no block
+        data = read_regular_file(path, MAX_CONFIG_BYTES + 1)  # a FIFO swapped in after the caller's stat: no block
+    except NotRegularFile:
+        raise ValueError(f"{path} is not a regular file; pass {INFO_SOURCES}") from None
     except PermissionError as error:
         raise ValueError(f"cannot read {path}: permission denied; make it readable, or pass {INFO_SOURCES}") from error
     except OSError as error:
         raise ValueError(f"cannot read {path}: {error.strerror or error}; pass {INFO_SOURCES}") from error
-    with open(fd, "rb", closefd=True) as handle:
-        mode = os.fstat(handle.fileno()).st_mode
-        if not stat.S_ISREG(mode):
-            raise ValueError(f"{path} is not a regular file; pass {INFO_SOURCES}")
-        try:
-            data = handle.read(MAX_CONFIG_BYTES + 1)
-        except OSError as error:
-            raise ValueError(f"cannot read {path}: {error.strerror or error}; pass {INFO_SOURCES}") from error
     if len(data) > MAX_CONFIG_BYTES:
         raise ValueError(f"{path} is larger than {MAX_CONFIG_BYTES // 2**20} MiB, too large to be a config file "
                          f"(a weights file?); pass {INFO_SOURCES}")
@@ -494,8 +484,7 @@ def load_info_source(path: str | Path, context: int = 4096, batch: int = 1, dtyp
             raise FileNotFoundError(f"{path} has no config.json, config.yaml or config.yml; pass {INFO_SOURCES}")
         path = found
     elif not stat.S_ISREG(mode):
-        kind = next((name for test, name in _NOT_REGULAR if test(mode)), "not a regular file")
-        raise ValueError(f"{path} is {kind}, not a file or directory; pass {INFO_SOURCES}")
+        raise ValueError(f"{path} is {file_kind(mode)}, not a file or directory; pass {INFO_SOURCES}")
     values = _read_config_file(path)
     model_type = values.get("model_type")
     if model_type is not None and not _moekit_family(model_type) and _transformers_knows(model_type):

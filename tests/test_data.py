@@ -1,4 +1,4 @@
-"""Tests for moekit.train.data (tokenizers, corpus, token cache, samplers) and scripts/build_corpus.py."""
+"""Tests for moekit.train.tokenizers, moekit.train.data (corpus, token cache, samplers) and scripts/build_corpus.py."""
 
 from __future__ import annotations
 
@@ -14,18 +14,20 @@ import torch
 
 from moekit.train.data import (
     DOCUMENT_SEPARATOR,
-    EOS_TOKEN,
-    TOKENIZER_FILE,
     BatchSampler,
-    BPETokenizer,
-    ByteTokenizer,
     TokenDataset,
-    Tokenizer,
-    build_tokenizer,
     iter_eval_batches,
     load_corpus_text,
-    load_tokenizer,
     token_dtype,
+)
+from moekit.train.tokenizers import (
+    EOS_TOKEN,
+    TOKENIZER_FILE,
+    BPETokenizer,
+    ByteTokenizer,
+    Tokenizer,
+    build_tokenizer,
+    load_tokenizer,
 )
 
 REPO = Path(__file__).resolve().parent.parent
@@ -116,12 +118,12 @@ def test_bpe_train_save_load_round_trip(tmp_path: Path) -> None:
 
 def test_bpe_chunked_encoding_matches_whole_text(corpus: str) -> None:
     pytest.importorskip("tokenizers", reason="BPETokenizer needs the optional `tokenizers` package")
-    from moekit.train import data
+    from moekit.train import tokenizers
 
     text = corpus[:60_000]
     tok = BPETokenizer.train([text], vocab_size=400)
     whole = tok.encode(text)
-    chunks = data._chunks(text, size=997)
+    chunks = tokenizers._chunks(text, size=997)
     assert len(chunks) > 20 and "".join(chunks) == text
     assert [i for chunk in chunks for i in tok.encode(chunk)] == whole
     assert tok.encode_to_tensor(text).tolist() == whole

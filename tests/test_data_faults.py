@@ -26,14 +26,8 @@ import torch
 
 from moekit.cli import main as cli_main
 from moekit.info import INFO_SOURCES, load_info_source
-from moekit.train.data import (
-    MAX_TRAINING_RUN,
-    ByteTokenizer,
-    PreparedTokens,
-    TokenDataset,
-    _training_pieces,
-    load_corpus_text,
-)
+from moekit.train.data import PreparedTokens, TokenDataset, load_corpus_text
+from moekit.train.tokenizers import MAX_TRAINING_RUN, ByteTokenizer, _training_pieces
 
 REPO = Path(__file__).resolve().parent.parent
 LINE = "Now is the winter of our discontent made glorious summer by this sun of York.\n"
@@ -71,7 +65,8 @@ FULL_STORAGE = """
     from pathlib import Path
     import torch
     from moekit._files import StorageError
-    from moekit.train.data import ByteTokenizer, TokenDataset
+    from moekit.train.data import TokenDataset
+    from moekit.train.tokenizers import ByteTokenizer
 
     cache, small, big, limit = Path(sys.argv[1]), sys.argv[2], sys.argv[3], int(sys.argv[4])
     tok = ByteTokenizer()
@@ -137,7 +132,7 @@ def test_tokenizer_files_are_written_atomically_under_a_file_size_limit(tmp_path
         import hashlib, json, resource, sys
         from pathlib import Path
         from moekit._files import StorageError
-        from moekit.train.data import BPETokenizer, HFTokenizer, load_tokenizer
+        from moekit.train.tokenizers import BPETokenizer, HFTokenizer, load_tokenizer
 
         text = open(sys.argv[2]).read()
         out = Path(sys.argv[1])
@@ -263,7 +258,8 @@ def test_fifo_corpus_is_refused_and_skipped_in_a_folder(tmp_path: Path) -> None:
         from contextlib import redirect_stderr
         from pathlib import Path
         from moekit.cli import main
-        from moekit.train.data import ByteTokenizer, TokenDataset, load_corpus_text
+        from moekit.train.data import TokenDataset, load_corpus_text
+        from moekit.train.tokenizers import ByteTokenizer
 
         root = Path(sys.argv[1])
         fifo = root / "corpus.txt"
@@ -306,7 +302,7 @@ def test_fifo_corpus_is_refused_and_skipped_in_a_folder(tmp_path: Path) -> None:
 def test_bpe_on_a_3mb_line_without_spaces_trains_encodes_and_round_trips(tmp_path: Path) -> None:
     report = run_python("""
         import json, random, string
-        from moekit.train.data import BPETokenizer
+        from moekit.train.tokenizers import BPETokenizer
 
         letters = "".join(random.Random(0).choices(string.ascii_lowercase, k=3_000_000))
         out = {}

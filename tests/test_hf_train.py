@@ -263,7 +263,8 @@ def test_chat_jsonl_trains_on_the_assistant_tokens_only(tmp_path, quiet_transfor
     """The token stream and its loss mask against transformers' own `return_assistant_tokens_mask`."""
     from transformers import AutoTokenizer
 
-    from moekit.train.data import HFTokenizer, TokenDataset
+    from moekit.train.data import TokenDataset
+    from moekit.train.tokenizers import HFTokenizer
 
     folder, data, conversations = chat_folder(tmp_path)
     reference = AutoTokenizer.from_pretrained(folder)
@@ -290,7 +291,8 @@ def test_chat_jsonl_trains_on_the_assistant_tokens_only(tmp_path, quiet_transfor
 
 
 def test_chat_jsonl_errors_name_the_line(tmp_path, quiet_transformers):
-    from moekit.train.data import HFTokenizer, TokenDataset
+    from moekit.train.data import TokenDataset
+    from moekit.train.tokenizers import HFTokenizer
 
     folder, data, _ = chat_folder(tmp_path)
     tokenizer = HFTokenizer.from_model_dir(folder)

@@ -25,9 +25,10 @@ from moekit.interop import load_hf
 from moekit.interop.upcycle import upcycle
 from moekit.train.checkpoint import find_checkpoint
 from moekit.train.config import RunConfig, TrainConfig
-from moekit.train.data import BPETokenizer, HFTokenizer, TokenDataset, load_tokenizer
+from moekit.train.data import TokenDataset
 from moekit.train.init_from import init_from_values
 from moekit.train.loop import Trainer
+from moekit.train.tokenizers import BPETokenizer, HFTokenizer, load_tokenizer
 
 from .merge_fixtures import load_checked, make_dense_model, write_words_corpus
 

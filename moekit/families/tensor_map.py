@@ -27,10 +27,11 @@ from ..config import ModelConfig
 from .base import Family, StateSource, Transform
 from .block_map import TensorPool, fill
 
-__all__ = ["HFTensor", "export_tensors", "hf_name", "load_state", "moekit_shapes"]
+__all__ = ["MLP_TENSOR_NAME", "HFTensor", "export_tensors", "hf_name", "load_state", "moekit_shapes"]
 
 _EXPERT_STACKS = ("experts.gate_up_proj", "experts.down_proj")
-_MOE_NAME = re.compile(r"layers\.(\d+)\.mlp\.(.+)")
+MLP_TENSOR_NAME = re.compile(r"layers\.(\d+)\.mlp\.(.+)")
+"""moekit's name of a tensor in a layer's MLP block, ``layers.<layer>.mlp.<rest>``: group 1 the layer, 2 the rest."""
 
 
 @dataclass
@@ -64,7 +65,7 @@ def hf_name(family: Family, config: ModelConfig, name: str) -> tuple[str, Transf
     Raises:
         ValueError: the family has no tensor for it (a feature it cannot hold).
     """
-    match = _MOE_NAME.fullmatch(name)
+    match = MLP_TENSOR_NAME.fullmatch(name)
     if match and config.is_moe_layer(int(match[1])):
         rest = match[2]
         if rest not in family.block_names:
@@ -130,7 +131,7 @@ def export_tensors(family: Family, config: ModelConfig, source: StateSource) -> 
     files = family.expert_files
     for name, shape in moekit_shapes(config).items():
         memory, transform = hf_name(family, config, name)
-        match = _MOE_NAME.fullmatch(name)
+        match = MLP_TENSOR_NAME.fullmatch(name)
         moe_layer = bool(match) and config.is_moe_layer(int(match[1]))
         disk = _disk_name(family, memory, moe_layer)
         stack = match[2] if moe_layer and match[2] in _EXPERT_STACKS else None

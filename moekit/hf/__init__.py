@@ -20,11 +20,11 @@ from .._hf_version import require_experts_interface
 
 require_experts_interface()
 
-from .capture import SCORE_ROUTERS, LayerRouting, RoutingCapture, RoutingRecord, moe_layers  # noqa: E402
+from .capture import SCORE_ROUTERS, LayerRouting, RoutingCapture, RoutingRecord, routing_layers  # noqa: E402
 from .experts import IMPLEMENTATIONS, experts_forward, is_interface_experts, register, stacked_kind  # noqa: E402
 from .load import load_model, unserved_experts  # noqa: E402
 
 register()
 
 __all__ = ["IMPLEMENTATIONS", "SCORE_ROUTERS", "LayerRouting", "RoutingCapture", "RoutingRecord", "experts_forward",
-           "is_interface_experts", "load_model", "moe_layers", "register", "stacked_kind", "unserved_experts"]
+           "is_interface_experts", "load_model", "register", "routing_layers", "stacked_kind", "unserved_experts"]

@@ -143,7 +143,7 @@ def _layer_number(name: str) -> int | None:
     return int(found[-1]) if found else None
 
 
-def moe_layers(model: nn.Module) -> list[LayerRouting]:
+def routing_layers(model: nn.Module) -> list[LayerRouting]:
     """One empty `LayerRouting` per MoE layer of `model`, in model order.
 
     Raises ValueError when the model has no experts module called with the routing and no `SCORE_ROUTERS` router.
@@ -201,7 +201,7 @@ class RoutingCapture:
         self.model = model
         self.attention_mask = attention_mask
         self.detach = detach
-        self.layers = moe_layers(model)
+        self.layers = routing_layers(model)
         self._logits_wanted = logits
         self._handles: list[Any] = []
         self._pending: dict[int, Tensor] = {}  # router module id -> its last logits, until its experts run

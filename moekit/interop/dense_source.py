@@ -30,13 +30,9 @@ from torch import Tensor
 from ..config import ModelConfig
 from ..families import DENSE_FAMILIES, FAMILIES, MOE_TYPES
 from ..families.tensor_map import hf_name, moekit_shapes
+from .dtypes import SAFETENSORS_DTYPES, WEIGHT_DTYPES
 
 __all__ = ["DENSE_FAMILIES", "DenseSource", "check_same_shapes", "check_tensors", "open_dense", "required_tensors"]
-
-_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-           "BOOL": torch.bool}
-
 
 @dataclass
 class _TensorInfo:
@@ -62,10 +58,10 @@ def _read_header(path: Path) -> dict[str, _TensorInfo]:
     for name, meta in header.items():
         if name == "__metadata__":
             continue
-        if meta["dtype"] not in _DTYPES:
+        if meta["dtype"] not in SAFETENSORS_DTYPES:
             raise ValueError(f"{path}: tensor {name} has dtype {meta['dtype']}, which moekit does not read")
         begin, end = meta["data_offsets"]
-        table[name] = _TensorInfo(path, _DTYPES[meta["dtype"]], tuple(meta["shape"]), 8 + length + begin,
+        table[name] = _TensorInfo(path, SAFETENSORS_DTYPES[meta["dtype"]], tuple(meta["shape"]), 8 + length + begin,
                                   8 + length + end)
     return table
 
@@ -150,6 +146,16 @@ class DenseSource:
 
     def dtype(self, name: str) -> torch.dtype:
         return self._state[name].dtype if self._state is not None else self._table[name].dtype
+
+    @property
+    def weight_dtype(self) -> torch.dtype:
+        """The dtype the config declares (``dtype`` or ``torch_dtype``) when it is one of `WEIGHT_DTYPES`, else the
+        one the input embedding is stored in."""
+        declared = self.config.get("dtype") or self.config.get("torch_dtype")
+        if isinstance(declared, torch.dtype):
+            return declared
+        name = str(declared).removeprefix("torch.") if declared else None
+        return WEIGHT_DTYPES[name] if name in WEIGHT_DTYPES else self.dtype("model.embed_tokens.weight")
 
     def get(self, name: str) -> Tensor:
         """Tensor `name` in its stored dtype, as a CPU tensor (the last `cache_size` are kept)."""

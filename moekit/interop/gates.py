@@ -128,7 +128,7 @@ def resolve_checkpoint(path: str | os.PathLike[str], gguf_file: str | None = Non
     return p, None
 
 
-def _check_prompts(experts: Sequence[ExpertPrompts], gate_mode: str) -> None:
+def _check_expert_prompts(experts: Sequence[ExpertPrompts], gate_mode: str) -> None:
     for i, expert in enumerate(experts):
         if not isinstance(expert, ExpertPrompts):
             raise TypeError(f"experts[{i}] is a {type(expert).__name__}; pass ExpertPrompts(positive_prompts=[...])")
@@ -148,7 +148,7 @@ def _check_prompts(experts: Sequence[ExpertPrompts], gate_mode: str) -> None:
 # ----------------------------------------------------------------------------------------------- tokenisation
 
 
-def load_tokenizer(base_model: str | os.PathLike[str], gguf_file: str | None = None,
+def load_base_tokenizer(base_model: str | os.PathLike[str], gguf_file: str | None = None,
                    tokenizer_path: str | os.PathLike[str] | None = None) -> Any:
     """The base model's tokenizer (from `tokenizer_path` when given, else from the model directory or GGUF file).
 
@@ -163,14 +163,14 @@ def load_tokenizer(base_model: str | os.PathLike[str], gguf_file: str | None = N
     files = [source] if source.is_file() else sorted(source.glob("*token*")) if source.is_dir() else []
     stamp = tuple((f.name, f.stat().st_mtime_ns, f.stat().st_size) for f in files if f.is_file())
     try:
-        return _load_tokenizer_cached(str(location), gguf, stamp)
+        return _load_base_tokenizer_cached(str(location), gguf, stamp)
     except (OSError, ValueError) as err:
         raise ValueError(f"cannot load a tokenizer from {str(source)!r} ({err}); the prompt gate modes need "
                          "the base model's tokenizer: save it next to the model or pass tokenizer_path") from err
 
 
 @functools.lru_cache(maxsize=4)
-def _load_tokenizer_cached(location: str, gguf: str | None, _stamp: tuple[tuple[str, int, int], ...]) -> Any:
+def _load_base_tokenizer_cached(location: str, gguf: str | None, _stamp: tuple[tuple[str, int, int], ...]) -> Any:
     from transformers import AutoTokenizer
 
     if gguf is not None:
@@ -401,8 +401,8 @@ def compute_gate_weights(base_model: str | os.PathLike[str], experts: list[Exper
             return torch.randn(shape, generator=generator, dtype=torch.float32)
         bound = 1.0 / math.sqrt(hidden_size)
         return torch.rand(shape, generator=generator, dtype=torch.float32) * (2 * bound) - bound
-    _check_prompts(experts, gate_mode)
-    tokenizer = load_tokenizer(base_model, gguf_file, tokenizer_path)
+    _check_expert_prompts(experts, gate_mode)
+    tokenizer = load_base_tokenizer(base_model, gguf_file, tokenizer_path)
     prompts = sorted({p for e in experts for p in (*e.positive_prompts, *e.negative_prompts)})
     token_ids = tokenize_prompts(tokenizer, prompts)
     row_of = {p: i for i, p in enumerate(prompts)}
@@ -514,8 +514,8 @@ __all__ = [
     "compute_gate_weights",
     "gate_condition_numbers",
     "ill_conditioned_layers",
+    "load_base_tokenizer",
     "load_dense_model",
-    "load_tokenizer",
     "pad_left",
     "prompt_vectors",
     "read_input_embedding",

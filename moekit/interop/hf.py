@@ -52,6 +52,7 @@ from ..families.equivalence import canonical, function_differences
 from ..families.problems import universal_problems
 from ..families.tensor_map import export_tensors, load_state
 from ..model.transformer import MoETransformer
+from .dtypes import dtype_name, resolve_dtype
 from .writer import DEFAULT_MAX_SHARD_BYTES, TensorEntry, check_destination, write_atomically, write_weights
 
 __all__ = ["DEFAULT_MAX_SHARD_BYTES", "EXPORT_FORMATS", "TOKENIZER_FILES", "export_hf", "export_plan", "load_hf"]
@@ -72,26 +73,6 @@ TOKENIZER_FILES = (
 """Tokenizer files copied into an exported, merged or upcycled folder when present."""
 _HF_TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "spiece.model", "vocab.json", "vocab.txt")
 _EOS_TOKEN = "<|endoftext|>"
-_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-
-
-def resolve_dtype(dtype: torch.dtype | str | None, default: torch.dtype, caller: str) -> torch.dtype:
-    """`dtype` as a torch dtype (a name such as "bfloat16" or "torch.float32", or None for `default`)."""
-    if dtype is None:
-        return default
-    if isinstance(dtype, str):
-        name = dtype.removeprefix("torch.")
-        if name not in _DTYPES:
-            raise ValueError(f"{caller}: dtype={dtype!r} is not allowed: one of {', '.join(_DTYPES)} or None")
-        return _DTYPES[name]
-    if dtype not in _DTYPES.values():
-        raise ValueError(f"{caller}: dtype={dtype!r} is not allowed: torch.float32, torch.float16, torch.bfloat16")
-    return dtype
-
-
-def dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
-
 
 # ============================================================================================== export: the plan
 @dataclass

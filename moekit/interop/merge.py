@@ -52,7 +52,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import re
 import shutil
 import warnings
 from collections.abc import Callable, Sequence
@@ -67,9 +66,10 @@ from .._files import write_json
 from ..config import ModelConfig, MoEConfig
 from ..families import FAMILIES, Family
 from ..families.equivalence import canonical
-from ..families.tensor_map import export_tensors
+from ..families.tensor_map import MLP_TENSOR_NAME, export_tensors
 from .dense_source import DenseSource, check_same_shapes, check_tensors, open_dense, required_tensors
-from .hf import TOKENIZER_FILES, dtype_name
+from .dtypes import WEIGHT_DTYPES, dtype_name, resolve_dtype
+from .hf import TOKENIZER_FILES
 from .merge_config import LAYOUT_FAMILIES, MergeConfig, load_merge_config
 from .writer import TensorEntry, check_destination, split_shards, write_atomically, write_weights
 
@@ -79,7 +79,6 @@ DEFAULT_MERGE_SHARD_BYTES = 2_000_000_000
 """Largest safetensors file `merge`/`upcycle` write by default (2 GB); shards are streamed, so memory does not grow
 with it."""
 
-_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 _PROJ = ("gate_proj", "up_proj", "down_proj")
 
 
@@ -263,9 +262,6 @@ def _width(part: FFNPart) -> int:
     return len(range(*part.units.indices(total))) if part.units is not None else total
 
 
-_MOE_NAME = re.compile(r"layers\.(\d+)\.mlp\.(.+)")
-
-
 class _BuildSource:
     """The MoE model's tensors under moekit's names, read from the inputs when asked (a `StateSource`)."""
 
@@ -274,7 +270,7 @@ class _BuildSource:
         self._last: tuple[tuple[str, int], Tensor] | None = None  # export reads gate and up of one expert in turn
 
     def get(self, name: str) -> Tensor:
-        build, match = self.build, _MOE_NAME.fullmatch(name)
+        build, match = self.build, MLP_TENSOR_NAME.fullmatch(name)
         if match is None:
             return build.base.get(build.base.hf_name(name))
         layer, rest = int(match[1]), match[2]
@@ -296,7 +292,7 @@ class _BuildSource:
     def get_expert(self, name: str, expert: int) -> Tensor:
         if self._last is not None and self._last[0] == (name, expert):
             return self._last[1]
-        match = _MOE_NAME.fullmatch(name)
+        match = MLP_TENSOR_NAME.fullmatch(name)
         assert match is not None
         layer, part = int(match[1]), self.build.experts[expert]
         if match[2] == "experts.gate_up_proj":
@@ -460,22 +456,6 @@ def write_build(build: MoEBuild, out: str | os.PathLike[str], *, tokenizer_sourc
         return write_atomically(out, overwrite, write, caller=caller, inputs=inputs, needed=needed)
 
 
-def resolve_dtype(name: str | torch.dtype | None, base: DenseSource) -> torch.dtype:
-    """`name`, else the base config's dtype, else the dtype its embedding is stored in."""
-    if isinstance(name, torch.dtype):
-        return name
-    if name is None:
-        declared = base.config.get("dtype") or base.config.get("torch_dtype")
-        if isinstance(declared, torch.dtype):
-            return declared
-        name = str(declared).removeprefix("torch.") if declared else None
-        if name not in _DTYPES:
-            return base.dtype("model.embed_tokens.weight")
-    if name not in _DTYPES:
-        raise ValueError(f"dtype {name!r} is not allowed; use one of {', '.join(_DTYPES)}")
-    return _DTYPES[name]
-
-
 def check_max_shard_bytes(value: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"max_shard_bytes={value!r} must be a positive integer")
@@ -586,13 +566,13 @@ def merge_inputs(config: MergeConfig) -> list[str]:
     return [str(path) for path in paths]
 
 
-def _check_prompts(config: MergeConfig, base: DenseSource) -> None:
+def _check_prompts_tokenise(config: MergeConfig, base: DenseSource) -> None:
     """Tokenise every prompt as the router initialisation will: none may be empty (checked before any work)."""
     if config.gate_mode in ("random", "uniform_random"):
         return
-    from .gates import load_tokenizer, tokenize_prompts
+    from .gates import load_base_tokenizer, tokenize_prompts
 
-    tokenizer = load_tokenizer(base.model_dir, base.gguf_file, config.tokenizer_source)
+    tokenizer = load_base_tokenizer(base.model_dir, base.gguf_file, config.tokenizer_source)
     for group, experts in (("experts", config.experts), ("shared_experts", config.shared_experts)):
         for index, expert in enumerate(experts):
             try:
@@ -611,7 +591,7 @@ def _router_rows(config: MergeConfig, base: DenseSource, device: str) -> tuple[T
     prompts = [ExpertPrompts(list(e.positive_prompts), list(e.negative_prompts)) for e in specs]
     gates = compute_gate_weights(base.model_dir, prompts, config.gate_mode, num_layers=base.num_layers,
                                  hidden_size=base.hidden_size, gguf_file=base.gguf_file,
-                                 tokenizer_path=config.tokenizer_source, dtype=_DTYPES[config.gate_dtype],
+                                 tokenizer_path=config.tokenizer_source, dtype=WEIGHT_DTYPES[config.gate_dtype],
                                  device=device, seed=config.seed)
     expected = (base.num_layers, len(specs), base.hidden_size)
     if tuple(gates.shape) != expected:  # pragma: no cover - guards the interface with moekit.interop.gates
@@ -681,11 +661,11 @@ def merge(config: MergeConfig | str | os.PathLike[str] | dict[str, Any], out: st
             shared=[FFNPart(src, down_scale=spec.residual_scale if spec.residual_scale is not None else 1.0,
                             noise=spec.noise_scale or 0.0, seed=config.seed * 1000 + 500 + index)
                     for index, (src, spec) in enumerate(zip(shared, config.shared_experts, strict=True))],
-            experts_per_token=config.experts_per_token, dtype=resolve_dtype(config.dtype, base),
+            experts_per_token=config.experts_per_token, dtype=resolve_dtype(config.dtype, base.weight_dtype, "merge"),
             shared_gated=_shared_gated(config, architecture))
 
     build, layout_note = fitting_build(default, config.architecture is not None, make)
-    _check_prompts(config, base)
+    _check_prompts_tokenise(config, base)
     if config.tokenizer_source is not None and not Path(config.tokenizer_source).is_dir():
         raise FileNotFoundError(f"tokenizer_source {config.tokenizer_source!r} is not a directory")
     plan = _plan(build, _entries(build), max_shard_bytes, config.gate_mode)

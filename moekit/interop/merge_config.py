@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from ..config import is_finite_number
+from .dtypes import WEIGHT_DTYPES
 
 __all__ = ["ARCHITECTURES", "ARCHITECTURE_ALIASES", "LAYOUT_FAMILIES", "MERGE_GATE_MODES", "ExpertSpec", "MergeConfig",
            "load_merge_config"]
@@ -56,7 +57,6 @@ ARCHITECTURE_ALIASES = {
     "qwen3": "qwen3_moe", "deepseek_v3": "deepseek_v3", "deepseek": "deepseek_v3", "glm4_moe": "deepseek_v3",
     "qwen": "qwen",  # mergekit matches "qwen" to its first Qwen layout that fits: resolved against the base model
 }
-_DTYPES = ("float32", "float16", "bfloat16")
 _PROMPT_FREE_MODES = ("random", "uniform_random")
 _TOP_KEYS = ("base_model", "experts", "gate_mode", "dtype", "experts_per_token", "shared_experts", "architecture",
              "gate_dtype", "seed", "tokenizer_source", "tokenizer", "for_further_training")
@@ -196,8 +196,8 @@ class MergeConfig:
                              f"{', '.join(MERGE_GATE_MODES)}")
         for key in ("dtype", "gate_dtype"):
             value = getattr(self, key)
-            if (value is not None or key == "gate_dtype") and value not in _DTYPES:
-                raise ValueError(f"merge config: {key}={value!r} is not allowed; use one of {', '.join(_DTYPES)}")
+            if (value is not None or key == "gate_dtype") and not (isinstance(value, str) and value in WEIGHT_DTYPES):
+                raise ValueError(f"merge config: {key}={value!r} is not allowed; use one of {', '.join(WEIGHT_DTYPES)}")
         if self.architecture is not None:
             if not isinstance(self.architecture, str):
                 raise _refuse("architecture", self.architecture, f"None or one of {', '.join(ARCHITECTURES)}")

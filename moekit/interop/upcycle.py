@@ -44,6 +44,7 @@ from pathlib import Path
 import torch
 
 from .dense_source import check_tensors, open_dense, required_tensors
+from .dtypes import resolve_dtype
 from .merge import (
     DEFAULT_MERGE_SHARD_BYTES,
     FFNPart,
@@ -54,7 +55,6 @@ from .merge import (
     check_max_shard_bytes,
     choose_architecture,
     fitting_build,
-    resolve_dtype,
     write_build,
 )
 from .writer import check_destination
@@ -62,7 +62,7 @@ from .writer import check_destination
 __all__ = ["upcycle"]
 
 
-def _positive_int(name: str, value: object, minimum: int = 1) -> int:
+def _int_at_least(name: str, value: object, minimum: int = 1) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise ValueError(f"upcycle: {name}={value!r} must be an integer >= {minimum}")
     return value
@@ -103,11 +103,11 @@ def upcycle(model: str | os.PathLike[str], out: str | os.PathLike[str], num_expe
             write, or a training run.
         StorageError: the disk filled up or the destination is read-only (one line; nothing is left behind).
     """
-    num_experts = _positive_int("num_experts", num_experts)
-    top_k = _positive_int("top_k", top_k)
-    fine_grained = _positive_int("fine_grained", fine_grained)
-    shared_experts = _positive_int("shared_experts", shared_experts, minimum=0)
-    seed = _positive_int("seed", seed, minimum=0)
+    num_experts = _int_at_least("num_experts", num_experts)
+    top_k = _int_at_least("top_k", top_k)
+    fine_grained = _int_at_least("fine_grained", fine_grained)
+    shared_experts = _int_at_least("shared_experts", shared_experts, minimum=0)
+    seed = _int_at_least("seed", seed, minimum=0)
     check_max_shard_bytes(max_shard_bytes)
     if top_k > num_experts:
         raise ValueError(f"upcycle: top_k={top_k} is more than num_experts={num_experts}; lower top_k or add experts")
@@ -143,7 +143,7 @@ def upcycle(model: str | os.PathLike[str], out: str | os.PathLike[str], num_expe
                 down_scale=1.0 / (holders[n % fine_grained] + 1))
         for n in range(shared_experts)
     ]
-    out_dtype = resolve_dtype(dtype, source)
+    out_dtype = resolve_dtype(dtype, source.weight_dtype, "upcycle")
     build, layout_note = fitting_build(
         default, architecture is not None,
         lambda arch: MoEBuild(architecture=arch, base=source, experts=routed, shared=shared,

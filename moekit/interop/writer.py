@@ -40,9 +40,10 @@ from .._files import (
     temp_sibling,
     write_json,
 )
+from .dtypes import safetensors_dtype
 from .outputs import check_output, write_marker
 
-__all__ = ["COMMANDS", "DEFAULT_MAX_SHARD_BYTES", "TensorEntry", "check_destination", "safetensors_dtype",
+__all__ = ["COMMANDS", "DEFAULT_MAX_SHARD_BYTES", "TensorEntry", "check_destination",
            "split_shards", "stream_safetensors", "write_atomically", "write_weights"]
 
 DEFAULT_MAX_SHARD_BYTES = 2_000_000_000
@@ -51,18 +52,6 @@ DEFAULT_MAX_SHARD_BYTES = 2_000_000_000
 #: the caller's function name -> the command name used in messages and in the output marker
 COMMANDS = {"export_hf": "export", "merge": "merge", "upcycle": "upcycle"}
 _WHAT = {"export": "Hugging Face export", "merge": "merged model", "upcycle": "upcycled model"}
-
-_SAFETENSORS_CODES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
-                      torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
-                      torch.bool: "BOOL"}
-
-
-def safetensors_dtype(dtype: torch.dtype) -> str:
-    """The safetensors code of a torch dtype (``torch.bfloat16`` -> ``"BF16"``)."""
-    if dtype not in _SAFETENSORS_CODES:
-        raise ValueError(f"dtype {dtype} has no safetensors code")
-    return _SAFETENSORS_CODES[dtype]
-
 
 @dataclass
 class TensorEntry:

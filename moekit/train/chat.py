@@ -53,7 +53,7 @@ def _renderer(tokenizer: Any, origin: str):
     """transformers' tokenizer around the run's tokenizer.json, with its special tokens and chat template."""
     from transformers import PreTrainedTokenizerFast
 
-    from .data import _import_tokenizers
+    from .tokenizers import _import_tokenizers
 
     template = _template(tokenizer, origin)
     config = json.loads(tokenizer.files.get("tokenizer_config.json", b"{}").decode("utf-8"))

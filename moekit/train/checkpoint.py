@@ -48,7 +48,7 @@ from .._files import StorageError, format_bytes, fsync_dir, storage_faults, temp
 
 CHECKPOINTS_DIR = "checkpoints"
 LEGACY_DIRS = ("checkpoint", "checkpoint.old")
-META_FILE = "meta.json"
+CHECKPOINT_META_FILE = "meta.json"
 WEIGHTS_FILE = "model.safetensors"
 STATE_FILE = "state.pt"
 _STEP_DIR = re.compile(r"^step-(\d+)$")
@@ -91,7 +91,7 @@ class Candidate:
 
 def _legacy_step(path: Path) -> int:
     try:
-        meta = json.loads((path / META_FILE).read_text())
+        meta = json.loads((path / CHECKPOINT_META_FILE).read_text())
         return int(meta["step"]) if isinstance(meta, dict) else -1
     except (OSError, ValueError, KeyError, TypeError):
         return -1
@@ -127,7 +127,7 @@ def _sha256(path: Path) -> str:
 
 def read_meta(path: Path) -> dict[str, Any]:
     """A checkpoint folder's meta.json, checked to be a checkpoint record (else CheckpointDamaged)."""
-    file = Path(path) / META_FILE
+    file = Path(path) / CHECKPOINT_META_FILE
     if not file.is_file():
         raise CheckpointDamaged(f"{file.name} is missing (the checkpoint was not completed)")
     try:
@@ -176,10 +176,10 @@ def verify_checkpoint(path: Path, need: Need = "all") -> dict[str, Any]:
             continue
         entry = recorded.get(name)
         if not isinstance(entry, dict):
-            raise CheckpointDamaged(f"{name} is not listed in {META_FILE}")
+            raise CheckpointDamaged(f"{name} is not listed in {CHECKPOINT_META_FILE}")
         size = file.stat().st_size
         if size != entry.get("size"):
-            raise CheckpointDamaged(f"{name} has {size} bytes, {META_FILE} records {entry.get('size')}")
+            raise CheckpointDamaged(f"{name} has {size} bytes, {CHECKPOINT_META_FILE} records {entry.get('size')}")
         if _sha256(file) != entry.get("sha256"):
             raise CheckpointDamaged(f"{name} does not match its sha256 checksum (the file is corrupt)")
     return meta
@@ -448,7 +448,7 @@ def save_checkpoint(run_dir: Path, model: nn.Module, model_config: dict[str, Any
             _check_free_space(root, needed)
             tmp.mkdir()
             record = {name: _write_file(tmp / name, data) for name, data in files.items()}
-            _write_file(tmp / META_FILE, _meta_bytes(meta, model_config, record))
+            _write_file(tmp / CHECKPOINT_META_FILE, _meta_bytes(meta, model_config, record))
             fsync_dir(tmp)
             _publish(tmp, final)
     except BaseException:
@@ -516,7 +516,7 @@ def save_sharded_checkpoint(run_dir: Path, model: nn.Module, model_config: dict[
             with storage_faults("checkpoint", final, needed):
                 layout = {"world_size": world_size, "expert_parallel": ep_size}
                 record = {p.name: {"size": p.stat().st_size, "sha256": _sha256(p)} for p in sorted(tmp.iterdir())}
-                _write_file(tmp / META_FILE, _meta_bytes(meta, model_config, record, layout))
+                _write_file(tmp / CHECKPOINT_META_FILE, _meta_bytes(meta, model_config, record, layout))
                 fsync_dir(tmp)
                 _publish(tmp, final)
                 prune_checkpoints(run_dir, keep)

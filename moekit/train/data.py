@@ -1,9 +1,9 @@
-"""Data for ``moekit train``: tokenizers, corpus loading, a cached token dataset and a resumable batch sampler.
+"""Data for ``moekit train``: corpus loading, a cached token dataset and a resumable batch sampler.
 
 The pieces fit together like this::
 
     source = None                           # the embedded Shakespeare corpus, or a file / folder path
-    tok = ByteTokenizer()                   # or BPETokenizer.train([load_corpus_text(source)], vocab_size=4096)
+    tok = ByteTokenizer()                   # from moekit.train.tokenizers, or BPETokenizer.train([text], 4096)
     ds = TokenDataset.build(source, tok, "runs/x/data", block_size=256)
     sampler = BatchSampler(ds.train, batch_size=32, block_size=256, seed=0)
     inputs, targets = sampler.next_batch()  # int64 [32, 256] each; targets are inputs shifted by one
@@ -31,13 +31,11 @@ The cache. ``tokens.bin`` is written with ordinary buffered writes into a tempor
 disk, renamed into place and the folder synced; ``tokens.json`` (written last, atomically) records the text's
 sha256, the tokenizer's fingerprint, the length and the sha256 of ``tokens.bin``. A cache is reused only when all of
 them match; a ``tokens.bin`` whose size or checksum does not match (e.g. zeroed by a crash) is never used: a warning
-names it and it is rebuilt from the corpus. Tokenizer files are written atomically too.
+names it and it is rebuilt from the corpus.
 
 Input that would hang or crash. A corpus path that is neither a regular file nor a folder (a FIFO, a socket, a
 device) is refused without opening it, and non-regular files inside a corpus folder are skipped. A ``.gz`` file that
-is not gzip, or is truncated, is a ValueError naming it. BPE training cuts runs of more than
-:data:`MAX_TRAINING_RUN` non-space (or space) characters into pieces, since the ``tokenizers`` trainer is quadratic
-in the length of one pre-token; encoding never depends on how the training text was cut.
+is not gzip, or is truncated, is a ValueError naming it.
 """
 
 from __future__ import annotations
@@ -48,604 +46,50 @@ import hashlib
 import json
 import math
 import os
-import re
 import stat
 import sys
 import uuid
 import warnings
 import zlib
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from importlib import resources
 from pathlib import Path
-from typing import Any, Literal, Protocol, runtime_checkable
+from typing import Any, Literal
 
 import torch
 
-from .._files import atomic_write, fsync_dir, storage_faults, write_json
+from .._files import NotRegularFile, file_kind, fsync_dir, read_regular_file, storage_faults, write_json
 from .chat import encode_chat, is_chat_source, split_labels
+from .tokenizers import EOS_TOKEN, Tokenizer
 
 __all__ = [
     "DOCUMENT_SEPARATOR",
-    "EOS_TOKEN",
-    "MAX_TRAINING_RUN",
     "TEXT_SUFFIXES",
-    "TOKENIZER_FILE",
-    "BPETokenizer",
     "BatchSampler",
-    "ByteTokenizer",
-    "HFTokenizer",
     "PreparedTokens",
     "TokenDataset",
-    "Tokenizer",
-    "build_tokenizer",
     "iter_eval_batches",
     "load_corpus_text",
-    "load_tokenizer",
     "token_dtype",
 ]
 
-EOS_TOKEN = "<|endoftext|>"
-"""End-of-document token; both tokenizers give it an id of its own by default."""
-
 DOCUMENT_SEPARATOR = f"\n\n{EOS_TOKEN}\n\n"
 """Placed between documents: between the works of the embedded corpus and between the files of a folder."""
-
-TOKENIZER_FILE = "moekit_tokenizer.json"
-"""The file that :meth:`ByteTokenizer.save`/:meth:`BPETokenizer.save` write and :func:`load_tokenizer` reads."""
-
-HF_TOKENIZER_FILE = "tokenizer.json"
-"""The ``tokenizers`` library's own file, written next to :data:`TOKENIZER_FILE` by :class:`BPETokenizer`."""
 
 TEXT_SUFFIXES = (".txt", ".md")
 """File types :func:`load_corpus_text` reads from a folder."""
 
 EMBEDDED_CORPUS = "shakespeare.txt.gz"
-_FORMAT_VERSION = 1
-
-
-# --------------------------------------------------------------------------------------------------- tokenizers
-
-
-@runtime_checkable
-class Tokenizer(Protocol):
-    """What the trainer needs from a tokenizer; :class:`ByteTokenizer` and :class:`BPETokenizer` provide it."""
-
-    @property
-    def vocab_size(self) -> int: ...
-
-    @property
-    def eos_id(self) -> int | None: ...
-
-    def encode(self, text: str) -> list[int]: ...
-
-    def decode(self, ids: Sequence[int]) -> str: ...
-
-    def save(self, directory: str | os.PathLike[str]) -> Path: ...
-
-    def fingerprint(self) -> str: ...
-
-
-def _check_special_tokens(special_tokens: Sequence[str]) -> tuple[str, ...]:
-    if isinstance(special_tokens, str):
-        raise TypeError(f"special_tokens must be a sequence of strings, not the string {special_tokens!r}; "
-                        f"write ({special_tokens!r},)")
-    specials = tuple(special_tokens)
-    for tok in specials:
-        if not isinstance(tok, str) or not tok:
-            raise ValueError(f"special tokens must be non-empty strings, got {tok!r}")
-    if len(set(specials)) != len(specials):
-        raise ValueError(f"special tokens must be unique, got {list(specials)}")
-    return specials
-
-
-def _read_marker(directory: str | os.PathLike[str], expected_type: str | None = None) -> dict[str, Any]:
-    """The tokenizer folder's marker JSON; with `expected_type`, refuse a tokenizer of another kind."""
-    path = Path(directory) / TOKENIZER_FILE
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"no tokenizer in {os.fspath(directory)!r}: {TOKENIZER_FILE} is missing; pass the folder a tokenizer was "
-            "saved to with .save(folder), e.g. a training run's output folder"
-        )
-    try:
-        meta = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{path} is not valid JSON ({err}); delete it and save the tokenizer again") from err
-    if not isinstance(meta, dict) or "type" not in meta:
-        raise ValueError(f"{path} has no \"type\" field; it was not written by moekit, save the tokenizer again")
-    if expected_type is not None and meta["type"] != expected_type:
-        kind = {"bpe": "BPE"}.get(expected_type, expected_type)
-        raise ValueError(f"{path} holds a {meta['type']!r} tokenizer, not a {kind} tokenizer; "
-                         "use load_tokenizer(folder) to load any kind")
-    return meta
-
-
-class ByteTokenizer:
-    """UTF-8 bytes as tokens: ids 0-255 are bytes, then one id per special token (by default ``<|endoftext|>``
-    = 256, so ``vocab_size`` is 257).
-
-    Special-token strings occurring in the text are encoded as their single id. Any text round-trips exactly;
-    decoding ids that cut a multi-byte character gives U+FFFD replacement characters.
-    """
-
-    type_name = "byte"
-
-    def __init__(self, special_tokens: Sequence[str] = (EOS_TOKEN,)) -> None:
-        self.special_tokens = _check_special_tokens(special_tokens)
-        self._special_ids = {tok: 256 + i for i, tok in enumerate(self.special_tokens)}
-        # longest first, so a special token that contains another wins
-        ordered = sorted(self.special_tokens, key=len, reverse=True)
-        self._special_re = re.compile("|".join(map(re.escape, ordered))) if ordered else None
-
-    @property
-    def vocab_size(self) -> int:
-        """256 byte ids plus the special tokens."""
-        return 256 + len(self.special_tokens)
-
-    @property
-    def eos_id(self) -> int | None:
-        """Id of ``<|endoftext|>``, or None when it is not one of the special tokens."""
-        return self._special_ids.get(EOS_TOKEN)
-
-    def token_to_id(self, token: str) -> int | None:
-        """Id of a special token, or None."""
-        return self._special_ids.get(token)
-
-    def _pieces(self, text: str) -> Iterator[str | int]:
-        """Text pieces (str) and special-token ids (int), in order."""
-        if self._special_re is None:
-            if text:
-                yield text
-            return
-        pos = 0
-        for m in self._special_re.finditer(text):
-            if m.start() > pos:
-                yield text[pos : m.start()]
-            yield self._special_ids[m.group(0)]
-            pos = m.end()
-        if pos < len(text):
-            yield text[pos:]
-
-    def encode(self, text: str) -> list[int]:
-        """Token ids of ``text``."""
-        ids: list[int] = []
-        for piece in self._pieces(text):
-            if isinstance(piece, int):
-                ids.append(piece)
-            else:
-                ids.extend(piece.encode("utf-8"))
-        return ids
-
-    def encode_to_tensor(self, text: str) -> torch.Tensor:
-        """Like :meth:`encode` but returns a 1-D ``int64`` tensor; fast for large texts."""
-        parts: list[torch.Tensor] = []
-        for piece in self._pieces(text):
-            if isinstance(piece, int):
-                parts.append(torch.tensor([piece], dtype=torch.int64))
-            else:
-                parts.append(torch.frombuffer(bytearray(piece.encode("utf-8")), dtype=torch.uint8).to(torch.int64))
-        return torch.cat(parts) if parts else torch.empty(0, dtype=torch.int64)
-
-    def decode(self, ids: Sequence[int] | torch.Tensor) -> str:
-        """Text of ``ids``; invalid UTF-8 becomes U+FFFD. Raises ValueError for ids outside the vocabulary."""
-        if isinstance(ids, torch.Tensor):
-            ids = ids.tolist()
-        out = bytearray()
-        for i in ids:
-            if 0 <= i < 256:
-                out.append(i)
-            elif 256 <= i < self.vocab_size:
-                out += self.special_tokens[i - 256].encode("utf-8")
-            else:
-                raise ValueError(f"token id {i} is outside this ByteTokenizer's vocabulary of {self.vocab_size}; "
-                                 "decode ids made by the same tokenizer")
-        return out.decode("utf-8", errors="replace")
-
-    def config(self) -> dict[str, Any]:
-        """The JSON object :meth:`save` writes."""
-        return {"type": self.type_name, "format": _FORMAT_VERSION, "special_tokens": list(self.special_tokens)}
-
-    def fingerprint(self) -> str:
-        """sha256 identifying this tokenizer's mapping (used to validate token caches)."""
-        return hashlib.sha256(json.dumps(self.config(), sort_keys=True).encode("utf-8")).hexdigest()
-
-    def save(self, directory: str | os.PathLike[str]) -> Path:
-        """Write ``directory/moekit_tokenizer.json`` (created with its parents if needed); returns the file path."""
-        path = Path(directory)
-        with storage_faults("tokenizer", path):
-            path.mkdir(parents=True, exist_ok=True)
-        write_json(path / TOKENIZER_FILE, self.config(), what="tokenizer")
-        return path / TOKENIZER_FILE
-
-    @classmethod
-    def load(cls, directory: str | os.PathLike[str]) -> ByteTokenizer:
-        """Read a tokenizer written by :meth:`save`."""
-        meta = _read_marker(directory, cls.type_name)
-        return cls(special_tokens=meta.get("special_tokens", ()))
-
-    def __repr__(self) -> str:
-        return f"ByteTokenizer(vocab_size={self.vocab_size}, special_tokens={list(self.special_tokens)})"
-
-
-def _import_tokenizers() -> Any:
-    try:
-        import tokenizers
-    except ImportError as err:
-        raise ImportError(
-            "BPETokenizer and HFTokenizer need the optional `tokenizers` package, which is not installed; run "
-            "`pip install tokenizers`, or use ByteTokenizer, which needs nothing"
-        ) from err
-    return tokenizers
-
-
-# Cutting after a lone newline between two non-space characters never changes the byte-level pre-tokens (the
-# GPT-2 split pattern makes such a newline a pre-token of its own either way), so encoding chunk by chunk gives
-# exactly the ids of encoding the whole text, and the chunks encode in parallel.
-_SAFE_BREAK = re.compile(r"(?<=\S)\n(?=\S)")
-
-
-def _chunks(text: str, size: int = 1 << 18) -> list[str]:
-    out: list[str] = []
-    start = 0
-    while start < len(text):
-        m = _SAFE_BREAK.search(text, start + size) if start + size < len(text) else None
-        end = m.end() if m else len(text)
-        out.append(text[start:end])
-        start = end
-    return out
-
-
-MAX_TRAINING_RUN = 500
-"""Longest run of non-space (or of space) characters :meth:`BPETokenizer.train` passes to the ``tokenizers``
-trainer in one piece; longer runs are cut (the trainer's time grows with the square of a pre-token's length)."""
-
-_LONG_RUN = re.compile(rf"\S{{{MAX_TRAINING_RUN + 1},}}|\s{{{MAX_TRAINING_RUN + 1},}}")
-
-
-def _training_pieces(text: str, bound: int = MAX_TRAINING_RUN) -> Iterator[str]:
-    """`text` in consecutive pieces, cut only inside runs of more than `bound` non-space (or space) characters, so
-    that no piece holds such a run longer than `bound`; the pieces join back to `text`."""
-    pattern = _LONG_RUN if bound == MAX_TRAINING_RUN else re.compile(rf"\S{{{bound + 1},}}|\s{{{bound + 1},}}")
-    pos = 0
-    for match in pattern.finditer(text):
-        for cut in range(match.start() + bound, match.end(), bound):
-            yield text[pos:cut]
-            pos = cut
-    if pos < len(text):
-        yield text[pos:]
-
-
-class BPETokenizer:
-    """Byte-level BPE trained locally with the ``tokenizers`` package (an optional dependency).
-
-    Any text round-trips exactly. Special tokens (by default ``<|endoftext|>``) get ids of their own, before the
-    merged tokens. Saved as the ``tokenizers`` library's ``tokenizer.json`` (loadable by other tools too) plus
-    moekit's ``moekit_tokenizer.json`` marker.
-    """
-
-    type_name = "bpe"
-
-    def __init__(self, tokenizer: Any) -> None:
-        """Wrap a ``tokenizers.Tokenizer``; use :meth:`train` or :meth:`load` to make one."""
-        self._tok = tokenizer
-
-    @classmethod
-    def train(
-        cls,
-        texts: Iterable[str] | str,
-        vocab_size: int,
-        *,
-        special_tokens: Sequence[str] = (EOS_TOKEN,),
-        min_frequency: int = 2,
-    ) -> BPETokenizer:
-        """Learn a byte-level BPE vocabulary of at most ``vocab_size`` ids (fewer if the text runs out of merges).
-
-        ``vocab_size`` counts the 256 byte tokens and the special tokens, so it must exceed 256 + their number.
-        Occurrences of a special token in ``texts`` are not merged into other tokens. Runs of more than
-        :data:`MAX_TRAINING_RUN` non-space (or space) characters are learned from in pieces of that length, which
-        bounds the training time on text such as one line of megabytes without spaces; encoding is unaffected.
-        """
-        tokenizers = _import_tokenizers()
-        specials = _check_special_tokens(special_tokens)
-        if isinstance(texts, str):
-            texts = [texts]
-        if not isinstance(vocab_size, int) or not 256 + len(specials) < vocab_size <= 2**32:
-            raise ValueError(f"vocab_size must be an integer above 256 + {len(specials)} special token(s) = "
-                             f"{256 + len(specials)} (the byte alphabet), got {vocab_size!r}; e.g. use 4096")
-        tok = tokenizers.Tokenizer(tokenizers.models.BPE())
-        tok.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
-        tok.decoder = tokenizers.decoders.ByteLevel()
-        trainer = tokenizers.trainers.BpeTrainer(
-            vocab_size=vocab_size,
-            min_frequency=min_frequency,
-            special_tokens=list(specials),
-            initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet(),
-            show_progress=False,
-        )
-        n_chars = 0
-
-        def chunked() -> Iterator[str]:
-            nonlocal n_chars
-            for text in texts:
-                n_chars += len(text)
-                for chunk in _chunks(text):
-                    yield from _training_pieces(chunk)
-
-        tok.train_from_iterator(chunked(), trainer=trainer)
-        if n_chars == 0:
-            raise ValueError("BPETokenizer.train got no text; pass a non-empty list of strings, "
-                             "e.g. [load_corpus_text(None)]")
-        return cls(tok)
-
-    @property
-    def vocab_size(self) -> int:
-        """Number of ids, special tokens included."""
-        return int(self._tok.get_vocab_size(with_added_tokens=True))
-
-    @property
-    def eos_id(self) -> int | None:
-        """Id of ``<|endoftext|>``, or None when the tokenizer has no such token."""
-        return self.token_to_id(EOS_TOKEN)
-
-    def token_to_id(self, token: str) -> int | None:
-        """Id of a token string (e.g. a special token), or None."""
-        return self._tok.token_to_id(token)
-
-    def encode(self, text: str) -> list[int]:
-        """Token ids of ``text``."""
-        return list(self._tok.encode(text, add_special_tokens=False).ids)
-
-    def encode_to_tensor(self, text: str) -> torch.Tensor:
-        """Like :meth:`encode` but returns a 1-D ``int64`` tensor; encodes large texts in parallel chunks."""
-        encodings = self._tok.encode_batch(_chunks(text), add_special_tokens=False)
-        parts = [torch.tensor(e.ids, dtype=torch.int64) for e in encodings]
-        return torch.cat(parts) if parts else torch.empty(0, dtype=torch.int64)
-
-    def decode(self, ids: Sequence[int] | torch.Tensor) -> str:
-        """Text of ``ids``; bytes that are not valid UTF-8 (e.g. a cut character) become U+FFFD."""
-        if isinstance(ids, torch.Tensor):
-            ids = ids.tolist()
-        bad = [i for i in ids if not 0 <= i < self.vocab_size]
-        if bad:
-            raise ValueError(f"token id {bad[0]} is outside this BPETokenizer's vocabulary of {self.vocab_size}; "
-                             "decode ids made by the same tokenizer")
-        return str(self._tok.decode(list(ids), skip_special_tokens=False))
-
-    def fingerprint(self) -> str:
-        """sha256 identifying this tokenizer's mapping (used to validate token caches)."""
-        return hashlib.sha256(f"{self.type_name}\n{self._tok.to_str()}".encode()).hexdigest()
-
-    def save(self, directory: str | os.PathLike[str]) -> Path:
-        """Write ``tokenizer.json`` and ``moekit_tokenizer.json`` into ``directory``; returns the marker's path."""
-        path = Path(directory)
-        with storage_faults("tokenizer", path):
-            path.mkdir(parents=True, exist_ok=True)
-        atomic_write(path / HF_TOKENIZER_FILE, self._tok.to_str(pretty=True), what="tokenizer")
-        write_json(path / TOKENIZER_FILE, {"type": self.type_name, "format": _FORMAT_VERSION,
-                                            "tokenizer_file": HF_TOKENIZER_FILE}, what="tokenizer")
-        return path / TOKENIZER_FILE
-
-    @classmethod
-    def load(cls, directory: str | os.PathLike[str]) -> BPETokenizer:
-        """Read a tokenizer written by :meth:`save`."""
-        meta = _read_marker(directory, cls.type_name)
-        tokenizers = _import_tokenizers()
-        hf_path = Path(directory) / meta.get("tokenizer_file", HF_TOKENIZER_FILE)
-        if not hf_path.is_file():
-            raise FileNotFoundError(f"{hf_path} is missing; the tokenizer folder is incomplete, save it again")
-        return cls(tokenizers.Tokenizer.from_file(str(hf_path)))
-
-    def __repr__(self) -> str:
-        return f"BPETokenizer(vocab_size={self.vocab_size})"
-
-
-HF_COMPANION_FILES = ("tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
-                      "chat_template.jinja", "chat_template.json")
-"""Files next to a ``tokenizer.json`` that :class:`HFTokenizer` carries along (transformers reads them)."""
-
-
-def _config_token(config: dict[str, Any], key: str) -> str | None:
-    value = config.get(key)
-    value = value.get("content") if isinstance(value, dict) else value
-    return value if isinstance(value, str) and value else None
-
-
-class HFTokenizer:
-    """A pretrained model's own ``tokenizer.json`` (the ``tokenizers`` library's format), used as it is.
-
-    This is the tokenizer of a run started from a Hugging Face checkpoint (``train.init_from``). Training text is
-    encoded without the tokenizer's added special tokens (no BOS in the middle of a stream); the document
-    separator ``<|endoftext|>`` of :data:`DOCUMENT_SEPARATOR` becomes the tokenizer's own end-of-text token (the
-    ``eos_token`` of ``tokenizer_config.json``) when it has one. :meth:`encode_prompt` adds the special tokens the
-    tokenizer adds by default (e.g. Llama's BOS), as transformers does for a prompt. The text is encoded document
-    by document, never cut elsewhere, since an arbitrary pretrained pre-tokenizer may not split on newlines.
-
-    :meth:`save` writes the original ``tokenizer.json`` byte for byte, the companion files
-    (:data:`HF_COMPANION_FILES`) it came with, and moekit's ``moekit_tokenizer.json`` marker, so a run's tokenizer
-    folder is also what `export_hf` copies into an exported checkpoint.
-    """
-
-    type_name = "hf"
-
-    def __init__(self, tokenizer_json: str, files: dict[str, bytes] | None = None, source: str | None = None) -> None:
-        """Wrap the text of a ``tokenizer.json``; `files` are companion files by name, `source` where it came from.
-
-        Use :meth:`from_model_dir` or :meth:`load` to read one from a folder.
-        """
-        tokenizers = _import_tokenizers()
-        try:
-            self._tok = tokenizers.Tokenizer.from_str(tokenizer_json)
-        except Exception as err:  # the tokenizers library raises a bare Exception for a bad file
-            raise ValueError(f"tokenizer.json{f' in {source}' if source else ''} is not a tokenizer the `tokenizers` "
-                             f"library reads ({err}); pass the folder of a Hugging Face model with a fast tokenizer"
-                             ) from err
-        self._json = tokenizer_json
-        self.files = dict(files or {})
-        self.source = source
-        config: dict[str, Any] = {}
-        if "tokenizer_config.json" in self.files:
-            try:
-                config = json.loads(self.files["tokenizer_config.json"].decode("utf-8"))
-            except (UnicodeDecodeError, json.JSONDecodeError) as err:
-                raise ValueError(f"tokenizer_config.json{f' in {source}' if source else ''} is not valid JSON "
-                                 f"({err}); fix or delete it") from err
-        eos = _config_token(config, "eos_token") if isinstance(config, dict) else None
-        if eos is None or self._tok.token_to_id(eos) is None:
-            eos = EOS_TOKEN if self._tok.token_to_id(EOS_TOKEN) is not None else None
-        self.eos_token = eos
-        """The end-of-text token that separates documents, or None when the tokenizer has none."""
-        vocab = self._tok.get_vocab(with_added_tokens=True)
-        self._vocab_size = max(int(self._tok.get_vocab_size(with_added_tokens=True)),
-                               max(vocab.values(), default=-1) + 1)
-
-    @classmethod
-    def from_model_dir(cls, directory: str | os.PathLike[str]) -> HFTokenizer:
-        """Read ``tokenizer.json`` (and its companion files) from a Hugging Face model folder."""
-        path = Path(directory).expanduser()
-        if not path.is_dir():
-            raise FileNotFoundError(f"{os.fspath(directory)!r} is not a folder; pass the Hugging Face model folder "
-                                    "whose tokenizer.json to use")
-        if not (path / HF_TOKENIZER_FILE).is_file():
-            present = [name for name in ("tokenizer.model", "vocab.json", "vocab.txt") if (path / name).is_file()]
-            what = f" (it has {', '.join(present)}, a slow-tokenizer format)" if present else ""
-            raise FileNotFoundError(
-                f"{path} has no {HF_TOKENIZER_FILE}{what}; moekit reads a model's tokenizer from its tokenizer.json: "
-                "copy the base model's tokenizer files (tokenizer.json, tokenizer_config.json) into the folder, or "
-                "write them with transformers' AutoTokenizer.from_pretrained(...).save_pretrained(folder)")
-        files = {name: (path / name).read_bytes() for name in HF_COMPANION_FILES if (path / name).is_file()}
-        return cls((path / HF_TOKENIZER_FILE).read_text(encoding="utf-8"), files, source=str(path.resolve()))
-
-    @property
-    def vocab_size(self) -> int:
-        """One more than the largest id (special tokens included): the embedding rows a model needs at least."""
-        return self._vocab_size
-
-    @property
-    def tokenizer_json(self) -> str:
-        """The text of the ``tokenizer.json`` this tokenizer was read from."""
-        return self._json
-
-    @property
-    def eos_id(self) -> int | None:
-        """Id of :attr:`eos_token`, or None."""
-        return self._tok.token_to_id(self.eos_token) if self.eos_token is not None else None
-
-    def token_to_id(self, token: str) -> int | None:
-        """Id of a token string, or None."""
-        return self._tok.token_to_id(token)
-
-    def encode_to_tensor(self, text: str) -> torch.Tensor:
-        """Token ids of ``text`` as a 1-D ``int64`` tensor (documents encoded in parallel)."""
-        eos = self.eos_id
-        documents = text.split(EOS_TOKEN) if eos is not None else [text]
-        encodings = self._tok.encode_batch(documents, add_special_tokens=False)
-        parts: list[torch.Tensor] = []
-        for i, encoding in enumerate(encodings):
-            if i:
-                parts.append(torch.tensor([eos], dtype=torch.int64))
-            parts.append(torch.tensor(encoding.ids, dtype=torch.int64))
-        return torch.cat(parts) if parts else torch.empty(0, dtype=torch.int64)
-
-    def encode(self, text: str) -> list[int]:
-        """Token ids of ``text``, as training data is encoded (no added BOS; separators become EOS)."""
-        return self.encode_to_tensor(text).tolist()
-
-    def encode_prompt(self, text: str) -> list[int]:
-        """Token ids of a prompt with the special tokens the tokenizer adds by default (e.g. a leading BOS)."""
-        return list(self._tok.encode(text, add_special_tokens=True).ids)
-
-    def decode(self, ids: Sequence[int] | torch.Tensor, skip_special_tokens: bool = False) -> str:
-        """Text of ``ids``; ids outside the vocabulary raise ValueError."""
-        if isinstance(ids, torch.Tensor):
-            ids = ids.tolist()
-        bad = [i for i in ids if not 0 <= i < self.vocab_size]
-        if bad:
-            raise ValueError(f"token id {bad[0]} is outside this tokenizer's vocabulary of {self.vocab_size}; "
-                             "decode ids made by the same tokenizer")
-        return str(self._tok.decode(list(ids), skip_special_tokens=skip_special_tokens))
-
-    def fingerprint(self) -> str:
-        """sha256 of the kind, the end-of-text token and the tokenizer itself (keys the token cache)."""
-        return hashlib.sha256(f"{self.type_name}\n{self.eos_token}\n{self._tok.to_str()}".encode()).hexdigest()
-
-    def save(self, directory: str | os.PathLike[str]) -> Path:
-        """Write ``tokenizer.json``, the companion files and ``moekit_tokenizer.json``; returns the marker's path."""
-        path = Path(directory)
-        with storage_faults("tokenizer", path):
-            path.mkdir(parents=True, exist_ok=True)
-        for name, data in [(HF_TOKENIZER_FILE, self._json.encode("utf-8")), *sorted(self.files.items())]:
-            atomic_write(path / name, data, what="tokenizer")
-        write_json(path / TOKENIZER_FILE, {"type": self.type_name, "format": _FORMAT_VERSION,
-                                            "tokenizer_file": HF_TOKENIZER_FILE, "files": sorted(self.files),
-                                            "source": self.source}, what="tokenizer")
-        return path / TOKENIZER_FILE
-
-    @classmethod
-    def load(cls, directory: str | os.PathLike[str]) -> HFTokenizer:
-        """Read a tokenizer written by :meth:`save`."""
-        meta = _read_marker(directory, cls.type_name)
-        path = Path(directory)
-        hf_path = path / meta.get("tokenizer_file", HF_TOKENIZER_FILE)
-        if not hf_path.is_file():
-            raise FileNotFoundError(f"{hf_path} is missing; the tokenizer folder is incomplete, save it again")
-        names = meta.get("files", [name for name in HF_COMPANION_FILES if (path / name).is_file()])
-        missing = [name for name in names if not (path / name).is_file()]
-        if missing:
-            raise FileNotFoundError(f"{path / missing[0]} is missing; the tokenizer folder is incomplete, "
-                                    "save it again")
-        files = {name: (path / name).read_bytes() for name in names}
-        return cls(hf_path.read_text(encoding="utf-8"), files, source=meta.get("source"))
-
-    def __repr__(self) -> str:
-        return f"HFTokenizer(vocab_size={self.vocab_size}, eos_token={self.eos_token!r}, source={self.source!r})"
-
-
-def build_tokenizer(train_config: Any) -> ByteTokenizer | BPETokenizer | HFTokenizer:
-    """The tokenizer a training config asks for (duck-typed on ``moekit.config.TrainConfig``).
-
-    ``train_config.tokenizer`` is ``"byte"`` (a :class:`ByteTokenizer`), ``"bpe"`` (a :class:`BPETokenizer`
-    trained on the corpus ``train_config.data`` with ``train_config.bpe_vocab_size`` ids) or ``"hf"`` (the
-    :class:`HFTokenizer` of the model folder ``train_config.init_from``).
-    """
-    kind = getattr(train_config, "tokenizer", "byte")
-    if kind == ByteTokenizer.type_name:
-        return ByteTokenizer()
-    if kind == BPETokenizer.type_name:
-        vocab_size = getattr(train_config, "bpe_vocab_size", 2048)
-        return BPETokenizer.train([load_corpus_text(getattr(train_config, "data", None))], vocab_size)
-    if kind == HFTokenizer.type_name:
-        init_from = getattr(train_config, "init_from", None)
-        if init_from is None:
-            raise ValueError("tokenizer 'hf' reads the tokenizer.json of train.init_from, which is not set; set "
-                             "train.init_from to a Hugging Face model folder, or use 'byte' or 'bpe'")
-        return HFTokenizer.from_model_dir(init_from)
-    raise ValueError(f"unknown tokenizer {kind!r}; use 'byte' or 'bpe' (or 'hf' with train.init_from)")
-
-
-def load_tokenizer(directory: str | os.PathLike[str]) -> ByteTokenizer | BPETokenizer | HFTokenizer:
-    """Load whichever tokenizer a moekit tokenizer's ``save`` wrote to ``directory``."""
-    kind = _read_marker(directory)["type"]
-    for cls in (ByteTokenizer, BPETokenizer, HFTokenizer):
-        if kind == cls.type_name:
-            return cls.load(directory)
-    raise ValueError(f"{Path(directory) / TOKENIZER_FILE} has unknown tokenizer type {kind!r}; this moekit knows "
-                     f"'byte', 'bpe' and 'hf', upgrade moekit or save it again")
 
 
 # ------------------------------------------------------------------------------------------------------- corpus
 
 
-_NOT_REGULAR = ((stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISSOCK, "a socket"),
-                (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"))
 _GZIP_MAGIC = b"\x1f\x8b"
 
 
-def _kind_of(mode: int) -> str:
-    """What a non-regular file is, in words ("a FIFO (named pipe)", "a socket", ...)."""
-    return next((name for test, name in _NOT_REGULAR if test(mode)), "not a regular file")
-
-
 def _not_regular(path: Path, mode: int) -> ValueError:
-    return ValueError(f"corpus path {os.fspath(path)!r} is {_kind_of(mode)}, not a regular file or a folder; moekit "
+    return ValueError(f"corpus path {os.fspath(path)!r} is {file_kind(mode)}, not a regular file or a folder; moekit "
                       "reads only files and folders of files (reading from a pipe or device could block forever): "
                       "save the text to a file and pass that")
 
@@ -656,13 +100,9 @@ def _read_regular_file(path: Path) -> bytes:
         mode = path.stat().st_mode
         if not stat.S_ISREG(mode):
             raise _not_regular(path, mode)
-        # O_NONBLOCK: should the path have become a FIFO since the stat, opening it still returns at once
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
-        with open(fd, "rb", closefd=True) as handle:
-            mode = os.fstat(handle.fileno()).st_mode
-            if not stat.S_ISREG(mode):
-                raise _not_regular(path, mode)
-            return handle.read()
+        return read_regular_file(path)
+    except NotRegularFile as err:  # it became a FIFO or device after the stat
+        raise _not_regular(path, err.mode) from None
     except FileNotFoundError as err:
         raise FileNotFoundError(f"corpus file {os.fspath(path)!r} does not exist (it disappeared while being "
                                 "read); pass an existing text file or folder") from err
@@ -781,7 +221,8 @@ def token_dtype(vocab_size: int) -> torch.dtype:
 _DTYPE_NAMES = {torch.uint16: "uint16", torch.uint32: "uint32"}
 
 TOKENS_FILE = "tokens.bin"
-META_FILE = "tokens.json"
+TOKENS_META_FILE = "tokens.json"
+"""The token cache's index next to ``tokens.bin``: what the tokens were made from, their length and sha256."""
 _CACHE_FORMAT = 2  # 2: tokens.json records the sha256 of tokens.bin
 _WRITE_TOKENS = 1 << 20  # tokens converted and written per write call
 _HASH_BLOCK = 1 << 20
@@ -812,8 +253,7 @@ def _split_sizes(n: int, val_fraction: float, block_size: int) -> tuple[int, int
 
 def _tokenise(text: str, tokenizer: Tokenizer, origin: str, vocab_size: int) -> torch.Tensor:
     """`text` as a 1-D int64 tensor of ids, checked to be non-empty and inside the vocabulary."""
-    encode = getattr(tokenizer, "encode_to_tensor", None)
-    ids = encode(text) if encode is not None else torch.tensor(tokenizer.encode(text), dtype=torch.int64)
+    ids = tokenizer.encode_to_tensor(text)
     if ids.numel() == 0:
         raise ValueError(f"tokenising {origin} gave no tokens; check the text and the tokenizer")
     lo, hi = int(ids.min()), int(ids.max())
@@ -845,7 +285,7 @@ _Signature = tuple[tuple[int, int, int, int], ...]
 def _signature(cache: Path) -> _Signature | None:
     """Identity of the two cache files (device, inode, size, mtime), or None when one is missing."""
     try:
-        stats = [(cache / name).stat() for name in (TOKENS_FILE, META_FILE)]
+        stats = [(cache / name).stat() for name in (TOKENS_FILE, TOKENS_META_FILE)]
     except OSError:
         return None
     return tuple((st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns) for st in stats)
@@ -857,7 +297,7 @@ def _check_cache(cache: Path, expected: dict[str, Any], dtype: torch.dtype) -> t
     Otherwise ``(None, why)`` when it was made for this input but is damaged (the caller warns), or
     ``(None, None)`` when there is none or it was made for another text, tokenizer or format (rebuilt silently).
     """
-    tokens_path, meta_path = cache / TOKENS_FILE, cache / META_FILE
+    tokens_path, meta_path = cache / TOKENS_FILE, cache / TOKENS_META_FILE
     if not meta_path.is_file():
         return None, None
     meta = _read_meta(meta_path)
@@ -873,16 +313,16 @@ def _check_cache(cache: Path, expected: dict[str, Any], dtype: torch.dtype) -> t
     except OSError:
         return None, f"{tokens_path} is missing"
     if not stat.S_ISREG(st.st_mode):
-        return None, f"{tokens_path} is {_kind_of(st.st_mode)}"
+        return None, f"{tokens_path} is {file_kind(st.st_mode)}"
     if st.st_size != length * dtype.itemsize:
-        return None, (f"{tokens_path} has {st.st_size} bytes where {META_FILE} records {length} tokens = "
+        return None, (f"{tokens_path} has {st.st_size} bytes where {TOKENS_META_FILE} records {length} tokens = "
                       f"{length * dtype.itemsize} bytes")
     try:
         actual = _file_sha256(tokens_path)
     except OSError as err:
         return None, f"{tokens_path} cannot be read ({err.strerror or err})"
     if actual != digest:
-        return None, f"{tokens_path} does not match the sha256 recorded in {META_FILE}"
+        return None, f"{tokens_path} does not match the sha256 recorded in {TOKENS_META_FILE}"
     return length, None
 
 
@@ -895,7 +335,7 @@ def _write_cache(cache: Path, ids: torch.Tensor, dtype: torch.dtype, meta: dict[
     """Stream `ids` as `dtype` into ``cache/tokens.bin`` (temporary file, fsync, rename, folder sync), then write
     ``tokens.json`` with its sha256. A storage fault removes the temporary file, leaves a previous cache as it was
     and raises a one-line StorageError."""
-    tokens_path, meta_path = cache / TOKENS_FILE, cache / META_FILE
+    tokens_path, meta_path = cache / TOKENS_FILE, cache / TOKENS_META_FILE
     n = ids.numel()
     needed = n * dtype.itemsize
     with storage_faults("token cache", cache, needed):

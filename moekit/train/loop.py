@@ -44,7 +44,7 @@ from ..model import MoETransformer
 from . import checkpoint as ckpt
 from . import rundir
 from .config import RunConfig
-from .data import BatchSampler, TokenDataset, build_tokenizer, iter_eval_batches, load_tokenizer
+from .data import BatchSampler, TokenDataset, iter_eval_batches
 from .device import autocast_dtype, resolve_device
 from .errors import NonFiniteTraining
 from .freeze import apply_freezing
@@ -53,6 +53,7 @@ from .interrupts import StopSignals
 from .optim import build_optimizer
 from .parallel import LocalParallel, TrainParallel, wants_parallel
 from .resume import check_resume_changes, hashed_model_dict, lr_factor, planned_total, resume_changes
+from .tokenizers import build_tokenizer, load_tokenizer
 
 __all__ = ["TrainResult", "Trainer"]
 
