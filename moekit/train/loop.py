@@ -38,7 +38,7 @@ from .metrics import MetricsLogger, StepRecord
 from .optim import build_optimizer
 from .parallel import start_parallel
 from .policy import CheckpointPolicy
-from .resume import hashed_model_dict, lr_factor, planned_total
+from .resume import lr_factor, planned_total
 from .setup import RunInputs, RunSetup, check_router_use
 
 __all__ = ["TrainResult", "Trainer"]
@@ -167,11 +167,8 @@ class Trainer:
             self.metrics.log({"kind": "resume", "step": self.step, "changed": history_entry["changed"]})
 
     def _hashed_config(self) -> dict[str, Any]:
-        """What the checkpoint's config hash covers: the model, and the checkpoint it started from if any."""
-        config = hashed_model_dict(self.run.model.to_dict())  # later fields at their defaults: older runs resume
-        if self.run.train.init_from is not None:  # absent otherwise, so older checkpoints still resume
-            config["init_from"] = self.run.train.init_from
-        return config
+        """What the checkpoint's config hash covers: the model, and the checkpoint it started from."""
+        return {**self.run.model.to_dict(), "init_from": self.run.train.init_from}
 
     def save(self) -> Path:
         """Write an atomic checkpoint of everything needed to continue exactly (under torchrun: every rank).

@@ -86,8 +86,6 @@ class RunSetup:
         with warnings.catch_warnings():  # a fallback to an older checkpoint is reported once, when it loads
             warnings.simplefilter("ignore")
             meta = ckpt.read_meta(ckpt.find_checkpoint(self.run_dir, need="all"))
-        # as moekit reads it now: fields added since the run started take their defaults, not "a change"
-        stored = RunConfig.from_dict(stored).to_dict()
         changes = resume_changes(stored, self.run.to_dict())
         saved_world = (meta.get("layout") or {}).get("world_size", 1)
         saved_accum = (stored.get("train") or {}).get("grad_accum", 1)
