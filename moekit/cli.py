@@ -130,13 +130,10 @@ def cmd_train(args: argparse.Namespace) -> int:
                       progress=not args.no_progress, extend_schedule=args.extend_schedule)
     main = trainer.is_main  # under torchrun only rank 0 prints and writes the report
     total, active = trainer.num_parameters
-    layout = ""
-    if trainer.parallel.distributed:
-        groups = trainer.parallel.groups
-        layout = f", {groups.world_size} ranks: expert parallel {groups.ep_size} x data parallel {groups.dp_size}"
+    layout = trainer.parallel.layout_note()
     if main:
         print(f"moekit train: {run.name} -> {run_dir} ({total:,} parameters, {active:,} active per token, "
-              f"device {trainer.device}{layout})")
+              f"device {trainer.device}{', ' + layout if layout else ''})")
     extra = {"parameters (total / active)": f"{total:,} / {active:,}"}
     if trainer.frozen:
         frozen = total - trainer.num_trainable
@@ -154,7 +151,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         extra["balancing"] = (f"Switch {model.aux_coef:g}, z-loss {model.z_coef:g}, sequence-wise {model.seq_coef:g}, "
                               f"selection-bias update rate {model.bias_rate:g}")
     if layout:
-        extra["layout"] = layout.removeprefix(", ")
+        extra["layout"] = layout
     if run.train.init_from is not None and main:
         print(f"initialised from {run.train.init_from} (weights and tokenizer.json)")
         extra["initialised from"] = f"`{run.train.init_from}`"

@@ -15,7 +15,6 @@ import torch
 from moekit import _files
 from moekit.cli import main
 from moekit.train import checkpoint as ckpt
-from moekit.train.config import RunConfig
 from moekit.train.loop import Trainer
 
 from .run_helpers import small_run, weights
@@ -289,36 +288,15 @@ def test_checkpoint_files_are_durable_before_they_are_published(corpus, tmp_path
     assert order[:publish].count("fsync") >= 3  # weights, state and meta.json synced before the rename
 
 
-# the model fields of moekit's config.json before the real-checkpoint families added attention and MoE options
-_OLDER_MODEL_FIELDS = {"vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
-                       "intermediate_size", "max_position_embeddings", "rope_theta", "rms_norm_eps",
-                       "tie_word_embeddings", "initializer_range", "first_k_dense_replace", "moe_layer_freq", "moe"}
-_OLDER_MOE_FIELDS = {"hidden_size", "moe_intermediate_size", "num_local_experts", "num_experts_per_tok",
-                     "n_shared_experts", "shared_expert_intermediate_size", "shared_expert_gate", "hidden_act",
-                     "router", "scoring_func", "norm_topk_prob", "routed_scaling_factor", "n_group", "topk_group",
-                     "capacity_factor", "router_jitter_noise", "slots_per_expert", "router_aux_loss_coef",
-                     "router_z_loss_coef", "importance_loss_coef", "load_loss_coef", "seq_aux_loss_coef",
-                     "aux_free_bias_update_rate", "expert_backend"}  # expert_devices came later too
-
-
-def test_runs_written_before_later_model_fields_still_resume(corpus, tmp_path):
-    from moekit.cli import load_run_dict, preset_names
-    from moekit.train.resume import hashed_model_dict
-
-    older = ("tiny-mixtral", "tiny-deepseek", "switch", "expert-choice", "hierarchical", "dense")
-    assert set(older) <= set(preset_names())
-    for preset in older:  # what a checkpoint hashes is what older moekit hashed, for every preset it had
-        model = RunConfig.from_dict(load_run_dict(preset, None)).model.to_dict()
-        hashed = hashed_model_dict(model)
-        assert set(hashed) == _OLDER_MODEL_FIELDS, preset
-        if hashed["moe"] is not None:
-            assert set(hashed["moe"]) == _OLDER_MOE_FIELDS, preset
+def test_the_checkpoint_hash_covers_every_model_field_and_init_from(corpus, tmp_path):
     run_dir = tmp_path / "run"
-    Trainer(small_run("tiny-mixtral", corpus, "train.max_steps=4", "train.checkpoint_interval=1"), run_dir,
-            progress=False).train(stop_at=2)
-    config = json.loads((run_dir / "config.json").read_text())  # rewrite it as older moekit wrote it
-    config["model"] = {k: v for k, v in config["model"].items() if k in _OLDER_MODEL_FIELDS}
-    config["model"]["moe"] = {k: v for k, v in config["model"]["moe"].items() if k in _OLDER_MOE_FIELDS}
-    (run_dir / "config.json").write_text(json.dumps(config))
-    Trainer(RunConfig.from_dict(config), run_dir, progress=False, resume=True).train()
+    run = small_run("tiny-mixtral", corpus, "train.max_steps=4", "train.checkpoint_interval=1")
+    Trainer(run, run_dir, progress=False).train(stop_at=2)
+    model = run.model.to_dict()
+    saved = ckpt.read_meta(ckpt.find_checkpoint(run_dir))["config_hash"]
+    assert saved == ckpt.config_hash({**model, "init_from": None})  # the model config as it is, nothing left out
+    for changed in ({**model, "qk_norm": "rms"}, {**model, "moe": {**model["moe"], "expert_devices": 2}},
+                    {**model, "init_from": "elsewhere"}):
+        assert ckpt.config_hash({"init_from": None, **changed}) != saved
+    Trainer(run, run_dir, progress=False, resume=True).train()
     assert ckpt.read_meta(ckpt.find_checkpoint(run_dir))["step"] == 4

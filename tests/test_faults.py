@@ -73,8 +73,8 @@ def _points(trainer: Trainer, monkeypatch, fire) -> dict[str, object]:
     monkeypatch.setattr(type(trainer.scheduler), "step", lambda self, *a: (real_sched(self, *a), fire("scheduler"))[0])
     real_bias = trainer.parallel.update_router_biases
     monkeypatch.setattr(trainer.parallel, "update_router_biases", lambda m: (real_bias(m), fire("bias_update"))[0])
-    real_log = trainer._log
-    monkeypatch.setattr(trainer, "_log", lambda r: (fire("log"), real_log(r))[1])
+    real_log = trainer.metrics.log
+    monkeypatch.setattr(trainer.metrics, "log", lambda r: (fire("log"), real_log(r))[1])
     real_eval = trainer.evaluate
     monkeypatch.setattr(trainer, "evaluate", lambda: (fire("eval"), real_eval())[1])
     real_write = ckpt._write_file

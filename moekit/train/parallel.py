@@ -23,7 +23,8 @@ from __future__ import annotations
 import contextlib
 import inspect
 import os
-from typing import Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
@@ -35,7 +36,11 @@ from ..distributed.mesh import ParallelGroups, check_sizes, init_parallel, launc
 from ..layer import update_aux_free_biases
 from ..layer.balance import max_violation
 from . import checkpoint as ckpt
+from .device import resolve_device
 from .errors import PeerLost
+
+if TYPE_CHECKING:
+    from .config import RunConfig
 
 _PEER_FAILURE_WORDS = ("timed out", "timeout", "connection closed", "connection reset", "broken pipe",
                        "connection refused", "peer", "socket")
@@ -44,6 +49,28 @@ _PEER_FAILURE_WORDS = ("timed out", "timeout", "connection closed", "connection 
 def wants_parallel(expert_parallel: int) -> bool:
     """True when this process is one of several (torchrun set WORLD_SIZE > 1) or `--ep` asks for several."""
     return expert_parallel > 1 or (launched_by_torchrun() and int(os.environ["WORLD_SIZE"]) > 1)
+
+
+def start_parallel(run: RunConfig) -> LocalParallel | TrainParallel:
+    """`LocalParallel` for one process, else join torchrun's group; a layout the model cannot take is refused."""
+    t = run.train
+    if not wants_parallel(t.expert_parallel):
+        return LocalParallel()
+    if run.uses_transformers:
+        raise ValueError("train.backend='transformers' trains transformers' own class in one process; run it without "
+                         "torchrun and --ep (moekit's expert and data parallelism need moekit's model)")
+    moe = run.model.moe
+    if moe is None and t.expert_parallel > 1:
+        raise ValueError(f"--ep {t.expert_parallel} shards MoE experts, but this model is dense (model.moe is "
+                         "null); train it data parallel with --ep 1, or pick an MoE preset")
+    if moe is not None and moe.max_devices_per_token is not None and t.expert_parallel % moe.expert_devices:
+        raise ValueError(f"model.moe.max_devices_per_token={moe.max_devices_per_token} limits each token to a "
+                         f"few of model.moe.expert_devices={moe.expert_devices} expert blocks, but --ep "
+                         f"{t.expert_parallel} does not split into {moe.expert_devices} groups of ranks; set "
+                         f"--set model.moe.expert_devices={t.expert_parallel} (one block per rank) or to the "
+                         "number of nodes (node-limited routing)")
+    return TrainParallel.start(t.expert_parallel, resolve_device(t.device).type,
+                               moe.num_local_experts if moe is not None else None, timeout_s=t.collective_timeout_s)
 
 
 class TrainParallel:
@@ -57,7 +84,9 @@ class TrainParallel:
         self.ddp: nn.Module | None = None
         self.device = torch.device("cpu")  # where small reductions live (the model's device: NCCL needs CUDA)
 
-    distributed = True
+    repeat_signal_stops_at_once = False
+    """torchrun's agent forwards each signal to every rank (a terminal's Ctrl-C reaches a rank twice): a repeat is
+    only recorded, and the agent's own shutdown timeout is the hard stop."""
 
     @classmethod
     def start(cls, expert_parallel: int, device_type: str, num_experts: int | None,
@@ -95,6 +124,33 @@ class TrainParallel:
         """True only when every rank passed True (a barrier that also carries failure)."""
         return not self.agree(not ok)[0]
 
+    def on_main(self, work: Callable[[], Any]) -> Any:
+        """Run `work` on rank 0 only (nobody waits for it); None elsewhere."""
+        return work() if self.is_main else None
+
+    def agreed_on_rank_0(self, work: Callable[[], Any], failure: str,
+                         elsewhere: Callable[[], Any] | None = None) -> Any:
+        """Run `work` on rank 0, then `elsewhere` (if any) on the other ranks once rank 0 succeeded; every rank
+        raises if rank 0 failed (its own error there, RuntimeError(`failure`) elsewhere), so none waits for a rank
+        that gave up. Returns what this rank ran."""
+        error: BaseException | None = None
+        result = None
+        if self.is_main:
+            try:
+                result = work()
+            except BaseException as caught:
+                error = caught
+        if not self.all_ok(error is None):
+            raise error if error is not None else RuntimeError(failure)
+        if not self.is_main and elsewhere is not None:
+            result = elsewhere()
+        return result
+
+    def stop_after_step(self, agreed: bool, requested: str | None) -> bool:
+        """Whether to stop after this step: only what every rank agreed on inside it (`agreed`), so all stop at
+        the same step; a signal that came later is agreed on at the next one."""
+        return agreed
+
     def peer_lost(self, error: BaseException, step: int, last_saved: int | None) -> PeerLost | None:
         """A PeerLost explaining `error` when it is a collective that timed out or lost its peer, else None."""
         backend_error = getattr(dist, "DistBackendError", ())
@@ -108,6 +164,10 @@ class TrainParallel:
                         f"with --resume ({str(error).splitlines()[0][:160]})")
 
     # ------------------------------------------------------------------ the model
+    def device_for(self, device: torch.device) -> torch.device:
+        """The device this rank trains on: under torchrun a CUDA device is this rank's own."""
+        return torch.device("cuda", torch.cuda.current_device()) if device.type == "cuda" else device
+
     def wrap(self, model: nn.Module, device: torch.device) -> nn.Module:
         """Shard `model`'s experts over the EP group and wrap the rest in DDP; returns the module to call."""
         from torch.nn.parallel import DistributedDataParallel
@@ -179,6 +239,20 @@ class TrainParallel:
                       "dropped_fraction": scalars[row, 0] / self.world_size, "all_to_all_bytes": scalars[row, 1]}
         return out
 
+    def reduce_for_log(self, loss: float, aux_loss: float, exchanged: float, stats: dict[int, dict[str, torch.Tensor]]
+                       ) -> tuple[float, float, dict[int, dict[str, torch.Tensor]], dict[str, Any]]:
+        """(loss, aux loss, MoE stats, extra log fields) over all ranks, for a logged step (every rank calls it at
+        the same steps, so the collectives line up): means of the losses, stats summed (:meth:`summarise`), and
+        the world size with the bytes every rank sent through the all-to-all."""
+        loss, aux_loss, exchanged = self.mean(loss, aux_loss, exchanged)
+        return loss, aux_loss, self.summarise(stats), {"world_size": self.world_size,
+                                                       "all_to_all_bytes": exchanged * self.world_size}
+
+    def layout_note(self) -> str:
+        """How the ranks are laid out, in words ("" for one process)."""
+        g = self.groups
+        return f"{g.world_size} ranks: expert parallel {g.ep_size} x data parallel {g.dp_size}"
+
     # ------------------------------------------------------------------ checkpoints
     def layout(self) -> dict[str, Any]:
         return {"rank": self.rank, "world_size": self.world_size, "ep_rank": self.groups.ep_rank,
@@ -205,8 +279,9 @@ class TrainParallel:
 class LocalParallel:
     """`TrainParallel`'s interface for a single process: nothing to communicate, nothing to wrap."""
 
-    distributed = False
     rank, world_size, is_main = 0, 1, True
+    repeat_signal_stops_at_once = True
+    """A second Ctrl-C or SIGTERM stops at once, without a checkpoint of the step in progress."""
 
     def barrier(self) -> None:
         """Nothing to wait for."""
@@ -217,8 +292,22 @@ class LocalParallel:
     def all_ok(self, ok: bool) -> bool:
         return ok
 
+    def on_main(self, work: Callable[[], Any]) -> Any:
+        return work()
+
+    def agreed_on_rank_0(self, work: Callable[[], Any], failure: str,
+                         elsewhere: Callable[[], Any] | None = None) -> Any:
+        return work()
+
+    def stop_after_step(self, agreed: bool, requested: str | None) -> bool:
+        """One process needs no agreement: a signal that came after the check inside the step still stops now."""
+        return agreed or requested is not None
+
     def peer_lost(self, error: BaseException, step: int, last_saved: int | None) -> None:
         return None
+
+    def device_for(self, device: torch.device) -> torch.device:
+        return device
 
     def wrap(self, model: nn.Module, device: torch.device) -> nn.Module:
         return model
@@ -238,11 +327,12 @@ class LocalParallel:
         else:
             update_aux_free_biases(model)
 
-    def mean(self, *values: float) -> list[float]:
-        return list(values)
+    def reduce_for_log(self, loss: float, aux_loss: float, exchanged: float, stats: dict[int, dict[str, torch.Tensor]]
+                       ) -> tuple[float, float, dict[int, dict[str, torch.Tensor]], dict[str, Any]]:
+        return loss, aux_loss, stats, {}
 
-    def summarise(self, stats: dict[int, dict[str, torch.Tensor]]) -> dict[int, dict[str, torch.Tensor]]:
-        return stats
+    def layout_note(self) -> str:
+        return ""
 
     def save_checkpoint(self, run_dir, model: nn.Module, model_config: dict[str, Any], state: dict[str, Any],
                         meta: dict[str, Any], keep: int):

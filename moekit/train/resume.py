@@ -29,31 +29,6 @@ RESUMABLE_FIELDS = frozenset({
 })
 SCHEDULE_FIELD = "train.max_steps"
 
-#: model fields added after runs were first written, at the values that mean "as before": a checkpoint's config hash
-#: leaves them out at those values, so a run written before they existed still resumes
-LATER_MODEL_FIELDS: dict[str, Any] = {
-    "mlp_only_layers": [], "head_dim": None, "qkv_bias": False, "o_proj_bias": False, "qk_norm": None,
-    "clip_qkv": None, "partial_rotary_factor": 1.0, "rope_scaling": None, "rope_interleave": False,
-    "sliding_window": None, "layer_types": None, "attention_sinks": False, "mla": None,
-}
-LATER_MOE_FIELDS: dict[str, Any] = {
-    "swiglu_limit": None, "swiglu_alpha": None, "expert_bias": False, "router_bias": False, "expert_devices": 1,
-    "max_devices_per_token": None,
-}
-
-
-def hashed_model_dict(model: dict[str, Any]) -> dict[str, Any]:
-    """A model section as checkpoints hash it: the fields of `LATER_MODEL_FIELDS` / `LATER_MOE_FIELDS` left out where
-    they hold their "as before" values (a copy; `model` is not changed)."""
-    out = {key: value for key, value in model.items()
-           if not (key in LATER_MODEL_FIELDS and value == LATER_MODEL_FIELDS[key])}
-    moe = out.get("moe")
-    if isinstance(moe, dict):
-        out["moe"] = {key: value for key, value in moe.items()
-                      if not (key in LATER_MOE_FIELDS and value == LATER_MOE_FIELDS[key])}
-    return out
-
-
 def _flatten(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     flat: dict[str, Any] = {}
     for key, value in values.items():

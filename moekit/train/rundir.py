@@ -142,16 +142,20 @@ def _read_info(handle: Any) -> dict[str, Any]:
 
 
 class RunLock:
-    """The exclusive right to train in one run directory (see the module docstring)."""
+    """The exclusive right to train in one run directory (see the module docstring).
 
-    def __init__(self, run_dir: Path) -> None:
+    Under torchrun rank 0 holds it for all ranks: the others pass `enabled=False`, and acquiring does nothing.
+    """
+
+    def __init__(self, run_dir: Path, enabled: bool = True) -> None:
         self.run_dir = Path(run_dir)
         self._key = str(self.run_dir.resolve())
         self._held = False
+        self.enabled = enabled
 
     def acquire(self) -> RunLock:
         """Take the lock, or raise RuntimeError naming the process that holds it."""
-        if self._held:
+        if self._held or not self.enabled:
             return self
         entry = _HELD.get(self._key)
         if entry is not None:
