@@ -299,6 +299,7 @@ def test_fifo_corpus_is_refused_and_skipped_in_a_folder(tmp_path: Path) -> None:
     assert report["info"].count("\n") == report["info_dir"].count("\n") == 1
 
 
+@pytest.mark.slow
 def test_bpe_on_a_3mb_line_without_spaces_trains_encodes_and_round_trips(tmp_path: Path) -> None:
     report = run_python("""
         import json, random, string

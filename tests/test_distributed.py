@@ -127,6 +127,7 @@ def _remote_pairs(config: MoEConfig, tokens: int, world: int) -> list[int]:
     return counts
 
 
+@pytest.mark.slow
 def test_device_limited_routing_cuts_traffic(tmp_path):
     """With max_devices_per_token=1 every token reaches one rank: rows sent are the hand-counted (token, remote rank)
     pairs, fewer than without the limit, and the layer still equals one process."""
@@ -265,6 +266,7 @@ def test_ep2_training_under_bf16_autocast(tmp_path):
     assert len(curve) == 3 and max(abs(a - b) for a, b in zip(curve, reference, strict=True)) < 2e-2
 
 
+@pytest.mark.slow
 def test_dp2_x_ep2_training_equals_single_process(tmp_path):
     """4 ranks as 2 data-parallel replicas of an EP=2 pair: expert gradients are summed over the replicas, dense
     ones averaged by DDP, and 3 steps give the curve of one process accumulating the 4 micro-batches."""
@@ -276,6 +278,7 @@ def test_dp2_x_ep2_training_equals_single_process(tmp_path):
     assert layout == {"world_size": 4, "expert_parallel": 2}
 
 
+@pytest.mark.slow
 def test_checkpoint_reshards_across_ep_sizes(tmp_path):
     """3 of 5 steps at EP=2 on 2 ranks (2 micro-batches each), then resumed at EP=4 on 4 ranks and, separately, in one
     process: both continue the one-process curve, whose batches they draw in the same order."""
@@ -293,6 +296,7 @@ def test_checkpoint_reshards_across_ep_sizes(tmp_path):
     assert len([f for f in files if f.startswith("state-rank")]) == 4
 
 
+@pytest.mark.slow
 def test_torchrun_cli(tmp_path):
     """The documented launch: torchrun -m moekit train --ep 2, then one-process eval, generate and export."""
     preset = tmp_path / "tiny.json"
@@ -372,6 +376,7 @@ def _assert_one_consistent_checkpoint(run_dir) -> int:
     return meta["step"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("how", ["ctrl-c to every process", "SIGTERM to torchrun"])
 def test_a_stop_under_torchrun_is_agreed_by_every_rank_and_writes_one_checkpoint(tmp_path, how):
     import os
@@ -398,6 +403,7 @@ def test_a_stop_under_torchrun_is_agreed_by_every_rank_and_writes_one_checkpoint
     assert len(curve) == step + 2 and max(abs(a - b) for a, b in zip(curve, expected, strict=True)) < 1e-4
 
 
+@pytest.mark.slow
 def test_a_stopped_rank_is_reported_within_the_collective_timeout(tmp_path):
     import os
     import signal

@@ -183,6 +183,7 @@ def _wait_for_steps(run_dir: Path, n: int, process: subprocess.Popen, timeout: f
     raise AssertionError(f"{run_dir}: fewer than {n} steps after {timeout} s")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
 def test_sigterm_and_ctrl_c_to_a_training_process_write_a_checkpoint_that_resumes_exactly(signum, corpus, tmp_path):
     steps = 60
@@ -319,6 +320,7 @@ def _one_line_error(done: subprocess.CompletedProcess) -> str:
     return lines[0]
 
 
+@pytest.mark.slow
 def test_a_full_disk_while_checkpointing_stops_with_one_line_and_keeps_the_previous_checkpoint(corpus, tmp_path):
     run_dir = tmp_path / "run"
     assert main(["train", "--out", str(run_dir), "--no-progress", *[f"--set={s}" for s in SMALL],
@@ -340,6 +342,7 @@ def test_a_full_disk_while_checkpointing_stops_with_one_line_and_keeps_the_previ
     assert again.returncode == 0, again.stderr  # space is back: the run continues from step 2
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not _unshare_works(), reason="needs unshare -rm (user namespaces) to mount a small tmpfs")
 def test_a_really_full_disk_stops_with_one_line_naming_the_space(corpus, tmp_path):
     extra = ("train.max_steps=4", "train.checkpoint_interval=2", "train.eval_interval=100")
@@ -367,6 +370,7 @@ def test_a_read_only_destination_is_one_clear_line(corpus, tmp_path):
 
 
 # ---------------------------------------------------------------------------------- two processes, one run
+@pytest.mark.slow
 def test_a_second_process_is_refused_while_a_run_trains_and_a_dead_ones_lock_is_recovered(corpus, tmp_path):
     run_dir = tmp_path / "run"
     first = subprocess.Popen(_train_command(run_dir, corpus, "train.max_steps=100000", "train.checkpoint_interval=2",
