@@ -152,7 +152,7 @@ def build_model(config: ModelConfig | HFModelConfig):
     return MoETransformer(config)
 
 
-def _model_from_checkpoint(config: ModelConfig | HFModelConfig, init_from: str):
+def model_from_checkpoint(config: ModelConfig | HFModelConfig, init_from: str):
     """A model of `config` holding the weights of `init_from` (float32)."""
     if isinstance(config, HFModelConfig):
         return _hf_model_from_checkpoint(config, init_from)
@@ -162,7 +162,7 @@ def _model_from_checkpoint(config: ModelConfig | HFModelConfig, init_from: str):
         raise ValueError(f"train.init_from={init_from!r}: the run's model section must be the checkpoint's, but "
                          f"{'; '.join(problems[:4])}{' ...' if len(problems) > 4 else ''}. The checkpoint's weights "
                          "fix these; only model.moe." + ", model.moe.".join(INIT_FROM_MOE_FIELDS) + " may change. "
-                         "Build the config with moekit.train.loop.init_from_values (the CLI does) or drop the "
+                         "Build the config with moekit.train.init_from.init_from_values (the CLI does) or drop the "
                          "override")
     if loaded.config.moe is None:
         warnings.warn(f"train.init_from={init_from!r} is a dense model (no MoE layers); it is trained as a dense "

@@ -25,7 +25,7 @@ from . import rundir
 from .config import RunConfig
 from .data import TokenDataset
 from .freeze import apply_freezing
-from .init_from import _model_from_checkpoint, build_model
+from .init_from import build_model, model_from_checkpoint
 from .parallel import LocalParallel, TrainParallel
 from .resume import check_resume_changes, resume_changes
 from .tokenizers import build_tokenizer, load_tokenizer
@@ -133,7 +133,7 @@ class RunSetup:
         """
         t = self.run.train
         occupied = self._check_free_directory(overwrite)
-        init_model = _model_from_checkpoint(self.run.model, t.init_from) if t.init_from is not None else None
+        init_model = model_from_checkpoint(self.run.model, t.init_from) if t.init_from is not None else None
         if t.freeze_router or t.train_only_router or t.freeze:  # a pattern that matches nothing: refused now
             if init_model is not None:
                 apply_freezing(init_model, t)
@@ -174,7 +174,7 @@ class RunSetup:
         t = self.run.train
         tokenizer = load_tokenizer(self.run_dir / "tokenizer")
         prepared = self._prepare(tokenizer)
-        init_model = _model_from_checkpoint(self.run.model, t.init_from) if t.init_from is not None else None
+        init_model = model_from_checkpoint(self.run.model, t.init_from) if t.init_from is not None else None
         return RunInputs(tokenizer, prepared.write(), prepared.source_sha256, init_model=init_model)
 
     # ------------------------------------------------------------------ inputs
