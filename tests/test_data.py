@@ -16,6 +16,7 @@ from moekit.train.data import (
     DOCUMENT_SEPARATOR,
     BatchSampler,
     TokenDataset,
+    build_tokenizer,
     iter_eval_batches,
     load_corpus_text,
     token_dtype,
@@ -26,7 +27,6 @@ from moekit.train.tokenizers import (
     BPETokenizer,
     ByteTokenizer,
     Tokenizer,
-    build_tokenizer,
     load_tokenizer,
 )
 

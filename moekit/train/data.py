@@ -60,7 +60,7 @@ import torch
 
 from .._files import NotRegularFile, file_kind, fsync_dir, read_regular_file, storage_faults, write_json
 from .chat import encode_chat, is_chat_source, split_labels
-from .tokenizers import EOS_TOKEN, Tokenizer
+from .tokenizers import EOS_TOKEN, BPETokenizer, ByteTokenizer, HFTokenizer, Tokenizer
 
 __all__ = [
     "DOCUMENT_SEPARATOR",
@@ -68,6 +68,7 @@ __all__ = [
     "BatchSampler",
     "PreparedTokens",
     "TokenDataset",
+    "build_tokenizer",
     "iter_eval_batches",
     "load_corpus_text",
     "token_dtype",
@@ -757,3 +758,25 @@ def iter_eval_batches(
             starts = [starts[i] for i in picks]
     for i in range(0, len(starts), batch_size):
         yield _windows(data, starts[i : i + batch_size], block_size, label_shift)
+
+
+def build_tokenizer(train_config: Any) -> Tokenizer:
+    """The tokenizer a training config asks for (duck-typed on ``moekit.train.config.TrainConfig``).
+
+    ``train_config.tokenizer`` is ``"byte"`` (a :class:`ByteTokenizer`), ``"bpe"`` (a :class:`BPETokenizer`
+    trained on the corpus ``train_config.data`` with ``train_config.bpe_vocab_size`` ids) or ``"hf"`` (the
+    :class:`HFTokenizer` of the model folder ``train_config.init_from``).
+    """
+    kind = getattr(train_config, "tokenizer", "byte")
+    if kind == ByteTokenizer.type_name:
+        return ByteTokenizer()
+    if kind == BPETokenizer.type_name:
+        vocab_size = getattr(train_config, "bpe_vocab_size", 2048)
+        return BPETokenizer.train([load_corpus_text(getattr(train_config, "data", None))], vocab_size)
+    if kind == HFTokenizer.type_name:
+        init_from = getattr(train_config, "init_from", None)
+        if init_from is None:
+            raise ValueError("tokenizer 'hf' reads the tokenizer.json of train.init_from, which is not set; set "
+                             "train.init_from to a Hugging Face model folder, or use 'byte' or 'bpe'")
+        return HFTokenizer.from_model_dir(init_from)
+    raise ValueError(f"unknown tokenizer {kind!r}; use 'byte' or 'bpe' (or 'hf' with train.init_from)")

@@ -23,12 +23,12 @@ from .._files import fsync_dir, overlapping_input, remove_stale_temps, storage_f
 from . import checkpoint as ckpt
 from . import rundir
 from .config import RunConfig
-from .data import TokenDataset
+from .data import TokenDataset, build_tokenizer
 from .freeze import apply_freezing
 from .init_from import build_model, model_from_checkpoint
 from .parallel import LocalParallel, TrainParallel
 from .resume import check_resume_changes, resume_changes
-from .tokenizers import build_tokenizer, load_tokenizer
+from .tokenizers import load_tokenizer
 
 __all__ = ["RunInputs", "RunSetup", "check_router_use"]
 

@@ -41,7 +41,6 @@ __all__ = [
     "ByteTokenizer",
     "HFTokenizer",
     "Tokenizer",
-    "build_tokenizer",
     "load_tokenizer",
 ]
 
@@ -577,30 +576,6 @@ class HFTokenizer(Tokenizer):
 # ----------------------------------------------------------------------------------------------- choosing one
 
 _KINDS: tuple[type[Tokenizer], ...] = (ByteTokenizer, BPETokenizer, HFTokenizer)
-
-
-def build_tokenizer(train_config: Any) -> Tokenizer:
-    """The tokenizer a training config asks for (duck-typed on ``moekit.config.TrainConfig``).
-
-    ``train_config.tokenizer`` is ``"byte"`` (a :class:`ByteTokenizer`), ``"bpe"`` (a :class:`BPETokenizer`
-    trained on the corpus ``train_config.data`` with ``train_config.bpe_vocab_size`` ids) or ``"hf"`` (the
-    :class:`HFTokenizer` of the model folder ``train_config.init_from``).
-    """
-    kind = getattr(train_config, "tokenizer", "byte")
-    if kind == ByteTokenizer.type_name:
-        return ByteTokenizer()
-    if kind == BPETokenizer.type_name:
-        from .data import load_corpus_text  # the corpus module imports this one
-
-        vocab_size = getattr(train_config, "bpe_vocab_size", 2048)
-        return BPETokenizer.train([load_corpus_text(getattr(train_config, "data", None))], vocab_size)
-    if kind == HFTokenizer.type_name:
-        init_from = getattr(train_config, "init_from", None)
-        if init_from is None:
-            raise ValueError("tokenizer 'hf' reads the tokenizer.json of train.init_from, which is not set; set "
-                             "train.init_from to a Hugging Face model folder, or use 'byte' or 'bpe'")
-        return HFTokenizer.from_model_dir(init_from)
-    raise ValueError(f"unknown tokenizer {kind!r}; use 'byte' or 'bpe' (or 'hf' with train.init_from)")
 
 
 def load_tokenizer(directory: str | os.PathLike[str]) -> Tokenizer:
