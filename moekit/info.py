@@ -459,6 +459,51 @@ def _transformers_knows(model_type: Any) -> bool:
     return model_type in CONFIG_MAPPING
 
 
+def info_from_transformers(hf_config: dict[str, Any], context: int = 4096, batch: int = 1,
+                           dtype_bytes: float = 2):
+    """Parameters (total and per token) and weight memory of transformers' own class for `hf_config`.
+
+    The model is built on the meta device (no memory, no weights). Active parameters leave out E - k experts of
+    every experts module; FLOPs are 2 x the active matmul weights (attention scores and the KV cache are not
+    computed for a family moekit does not model: the notes say so).
+    """
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from .hf.info import experts_per_token, parameters_per_expert
+
+    values = dict(hf_config)
+    model_type = values.pop("model_type")
+    config = AutoConfig.for_model(model_type, **values)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    text = config.get_text_config()
+    k = experts_per_token(text)
+    total = sum(p.numel() for p in model.parameters())
+    inactive, moe_layers = 0, 0
+    for name, module in model.named_modules():
+        experts = getattr(module, "num_experts", None)
+        if name.rsplit(".", 1)[-1] != "experts" or not isinstance(experts, int) or k is None:
+            continue
+        moe_layers += 1
+        per_expert = parameters_per_expert(module, experts)
+        inactive += per_expert * (experts - min(k, experts))
+    active = total - inactive
+    embeddings = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Embedding))
+    matmul = active - embeddings
+    notes = [f"counted on transformers' own {type(model).__name__} (moekit does not convert {model_type}); "
+             "attention-score FLOPs and the KV cache are not computed"]
+    if k is None:
+        notes.append("the config names no experts-per-token field moekit knows: active = total")
+    weights = round(total * dtype_bytes)
+    return ModelInfo(total_params=total, active_params=active, flops_per_token_forward=2 * matmul,
+                     train_flops_per_token=6 * matmul, memory_inference_bytes=weights,
+                     memory_training_bytes=TRAINING_BYTES_PER_PARAM * total, name=str(model_type),
+                     num_layers=int(getattr(text, "num_hidden_layers", 0) or 0), num_moe_layers=moe_layers,
+                     active_matmul_params=matmul, weights_bytes=weights, context=context, batch=batch,
+                     dtype_bytes=dtype_bytes, notes=notes)
+
+
 def load_info_source(path: str | Path, context: int = 4096, batch: int = 1, dtype_bytes: float = 2) -> ModelInfo:
     """`ModelInfo` for a moekit run directory or config file, or an HF model directory / config.json.
 
@@ -488,8 +533,6 @@ def load_info_source(path: str | Path, context: int = 4096, batch: int = 1, dtyp
     values = _read_config_file(path)
     model_type = values.get("model_type")
     if model_type is not None and not _moekit_family(model_type) and _transformers_knows(model_type):
-        from .hf.info import info_from_transformers
-
         try:
             info = info_from_transformers(values, context=context, batch=batch, dtype_bytes=dtype_bytes)
         except (ValueError, TypeError, AttributeError, KeyError) as error:
@@ -504,8 +547,6 @@ def load_info_source(path: str | Path, context: int = 4096, batch: int = 1, dtyp
             raise ValueError(f"{path}: an HF config value has the wrong type or is zero ({_one_line(error)}); fix "
                              "the config, or pass another model directory") from error
     elif isinstance(values.get("model"), dict) and "hf_config" in values["model"]:  # a transformers-backend run
-        from .hf.info import info_from_transformers
-
         info = info_from_transformers(dict(values["model"]["hf_config"]), context=context, batch=batch,
                                       dtype_bytes=dtype_bytes)
         info.name = f"moekit {values.get('name', 'model')} ({info.name}, transformers' own class)"
