@@ -460,7 +460,7 @@ def _transformers_knows(model_type: Any) -> bool:
 
 
 def info_from_transformers(hf_config: dict[str, Any], context: int = 4096, batch: int = 1,
-                           dtype_bytes: float = 2):
+                           dtype_bytes: float = 2) -> ModelInfo:
     """Parameters (total and per token) and weight memory of transformers' own class for `hf_config`.
 
     The model is built on the meta device (no memory, no weights). Active parameters leave out E - k experts of
