@@ -2,7 +2,6 @@
 damage is detected by checksums, a damaged newest checkpoint falls back to the previous one with a warning,
 weights-only readers need only the weights, and every file moekit writes is written atomically."""
 
-import json
 import os
 import re
 import shutil
@@ -203,30 +202,6 @@ def test_eval_writes_nothing_into_the_run(corpus, tmp_path):
     before = {p: p.stat().st_mtime_ns for p in run_dir.rglob("*")}
     assert main(["eval", str(run_dir), "--batches", "1"]) == 0
     assert {p: p.stat().st_mtime_ns for p in run_dir.rglob("*")} == before
-
-
-def test_runs_of_the_layout_before_checkpoints_still_load(corpus, tmp_path):
-    run_dir = tmp_path / "run"
-    trainer = Trainer(small_run("dense", corpus, "train.max_steps=2"), run_dir, progress=False)
-    trainer.train()
-    new = run_dir / "checkpoints" / "step-00000002"
-    meta = json.loads((new / "meta.json").read_text())
-    del meta["files"]  # the old layout had no checksums
-    legacy = run_dir / "checkpoint"
-    shutil.copytree(new, legacy)
-    config = json.loads((run_dir / "config.json").read_text())
-    for key in ("keep_checkpoints", "max_skipped_steps", "collective_timeout_s"):  # fields added since
-        del config["train"][key]
-    del config["history"]
-    (run_dir / "config.json").write_text(json.dumps(config))
-    (legacy / "meta.json").write_text(json.dumps(meta))
-    shutil.rmtree(run_dir / "checkpoints")
-    assert ckpt.find_checkpoint(run_dir, need="all") == legacy
-    resumed = Trainer(small_run("dense", corpus, "train.max_steps=4"), run_dir, resume=True, progress=False,
-                      extend_schedule=True)
-    assert resumed.step == 2
-    resumed.train()
-    assert ckpt.find_checkpoint(run_dir).name == "step-00000004"
 
 
 # ---------------------------------------------------------------------------------------- atomic writes

@@ -22,9 +22,6 @@ A run trained with expert parallelism (`--ep E` under torchrun) saves per rank i
     meta.json                               + "layout": {"world_size": W, "expert_parallel": E}
 `read_model_state` joins the expert slices, so every single-process tool reads it, and `load_training_state`
 re-slices weights and optimiser moments for any other layout (resharding on load).
-
-Runs written before this layout have `checkpoint/` (and after a crash `checkpoint.old/`) without checksums; they
-are still found and loaded, and pruned once newer checkpoints exist.
 """
 
 from __future__ import annotations
@@ -47,7 +44,6 @@ from torch import nn
 from .._files import StorageError, format_bytes, fsync_dir, storage_faults, temp_sibling
 
 CHECKPOINTS_DIR = "checkpoints"
-LEGACY_DIRS = ("checkpoint", "checkpoint.old")
 CHECKPOINT_META_FILE = "meta.json"
 WEIGHTS_FILE = "model.safetensors"
 STATE_FILE = "state.pt"
@@ -82,23 +78,15 @@ class CheckpointDamaged(ValueError):
 # =============================================================================================== finding
 @dataclass(frozen=True)
 class Candidate:
-    """A checkpoint folder that may be loadable: published, set aside during a replace, or of the old layout."""
+    """A checkpoint folder that may be loadable: published, or set aside during a replace."""
 
     path: Path
     step: int
-    kind: Literal["published", "set-aside", "legacy"]
-
-
-def _legacy_step(path: Path) -> int:
-    try:
-        meta = json.loads((path / CHECKPOINT_META_FILE).read_text())
-        return int(meta["step"]) if isinstance(meta, dict) else -1
-    except (OSError, ValueError, KeyError, TypeError):
-        return -1
+    kind: Literal["published", "set-aside"]
 
 
 def checkpoint_candidates(run_dir: Path) -> list[Candidate]:
-    """Every checkpoint folder of a run, newest step first (published before set-aside before old-layout)."""
+    """Every checkpoint folder of a run, newest step first (published before set-aside)."""
     run_dir = Path(run_dir)
     found: list[Candidate] = []
     root = run_dir / CHECKPOINTS_DIR
@@ -110,11 +98,7 @@ def checkpoint_candidates(run_dir: Path) -> list[Candidate]:
                 found.append(Candidate(entry, int(match.group(1)), "published"))
             elif match := _ASIDE_DIR.match(entry.name):
                 found.append(Candidate(entry, int(match.group(1)), "set-aside"))
-    for name in LEGACY_DIRS:
-        if (run_dir / name).is_dir():
-            found.append(Candidate(run_dir / name, _legacy_step(run_dir / name), "legacy"))
-    order = {"published": 0, "set-aside": 1, "legacy": 2}
-    return sorted(found, key=lambda c: (-c.step, order[c.kind], c.path.name))
+    return sorted(found, key=lambda c: (-c.step, c.kind == "set-aside", c.path.name))
 
 
 def _sha256(path: Path) -> str:
@@ -138,8 +122,8 @@ def read_meta(path: Path) -> dict[str, Any]:
         raise CheckpointDamaged(f"{file.name} holds a {type(meta).__name__}, not a checkpoint record")
     if not isinstance(meta.get("step"), int) or isinstance(meta.get("step"), bool) or meta["step"] < 0:
         raise CheckpointDamaged(f"{file.name} has no valid step")
-    if "files" in meta and not isinstance(meta["files"], dict):
-        raise CheckpointDamaged(f"{file.name} has a damaged file list")
+    if not isinstance(meta.get("files"), dict):
+        raise CheckpointDamaged(f"{file.name} has no valid file list")
     return meta
 
 
@@ -162,18 +146,16 @@ def verify_checkpoint(path: Path, need: Need = "all") -> dict[str, Any]:
     """Check a checkpoint folder's files against meta.json; return the meta, or raise CheckpointDamaged.
 
     `need="weights"` checks only the weight files (what eval, generate and export read); `"all"` also the
-    training state (what a resume reads). Old-layout checkpoints carry no checksums: their files must exist.
+    training state (what a resume reads).
     """
     path = Path(path)
     meta = read_meta(path)
     wanted = _weight_files(meta) + (_state_files(meta) if need == "all" else [])
-    recorded = meta.get("files")
+    recorded = meta["files"]
     for name in wanted:
         file = path / name
         if not file.is_file():
             raise CheckpointDamaged(f"{name} is missing")
-        if recorded is None:  # an old-layout checkpoint: no checksums to compare with
-            continue
         entry = recorded.get(name)
         if not isinstance(entry, dict):
             raise CheckpointDamaged(f"{name} is not listed in {CHECKPOINT_META_FILE}")
@@ -409,8 +391,8 @@ def _publish(tmp: Path, final: Path) -> None:
 
 
 def prune_checkpoints(run_dir: Path, keep: int) -> list[Path]:
-    """Delete all but the newest `keep` published checkpoints, set-aside and old-layout folders older than
-    those, and temporary folders of dead writers. Returns what was deleted."""
+    """Delete all but the newest `keep` published checkpoints, set-aside folders older than those, and
+    temporary folders of dead writers. Returns what was deleted."""
     candidates = checkpoint_candidates(run_dir)
     published = [c for c in candidates if c.kind == "published"]
     kept = published[:keep]

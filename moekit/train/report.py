@@ -19,7 +19,7 @@ def read_metrics(run_dir: Path) -> tuple[list[dict[str, Any]], list[dict[str, An
     for record in read_json_lines(path):  # a last line cut by a crash is skipped
         if record.get("kind") == "eval":
             evals.append(record)
-        elif record.get("kind", "train") == "train":
+        elif record.get("kind") == "train":
             train.append(record)
     return train, evals
 
@@ -27,9 +27,9 @@ def read_metrics(run_dir: Path) -> tuple[list[dict[str, Any]], list[dict[str, An
 def wall_clock_tokens_per_s(train: list[dict[str, Any]]) -> float | None:
     """Tokens over the wall-clock training time (evaluation and checkpoints included), from the last record.
 
-    `elapsed_s` counts every session of a resumed run. None for logs written before it was recorded.
+    `elapsed_s` counts every session of a resumed run. None for a run stopped before its first logged step.
     """
-    if not train or not train[-1].get("elapsed_s"):
+    if not train:
         return None
     return train[-1]["tokens"] / train[-1]["elapsed_s"]
 
@@ -109,15 +109,9 @@ def write_report(run_dir: Path, extra: dict[str, Any] | None = None) -> Path:
     rows = [("steps", train[-1]["step"] if train else 0), ("tokens", f"{train[-1]['tokens']:,}" if train else 0)]
     if train:
         rows.append(("final train loss", f"{train[-1]['loss']:.4f}"))
-        wall = wall_clock_tokens_per_s(train)
-        if wall is not None:
-            rows.append(("tokens/s (wall clock: tokens / training time, eval and checkpoints included)",
-                         f"{wall:,.0f}"))
-            rows.append(("training time", f"{train[-1]['elapsed_s']:,.1f} s"))
-        else:  # a log written before elapsed time was recorded: say what the number is
-            speeds = sorted(r["tokens_per_s"] for r in train)
-            rows.append(("tokens/s (median of logged steps; eval and checkpoints not counted)",
-                         f"{speeds[len(speeds) // 2]:,.0f}"))
+        rows.append(("tokens/s (wall clock: tokens / training time, eval and checkpoints included)",
+                     f"{wall_clock_tokens_per_s(train):,.0f}"))
+        rows.append(("training time", f"{train[-1]['elapsed_s']:,.1f} s"))
     if evals:
         rows += [("val loss", f"{evals[-1]['val_loss']:.4f}"), ("val perplexity", f"{evals[-1]['val_ppl']:.2f}")]
         if "val_max_violation" in evals[-1]:
@@ -154,8 +148,6 @@ def _summary(run_dir: Path) -> dict[str, Any]:
     train, evals = read_metrics(run_dir)
     config = read_run_config(run_dir, "report")
     moe = (config.get("model") or {}).get("moe")
-    wall = wall_clock_tokens_per_s(train)
-    speeds = sorted(r["tokens_per_s"] for r in train) or [0.0]
     return {
         "run": config.get("name", run_dir.name),
         "dir": str(run_dir),
@@ -167,7 +159,7 @@ def _summary(run_dir: Path) -> dict[str, Any]:
         "val_loss": evals[-1]["val_loss"] if evals else None,
         "val_ppl": evals[-1]["val_ppl"] if evals else None,
         "val_max_violation": evals[-1].get("val_max_violation") if evals else None,
-        "tokens_per_s": wall if wall is not None else speeds[len(speeds) // 2],
+        "tokens_per_s": wall_clock_tokens_per_s(train) or 0.0,
         "train": train,
         "evals": evals,
     }

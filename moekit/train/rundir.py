@@ -30,7 +30,6 @@ LOCK_FILE = "train.lock"
 RUN_ENTRIES = frozenset({
     "config.json", "metrics.jsonl", "report.md", "plots", "tokenizer", "data", "checkpoints", "tensorboard",
     LOCK_FILE,
-    "checkpoint", "checkpoint.old", "checkpoint.tmp",  # the layout before checkpoints/ (kept readable)
 })
 """Every top-level name `moekit train` writes into a run directory (hidden `.NAME.tmp-*` files are its temps)."""
 
