@@ -148,8 +148,7 @@ class Trainer:
             return
         state, meta = self.parallel.load_training_state(self.run_dir, self.model, self._hashed_config(),
                                                         self._param_names)
-        recorded = meta.get("corpus_sha256")
-        if recorded is not None and recorded != self.corpus_sha256:
+        if meta["corpus_sha256"] != self.corpus_sha256:
             raise ValueError(f"cannot resume {self.run_dir}: the corpus (train.data={self.run.train.data!r}) changed "
                              "since the run started (its sha256 differs); resume with the same text, or start a new "
                              "run")
@@ -160,7 +159,7 @@ class Trainer:
         if state.get("cuda_rng") is not None and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["cuda_rng"])
         self.step, self.tokens = state["step"], state["tokens"]
-        self.wall_s, self.skipped_steps = float(state.get("wall_s", 0.0)), list(state.get("skipped_steps", []))
+        self.wall_s, self.skipped_steps = float(state["wall_s"]), list(state["skipped_steps"])
         self._saved_step = self.step
         self.metrics.trim_after(self.step)
         if history_entry is not None:
