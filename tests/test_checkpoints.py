@@ -82,6 +82,7 @@ def _expected_weight(step: int) -> torch.Tensor:
     return torch.nn.Linear(4, 3).weight.detach()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("keep", [1, 2])
 def test_any_sequence_of_crashes_leaves_the_newest_complete_checkpoint_loadable(tmp_path, monkeypatch, keep):
     # saves of steps 1, 2, 2 (a replace of the same step), 3 and 4; one crash at every possible point of them,
