@@ -39,7 +39,7 @@ from torch.autograd.function import once_differentiable
 
 from ..layer.dispatch import plan_dispatch
 from ..layer.experts import auto_threshold, builds_graph, compute_dtype, stacked_experts
-from ..layer.grouped_ffn import activate, grouped_mm_fits
+from ..layer.grouped_ffn import activate, expert_slices, grouped_mm_fits, weight_grad_buffer
 
 #: the registered names and the moekit backend each runs ("auto" chooses per call, as moekit's own layers do)
 IMPLEMENTATIONS: dict[str, str] = {
@@ -104,15 +104,6 @@ def _general_rows(module: nn.Module, rows: Tensor, group_sizes: list[int]) -> Te
     return rows.new_zeros(0, rows.shape[-1]) + 0.0 * down_proj.sum()  # no rows: keep the weights in the graph
 
 
-def _busy(group_sizes: list[int]):
-    """(expert, first row, rows) of every expert with rows."""
-    start = 0
-    for expert, size in enumerate(group_sizes):
-        if size:
-            yield expert, start, size
-        start += size
-
-
 #: the parameters an experts module may own for `_GroupedGeneralFFN` (anything else, e.g. a post-expert norm or an
 #: activation with weights, needs autograd through the module's own code)
 _PROJECTION_PARAMETERS = {"gate_up_proj", "up_proj", "down_proj", "gate_up_proj_bias", "up_proj_bias", "down_proj_bias"}
@@ -163,7 +154,7 @@ class _GroupedGeneralFFN(torch.autograd.Function):
         offsets = torch.tensor(group_sizes, device=x.device).cumsum(0).to(torch.int32)
         xg = x.index_select(0, row_index)
         h = F.grouped_mm(xg, w_in.transpose(-2, -1), offs=offsets)
-        slices = [(e, start, start + size) for e, start, size in _busy(group_sizes)]
+        slices = list(expert_slices(group_sizes))
         if b_in is not None:
             for e, start, end in slices:
                 h[start:end].add_(b_in[e])
@@ -311,16 +302,6 @@ def _inference_grouped_mm(x: Tensor, in_proj: Tensor, down_proj: Tensor, group_s
     return rows <= auto_threshold("grouped_mm_cpu_rows")[1] * busy
 
 
-def _stacked_grad_buffer(weight: Tensor, group_sizes: list[int]) -> Tensor:
-    """An uninitialised gradient for a stacked [E, ...] weight in the weight's own memory layout (a transposed
-    view's gradient is then row-major for the parameter behind it), zero at the experts without rows."""
-    grad = torch.empty_like(weight)
-    for expert, size in enumerate(group_sizes):
-        if size == 0:
-            grad[expert].zero_()
-    return grad
-
-
 class _CombinedLoopFFN(torch.autograd.Function):
     # SwiGLU (`gated`) or GELU stacked experts on the rows x[row_index], expert-major, combined into token order:
     #   out[t] = sum over the rows n of token t of  scale[n] * (act(x_t @ w_in[e_n].T) @ w_out[e_n].T)
@@ -333,7 +314,7 @@ class _CombinedLoopFFN(torch.autograd.Function):
     def forward(ctx, x: Tensor, row_index: Tensor, w_in: Tensor, w_out: Tensor, scale: Tensor,
                 group_sizes: list[int], gated: bool) -> Tensor:
         out = torch.zeros_like(x)
-        slices = [(e, start, start + size) for e, start, size in _busy(group_sizes)]
+        slices = list(expert_slices(group_sizes))
         projections = []
         for e, start, end in slices:
             rows = row_index[start:end]
@@ -354,8 +335,8 @@ class _CombinedLoopFFN(torch.autograd.Function):
         gated, inner = ctx.gated, w_out.shape[2]
         grad_out = grad_out.contiguous()
         grad_x = torch.zeros_like(x) if need_x else None
-        grad_w_in = _stacked_grad_buffer(w_in, ctx.group_sizes) if need_w_in else None
-        grad_w_out = _stacked_grad_buffer(w_out, ctx.group_sizes) if need_w_out else None
+        grad_w_in = weight_grad_buffer(w_in, ctx.group_sizes, torch.preserve_format) if need_w_in else None
+        grad_w_out = weight_grad_buffer(w_out, ctx.group_sizes, torch.preserve_format) if need_w_out else None
         grad_scale = torch.zeros_like(scale) if need_scale else None
         for (e, start, end), he in zip(ctx.slices, projections, strict=True):
             rows = row_index[start:end]

@@ -62,8 +62,8 @@ def _weight_left_mm(weight: Tensor, rows: Tensor) -> Tensor:
     return torch.mm(weight, rows.t())[:, :n].t().contiguous()
 
 
-def _slices(group_sizes: list[int]):
-    """(expert, start, end) for every expert that has rows."""
+def expert_slices(group_sizes: list[int]):
+    """(expert, start, end) for every expert that has rows (rows grouped expert-major)."""
     start = 0
     for expert, size in enumerate(group_sizes):
         if size > 0:
@@ -96,9 +96,13 @@ def check_grouped_mm(hidden_size: int, intermediate_size: int, dtype: torch.dtyp
                          f"{intermediate_size}; use {fix}")
 
 
-def _weight_grad_buffer(weight: Tensor, group_sizes: list[int]) -> Tensor:
-    """An uninitialised gradient buffer for a stacked [E, ...] weight, zero at the experts without rows."""
-    grad = torch.empty_like(weight, memory_format=torch.contiguous_format)
+def weight_grad_buffer(weight: Tensor, group_sizes: list[int],
+                       memory_format: torch.memory_format = torch.contiguous_format) -> Tensor:
+    """An uninitialised gradient buffer for a stacked [E, ...] weight, zero at the experts without rows.
+
+    `torch.preserve_format` keeps the weight's own layout: a transposed view's gradient is then row-major for the
+    parameter behind it (what `moekit.hf`'s experts need)."""
+    grad = torch.empty_like(weight, memory_format=memory_format)
     for expert, size in enumerate(group_sizes):
         if size == 0:
             grad[expert].zero_()
@@ -116,7 +120,7 @@ class _GroupedFFN(torch.autograd.Function):
         out = x.new_empty(rows, w_out.shape[1])  # [N, H]
         projections = []  # per busy expert [n_e, 2I] or [n_e, I]: the only activations saved for backward
         stream_in, stream_out = streams_weights(w_in), streams_weights(w_out)
-        for e, start, end in _slices(group_sizes):
+        for e, start, end in expert_slices(group_sizes):
             xe = x[start:end] if row_index is None else x.index_select(0, row_index[start:end])
             # one block per expert: malloc reuses blocks this size, while one [N, 2I] buffer would be
             # fresh pages (page faults) every call
@@ -152,10 +156,10 @@ class _GroupedFFN(torch.autograd.Function):
         grad_xg = None if not need_x else (torch.empty(grad_out.shape[0], x.shape[1], dtype=x.dtype, device=x.device)
                                            if row_index is not None else torch.zeros_like(x))
         # every busy expert's slice is overwritten by an out= matmul: only idle experts need zeros
-        grad_w_in = _weight_grad_buffer(w_in, group_sizes) if need_w_in else None
-        grad_w_out = _weight_grad_buffer(w_out, group_sizes) if need_w_out else None
+        grad_w_in = weight_grad_buffer(w_in, group_sizes) if need_w_in else None
+        grad_w_out = weight_grad_buffer(w_out, group_sizes) if need_w_out else None
         grad_scale = torch.zeros_like(scale) if scale is not None and need_scale else None
-        for (e, start, end), he in zip(_slices(group_sizes), projections, strict=True):
+        for (e, start, end), he in zip(expert_slices(group_sizes), projections, strict=True):
             go = grad_out[start:end]
             se = scale[start:end].unsqueeze(-1) if scale is not None else None
             if gated:
