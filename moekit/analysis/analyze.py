@@ -234,7 +234,7 @@ def analyze(model: str | os.PathLike[str] | RoutedModel, data: str | os.PathLike
     if out_dir is not None and out_dir.exists() and not out_dir.is_dir():
         raise ValueError(f"--out {out_dir} exists and is not a folder")
     routed = model if isinstance(model, RoutedModel) else open_routed_model(model, block_size)
-    streams, names, source = _streams(routed, data, domains)
+    streams, names, source = _streams(routed, data, domains, tokens)
     analysis = RoutingAnalysis(routed.num_experts, routed.top_k, routed.moe_layers, routed.block_size,
                                capacity_factor, names, routed.decode_one)
     from .trace import TraceWriter
@@ -271,12 +271,19 @@ def analyze(model: str | os.PathLike[str] | RoutedModel, data: str | os.PathLike
     return result
 
 
-def _streams(routed: RoutedModel, data, domains) -> tuple[list[tuple[int | None, Tensor]], list[str] | None, str]:
+def _streams(routed: RoutedModel, data, domains, budget: int
+             ) -> tuple[list[tuple[int | None, Tensor]], list[str] | None, str]:
     def encode(text: str, what: str) -> Tensor:
-        ids = routed.encode(text)
+        # encode a growing prefix until it holds the budget: a large corpus is not tokenised in full for a sample
+        chars = max(budget * 8, 4096)
+        while True:
+            ids = routed.encode(text[:chars])
+            if len(ids) > budget or chars >= len(text):
+                break
+            chars *= 4
         if not ids:
             raise ValueError(f"{what} holds no tokens")
-        return torch.tensor(ids, dtype=torch.long)
+        return torch.tensor(ids[:budget], dtype=torch.long)
 
     if domains is not None:
         read = read_domains(domains)

@@ -91,7 +91,7 @@ def _open_run(path: Path, block_size: int | None) -> RoutedModel:
         if attention_mask is not None and not bool(attention_mask.bool().all()):
             raise ValueError("moekit's own models take no attention mask: feed unpadded windows")
         with recorder:
-            model(input_ids, router_stats=False)
+            model(input_ids, router_stats=False, logits_to_keep=1)  # the routing is all we read
         return {record.layer: (record.expert_index, record.weights) for record in recorder.take()}
 
     def validation_tokens() -> Tensor:
@@ -132,7 +132,7 @@ def _open_hf(path: Path, block_size: int | None) -> RoutedModel:
         capture.clear()
         capture.attention_mask = attention_mask
         with capture:
-            model(input_ids=input_ids, attention_mask=attention_mask)
+            model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=1)
         return {layer.layer: (layer.expert_index.long().cpu(), layer.weights.float().cpu()) for layer in layers}
 
     def encode(text: str) -> list[int]:
