@@ -10,17 +10,25 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import random
 import re
+import time
 from html.parser import HTMLParser
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from moekit.analysis.browser import CHROMIUM_MISSING, dump_dom, find_chromium
+from moekit.analysis.browser import CHROMIUM_MISSING, ChromiumError, dump_dom, find_chromium
 from moekit.analysis.colours import expert_colour, palette
-from moekit.analysis.figures import FIGURES, domain_figure, load_heatmap_figure, write_figures
+from moekit.analysis.figures import (
+    FIGURES,
+    domain_figure,
+    dropped_by_position_figure,
+    load_heatmap_figure,
+    write_figures,
+)
 from moekit.analysis.page import DATA_ID, embedded_json, page_data, screenshot_page, write_page
 
 E, K, LAYERS, BLOCK = 4, 2, (1, 3), 8
@@ -159,6 +167,23 @@ def test_domain_heatmap_is_each_domain_against_its_own_ideal() -> None:
         expected_code_row = [c / (len(code) * K / E) for c in counts]
         np.testing.assert_allclose(np.asarray(fig.axes[1].images[0].get_array())[1], expected_code_row)
         assert "layer 3" in fig.axes[1].get_title() and "0.120 nats" in fig.axes[1].get_title()
+    finally:
+        plt.close(fig)
+
+
+def test_drop_curves_are_each_layer_and_their_mean() -> None:
+    import matplotlib.pyplot as plt
+
+    analysis = make_analysis()
+    analysis["layers"][1]["dropped_by_position"] = [0.0] * BLOCK
+    fig = dropped_by_position_figure(analysis)
+    try:
+        lines = {line.get_label(): list(line.get_ydata()) for line in fig.axes[0].get_lines()}
+        assert lines["layer 1"] == analysis["layers"][0]["dropped_by_position"]
+        assert lines["layer 3"] == [0.0] * BLOCK
+        np.testing.assert_allclose(lines["mean over layers"],
+                                   [v / 2 for v in analysis["layers"][0]["dropped_by_position"]])
+        assert "capacity factor 1.0" in fig.axes[0].get_title()
     finally:
         plt.close(fig)
 
@@ -312,3 +337,45 @@ def test_chromium_screenshot_is_not_blank(tmp_path: Path) -> None:
     missing = {e for e in used if expert_colour(e, E) not in colours}
     assert not missing, f"the colours of experts {sorted(missing)} do not appear on the rendered page"
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+def test_screenshot_without_chromium_says_how_to_install_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))
+    page = write_page(make_analysis(), tmp_path / "routing.html")
+    with pytest.raises(ChromiumError, match=re.escape("apt-get install chromium")):
+        screenshot_page(page, tmp_path / "routing.png")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["routing.html"]
+
+
+def test_a_hanging_chromium_is_killed_with_its_children(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    fake = bin_dir / "chromium"  # a browser that starts a helper process and never finishes
+    fake.write_text(f"#!/bin/sh\nsleep 60 &\necho $$ $! > {tmp_path / 'pids'}\nsleep 60\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:/usr/bin:/bin")
+    page = write_page(make_analysis(), tmp_path / "routing.html")
+    with pytest.raises(ChromiumError, match="did not finish within 1 s"):
+        screenshot_page(page, tmp_path / "routing.png", timeout=1)
+    assert not (tmp_path / "routing.png").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".routing.png")]
+    for pid in map(int, (tmp_path / "pids").read_text().split()):
+        for _ in range(50):  # killed, it is reaped by whoever adopted it: give that a moment
+            if not _running(pid):
+                break
+            time.sleep(0.05)
+        else:
+            raise AssertionError(f"process {pid} of the fake chromium is still running")
+
+
+def _running(pid: int) -> bool:
+    """Whether `pid` is a live process (a zombie, killed but not yet reaped by its adopter, is not)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    stat = Path(f"/proc/{pid}/stat")
+    try:
+        return stat.read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
