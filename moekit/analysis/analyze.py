@@ -327,10 +327,8 @@ def write_outputs(result: dict[str, Any], out_dir: Path, figures: bool = True) -
     atomic_write(out_dir / "analysis.json", json.dumps(result, indent=1, ensure_ascii=False) + "\n",
                  what="analysis.json")
     if figures:
-        try:
-            from .figures import write_figures
-            from .page import write_page
-        except ImportError:  # built in parallel; present once merged
-            return
+        from .figures import write_figures
+        from .page import write_page
+
         write_figures(result, out_dir)
         write_page(result, out_dir / "routing.html")

@@ -22,7 +22,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from ..train.report import _save_figure
+from ..train.report import save_figure
 
 FORMAT = "moekit-analysis/1"
 FIGURES = ("load_heatmap.png", "domain_experts.png", "coactivation.png", "saturation.png",
@@ -291,7 +291,7 @@ def write_figures(analysis: dict[str, Any], out: Path) -> list[Path]:
             path.unlink(missing_ok=True)
             continue
         try:
-            _save_figure(fig, path)
+            save_figure(fig, path)
         finally:
             plt.close(fig)
         written.append(path)
