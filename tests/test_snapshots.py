@@ -171,3 +171,32 @@ def test_resume_may_turn_snapshots_on_and_a_config_without_the_field_resumes_unc
     assert turned_on.run.history == [{"step": 3, "changed": {"train.snapshot_interval": [0, 1]}}]
     assert [s.step for s in find_snapshots(run_dir)] == [4]
     check_replaceable(run_dir)  # a run with snapshots is still a run that --overwrite may replace
+
+
+@pytest.mark.slow  # 26 s on 2 busy cores: two spawned ranks and a single-process reference
+@pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
+                    reason="this torch build has no torch.distributed gloo backend")
+def test_data_parallel_ranks_write_one_set_of_snapshots_of_the_single_process_weights(tmp_path):
+    from moekit.config import ModelConfig, MoEConfig
+
+    from .dist_workers import spawn, train_worker
+
+    moe = MoEConfig(hidden_size=32, moe_intermediate_size=32, num_local_experts=8, num_experts_per_tok=2)
+    model = ModelConfig(vocab_size=257, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=64, max_position_embeddings=64, moe=moe)
+
+    def run_dict(grad_accum: int) -> dict:
+        train = {"seed": 3, "block_size": 16, "batch_size": 2, "grad_accum": grad_accum, "max_steps": 2,
+                 "warmup_steps": 1, "eval_interval": 100, "eval_batches": 1, "log_interval": 1,
+                 "checkpoint_interval": 100, "device": "cpu", "dtype": "float32", "snapshot_interval": 1}
+        return {"name": "dp-snapshots", "model": model.to_dict(), "train": train}
+
+    spawn(train_worker, 2, run_dict(1), str(tmp_path / "dp2"), False)  # 2 data-parallel ranks, --ep 1
+    Trainer(RunConfig.from_dict(run_dict(2)), tmp_path / "one", progress=False).train()
+    assert sorted(p.name for p in (tmp_path / "dp2" / "snapshots").iterdir()) == ["step-00000001", "step-00000002"]
+    for snapshot in find_snapshots(tmp_path / "dp2"):
+        mine = load_file(str(snapshot.path / "model.safetensors"))
+        single = load_file(str(tmp_path / "one" / "snapshots" / snapshot.path.name / "model.safetensors"))
+        assert mine.keys() == single.keys()
+        for name in mine:
+            torch.testing.assert_close(mine[name], single[name], atol=1e-5, rtol=1e-5, msg=name)
