@@ -170,21 +170,6 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 130 if result.interrupted else 0
 
 
-def _load_run(run_dir: str):
-    from .model import MoETransformer
-    from .train.checkpoint import find_checkpoint, load_weights
-    from .train.config import RunConfig
-    from .train.init_from import build_model
-    from .train.rundir import read_run_config
-    from .train.tokenizers import load_tokenizer
-
-    path = Path(run_dir)
-    run = RunConfig.from_dict(read_run_config(path, "load the run"))
-    model = build_model(run.model) if run.uses_transformers else MoETransformer(run.model)
-    load_weights(find_checkpoint(path), model)  # weights only: a damaged optimiser state does not matter here
-    return run, model.eval(), load_tokenizer(path / "tokenizer")
-
-
 def cmd_generate(args: argparse.Namespace) -> int:
     import torch
 
@@ -192,7 +177,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from .model.generate import generate
 
     require("generate")
-    run, model, tokenizer = _load_run(args.run_dir)
+    from .train.load import load_run
+
+    run, model, tokenizer = load_run(args.run_dir)
     hf_tokenizer = hasattr(tokenizer, "encode_prompt")  # a pretrained tokenizer adds its BOS, as transformers does
     ids = tokenizer.encode_prompt(args.prompt) if hf_tokenizer else tokenizer.encode(args.prompt)
     if not ids:
@@ -265,7 +252,9 @@ def cmd_export(args: argparse.Namespace) -> int:
     require("export")
     # the run is an input: OUT may not be, contain or lie inside it (checked before the model is even loaded)
     check_output(args.out, overwrite=args.overwrite, caller="export_hf", inputs=[args.run_dir], label="out_dir")
-    run, model, _ = _load_run(args.run_dir)
+    from .train.load import load_run
+
+    run, model, _ = load_run(args.run_dir)
     tokenizer_dir = Path(args.run_dir) / "tokenizer"
     has_hf_tokenizer = (tokenizer_dir / "tokenizer.json").is_file()  # BPE runs; the byte tokenizer has none
     if run.uses_transformers:
