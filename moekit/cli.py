@@ -399,7 +399,9 @@ def cmd_merge(args: argparse.Namespace) -> int:
 
 def cmd_prune(args: argparse.Namespace) -> int:
     from .analysis.prune import prune_experts
+    from .extras import require
 
+    require("prune")
     result = prune_experts(args.model, args.out, args.keep, by=args.by, data=args.data, tokens=args.tokens,
                            seed=args.seed)
     print(result.format())

@@ -291,3 +291,15 @@ def test_an_hf_folder_needs_data_to_score(tmp_path):
     result = prune_experts(folder, tmp_path / "out", keep=4, by="random", seed=1)
     assert all(len(v) == 4 for v in result.kept.values())
     assert result.kept != prune_experts(folder, tmp_path / "out2", keep=4, by="random", seed=2).kept
+
+
+def test_a_failure_while_writing_leaves_no_output(trained_run, tmp_path, monkeypatch):
+    from moekit.train import checkpoint as ckpt
+
+    def broken_save(*args, **kwargs):
+        raise OSError("disk on fire")
+
+    monkeypatch.setattr(ckpt, "save_checkpoint", broken_save)
+    with pytest.raises(OSError, match="disk on fire"):
+        prune_experts(trained_run, tmp_path / "out", keep=2, by="frequency")
+    assert list(tmp_path.iterdir()) == []  # neither OUT nor its temporary sibling

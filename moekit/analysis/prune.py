@@ -68,7 +68,7 @@ def token_batches(ids: Tensor | list[int], block_size: int, batch_size: int = 8,
     if max_tokens is not None:
         stream = stream[:max_tokens]
     if stream.numel() == 0:
-        raise ValueError("prune: no tokens to score the experts on: the data is empty after tokenisation")
+        raise ValueError("prune_experts: no tokens to score the experts on: the data is empty after tokenisation")
     block = min(block_size, stream.numel())
     windows = stream[: stream.numel() // block * block].view(-1, block)
     return list(windows.split(batch_size))
@@ -173,20 +173,20 @@ def check_keep(config: Any, keep: int) -> None:
     """Refuse a `keep` the model cannot be pruned to, naming the fix (before anything is computed or written)."""
     moe = config.moe
     if moe is None:
-        raise ValueError("prune: the model is dense (no MoE layer); there are no experts to remove")
+        raise ValueError("prune_experts: the model is dense (no MoE layer); there are no experts to remove")
     if moe.router not in ("topk", "switch", "noisy_topk", "deepseek_v3", "hierarchical"):
-        raise ValueError(f"prune: router={moe.router!r} is not token-choice (a token gets any number of experts or a "
-                         "soft mixture), so routing frequency and REAP saliency are undefined; prune a token-choice "
-                         "model (topk, switch, noisy_topk, deepseek_v3, hierarchical)")
+        raise ValueError(f"prune_experts: router={moe.router!r} is not token-choice (a token gets any number "
+                         "of experts or a soft mixture), so routing frequency and REAP saliency are undefined; "
+                         "prune a token-choice model (topk, switch, noisy_topk, deepseek_v3, hierarchical)")
     num_experts, k = moe.num_local_experts, moe.num_experts_per_tok
     if isinstance(keep, bool) or not isinstance(keep, int) or keep < 1:
-        raise ValueError(f"prune: --keep {keep!r} is not allowed: a positive number of experts per layer")
+        raise ValueError(f"prune_experts: --keep {keep!r} is not allowed: a positive number of experts per layer")
     if keep >= num_experts:
-        raise ValueError(f"prune: --keep {keep} removes nothing: the model has {num_experts} experts per layer; pass "
-                         f"--keep below {num_experts}")
+        raise ValueError(f"prune_experts: --keep {keep} removes nothing: the model has {num_experts} experts "
+                         f"per layer; pass --keep below {num_experts}")
     if keep < k:
-        raise ValueError(f"prune: --keep {keep} is fewer than the {k} experts each token uses (num_experts_per_tok); "
-                         f"pass --keep {k} or more")
+        raise ValueError(f"prune_experts: --keep {keep} is fewer than the {k} experts each token uses "
+                         f"(num_experts_per_tok); pass --keep {k} or more")
     blocks = routing_blocks(config)
     groups = [n for n in (moe.n_group if moe.router in ("deepseek_v3", "hierarchical") else 1, moe.expert_devices,
                           blocks) if n > 1]
@@ -194,13 +194,15 @@ def check_keep(config: Any, keep: int) -> None:
         if keep % n:
             fits = [m for m in range(k, num_experts) if all(m % g == 0 for g in groups)]
             hint = f"; e.g. --keep {fits[-1]}" if fits else ""
-            raise ValueError(f"prune: --keep {keep} cannot be split evenly over the {n} expert groups this router "
-                             f"routes by (n_group / expert_devices): pass a multiple of {math.lcm(*groups)}{hint}")
+            raise ValueError(f"prune_experts: --keep {keep} cannot be split evenly over the {n} expert groups "
+                             f"this router routes by (n_group / expert_devices): pass a multiple of "
+                             f"{math.lcm(*groups)}{hint}")
     new = dataclasses.replace(moe, num_local_experts=keep)
     try:
         new.validate()
     except ValueError as error:
-        raise ValueError(f"prune: --keep {keep} gives an invalid MoE config ({error}); pass a larger --keep") from None
+        raise ValueError(f"prune_experts: --keep {keep} gives an invalid MoE config ({error}); pass a larger "
+                         "--keep") from None
 
 
 def choose(scores: dict[int, Tensor], keep: int, config: Any) -> dict[int, list[int]]:
@@ -313,11 +315,11 @@ def _is_run_dir(path: Path) -> bool:
 
 def _check_out(out: Path, source: Path) -> None:
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise FileExistsError(f"prune: {out} exists and is not empty; pass a new output directory (nothing was "
-                              "written)")
+        raise FileExistsError(f"prune_experts: {out} exists and is not empty; pass a new output directory "
+                              "(nothing was written)")
     src, dst = source.resolve(), out.resolve()
     if dst == src or src in dst.parents or dst in src.parents:
-        raise ValueError(f"prune: the output {out} overlaps the model {source}; pass a directory outside it")
+        raise ValueError(f"prune_experts: the output {out} overlaps the model {source}; pass a directory outside it")
 
 
 def _text_ids(data: str | os.PathLike[str], encode) -> list[int]:
@@ -325,7 +327,8 @@ def _text_ids(data: str | os.PathLike[str], encode) -> list[int]:
 
     path = Path(data)
     if not path.exists():
-        raise FileNotFoundError(f"prune: --data {path} not found; pass a text file to route through the model")
+        raise FileNotFoundError(f"prune_experts: --data {path} not found; pass a text file to route through the "
+                                "model")
     return list(encode(load_corpus_text(path)))
 
 
@@ -360,19 +363,19 @@ def prune_experts(model: str | os.PathLike[str], out: str | os.PathLike[str], ke
     """
     source, out_path = Path(model).expanduser(), Path(out).expanduser().absolute()
     if by not in PRUNE_METHODS:
-        raise ValueError(f"prune: --by {by!r} is not allowed: one of {', '.join(PRUNE_METHODS)}")
+        raise ValueError(f"prune_experts: --by {by!r} is not allowed: one of {', '.join(PRUNE_METHODS)}")
     if not source.exists():
-        raise FileNotFoundError(f"prune: {source} not found; pass a moekit run directory or a Hugging Face "
+        raise FileNotFoundError(f"prune_experts: {source} not found; pass a moekit run directory or a Hugging Face "
                                 "checkpoint folder")
     _check_out(out_path, source)
     if isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 1:
-        raise ValueError(f"prune: --tokens {tokens!r} is not allowed: a positive number of tokens")
+        raise ValueError(f"prune_experts: --tokens {tokens!r} is not allowed: a positive number of tokens")
     if _is_run_dir(source):
         return _prune_run(source, out_path, keep, by, data, tokens, seed, batch_size)
     if (source / "config.json").is_file():
         return _prune_hf(source, out_path, keep, by, data, tokens, seed, batch_size)
-    raise ValueError(f"prune: {source} is neither a moekit run directory (config.json with model and train sections, "
-                     "checkpoints/) nor a Hugging Face checkpoint folder (config.json + safetensors)")
+    raise ValueError(f"prune_experts: {source} is neither a moekit run directory (config.json with model and "
+                     "train sections, checkpoints/) nor a Hugging Face checkpoint folder (config.json + safetensors)")
 
 
 def _scores(model: MoETransformer, by: str, seed: int, batches: Iterable[Tensor] | None) -> dict[int, Tensor]:
@@ -393,8 +396,8 @@ def _prune_run(source: Path, out: Path, keep: int, by: str, data: Any, tokens: i
     values = read_run_config(source, "prune")
     run = RunConfig.from_dict(values)
     if run.uses_transformers:
-        raise ValueError(f"prune: {source} trained transformers' own class (train.backend=transformers); prune "
-                         "works on moekit's model: export the run (`moekit export`) and prune the HF folder")
+        raise ValueError(f"prune_experts: {source} trained transformers' own class (train.backend=transformers); "
+                         "prune works on moekit's model: export the run (`moekit export`) and prune the HF folder")
     check_keep(run.model, keep)
     model = MoETransformer(run.model)
     hashed = {**run.model.to_dict(), "init_from": run.train.init_from}
@@ -454,16 +457,16 @@ def _prune_hf(source: Path, out: Path, keep: int, by: str, data: Any, tokens: in
     hf = json.loads((source / "config.json").read_text(encoding="utf-8"))
     model_type = hf.get("model_type") if isinstance(hf, dict) else None
     if by != "random" and data is None:
-        raise ValueError(f"prune: {source} is a Hugging Face folder, which has no validation split of its own; pass "
-                         "--data PATH, a text file to route through the model (or --by random)")
+        raise ValueError(f"prune_experts: {source} is a Hugging Face folder, which has no validation split of its "
+                         "own; pass --data PATH, a text file to route through the model (or --by random)")
     model = load_hf(source)
     check_keep(model.config, keep)
     batches = None
     if by != "random":
         tokenizer_json = source / "tokenizer.json"
         if not tokenizer_json.is_file():
-            raise FileNotFoundError(f"prune: {source} has no tokenizer.json to tokenise --data with; copy the model's "
-                                    "tokenizer files into it")
+            raise FileNotFoundError(f"prune_experts: {source} has no tokenizer.json to tokenise --data with; copy the "
+                                    "model's tokenizer files into it")
         from ..train.tokenizers import HFTokenizer
 
         tokenizer = HFTokenizer.from_model_dir(source)
