@@ -116,12 +116,12 @@ def test_selection_breaks_ties_by_lower_index_and_keeps_order():
 # ---------------------------------------------------------------------------------------------- slicing
 @pytest.mark.parametrize("moe", [
     {"router": "topk", "router_bias": True},
-    {"router": "deepseek_v3", "scoring_func": "sigmoid", "n_group": 4, "topk_group": 2,
+    {"router": "deepseek_v3", "scoring_func": "sigmoid", "n_group": 2, "topk_group": 1,
      "aux_free_bias_update_rate": 1e-3, "n_shared_experts": 1, "routed_scaling_factor": 2.5},
 ])
 def test_pruning_keeps_the_kept_experts_and_router_columns_exactly(moe):
     model = _model(**moe)
-    rows = [0, 2, 5, 7] if moe["router"] == "topk" else [1, 2, 4, 7]  # deepseek_v3: one of each group of two
+    rows = [0, 2, 5, 7] if moe["router"] == "topk" else [1, 2, 4, 7]  # deepseek_v3: two of each group of four
     keep = {i: rows for i in moe_layers(model)}
     pruned = prune_model(model, keep)
     assert pruned.config.moe.num_local_experts == 4
@@ -160,9 +160,11 @@ def test_bad_keep_values_are_refused_with_the_fix():
         check_keep(config, 8)
     with pytest.raises(ValueError, match=r"fewer than the 2 experts each token uses.*--keep 2 or more"):
         check_keep(config, 1)
-    grouped = _model(router="deepseek_v3", scoring_func="sigmoid", n_group=4, topk_group=2).config
-    with pytest.raises(ValueError, match=r"evenly over the 4 expert groups.*multiple of 4; e.g. --keep 4"):
-        check_keep(grouped, 6)
+    grouped = _model(router="deepseek_v3", scoring_func="sigmoid", n_group=2, topk_group=1).config
+    with pytest.raises(ValueError, match=r"evenly over the 2 expert groups.*multiple of 2; e.g. --keep 6"):
+        check_keep(grouped, 5)
+    with pytest.raises(ValueError, match=r"1 expert per group.*two best experts; pass --keep 4 or more"):
+        check_keep(grouped, 2)
     check_keep(grouped, 4)
     soft = ModelConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
                        moe=MoEConfig(hidden_size=32, router="expert_choice", capacity_factor=1.0))
@@ -238,6 +240,11 @@ def _hf_folder(tmp_path: Path, model_type: str) -> tuple[Path, list[str]]:
     if model_type == "qwen3_moe":
         config = transformers.Qwen3MoeConfig(**common, moe_intermediate_size=24, num_experts=8, num_experts_per_tok=2,
                                              norm_topk_prob=True, head_dim=8)
+    elif model_type == "glm4_moe":  # sigmoid scores, selection bias, the best of 2 groups searched, shared expert
+        config = transformers.Glm4MoeConfig(
+            **common, moe_intermediate_size=24, n_routed_experts=8, num_experts_per_tok=2, first_k_dense_replace=1,
+            n_shared_experts=1, n_group=2, topk_group=1, routed_scaling_factor=1.7, num_nextn_predict_layers=0,
+            head_dim=8, rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 1.0})
     else:
         config = transformers.MixtralConfig(**common, num_local_experts=8, num_experts_per_tok=2)
     torch.manual_seed(0)
@@ -245,6 +252,9 @@ def _hf_folder(tmp_path: Path, model_type: str) -> tuple[Path, list[str]]:
     with torch.no_grad():
         for name, param in model.named_parameters():
             param.normal_(0, 0.3 if name.endswith("gate.weight") else 0.08) if "norm" not in name else None
+        for name, buffer in model.named_buffers():
+            if name.endswith("e_score_correction_bias"):
+                buffer.normal_(0, 0.05)
     folder = tmp_path / model_type
     model.save_pretrained(folder)
     words = [f"w{i}" for i in range(VOCAB - 1)]
@@ -255,7 +265,7 @@ def _hf_folder(tmp_path: Path, model_type: str) -> tuple[Path, list[str]]:
     return folder, words
 
 
-@pytest.mark.parametrize("model_type", ["qwen3_moe", "mixtral"])
+@pytest.mark.parametrize("model_type", ["qwen3_moe", "mixtral", "glm4_moe"])
 def test_a_pruned_hf_folder_loads_in_transformers_with_moekits_logits(model_type, tmp_path):
     import transformers
 
@@ -264,19 +274,30 @@ def test_a_pruned_hf_folder_loads_in_transformers_with_moekits_logits(model_type
     folder, words = _hf_folder(tmp_path, model_type)
     data = tmp_path / "data.txt"
     data.write_text(" ".join(words[:3]))  # 3 tokens x top-2: no token reaches the 2 removed experts
-    result = prune_experts(folder, tmp_path / "out", keep=6, by="frequency", data=data)
+    grouped = model_type == "glm4_moe"
+    if grouped:  # 2 groups of 4: the same number kept in each, at least the two a group is scored by
+        with pytest.raises(ValueError, match=r"evenly over the 2 expert groups.*--keep 6"):
+            prune_experts(folder, tmp_path / "out", keep=5, by="saliency", data=data)
+        with pytest.raises(ValueError, match="two best experts"):
+            prune_experts(folder, tmp_path / "out", keep=2, by="saliency", data=data)
+        assert not (tmp_path / "out").exists()
+    keep = 4 if grouped else 6
+    result = prune_experts(folder, tmp_path / "out", keep=keep, by="saliency" if grouped else "frequency", data=data)
     assert result.tokens == 3
+    if grouped:
+        assert all([e // 4 for e in kept] == [0, 0, 1, 1] for kept in result.kept.values())
     loaded, info = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out", output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
-    experts_key = "num_experts" if model_type == "qwen3_moe" else "num_local_experts"
-    assert getattr(loaded.config, experts_key) == 6
+    experts_key = {"qwen3_moe": "num_experts", "mixtral": "num_local_experts", "glm4_moe": "n_routed_experts"}
+    assert getattr(loaded.config, experts_key[model_type]) == keep
     original = transformers.AutoModelForCausalLM.from_pretrained(folder).eval()
     ours = prune_model(load_hf(folder), result.kept)
     ids = torch.tensor([[1, 2, 3]])
     with torch.no_grad():
         hf_logits = loaded.eval()(ids).logits
         torch.testing.assert_close(hf_logits, ours(ids).logits, rtol=0, atol=1e-5)
-        torch.testing.assert_close(hf_logits, original(ids).logits, rtol=0, atol=1e-5)  # nothing routed was removed
+        if not grouped:  # nothing routed was removed (with groups, keeping 4 of 8 removes some routed experts)
+            torch.testing.assert_close(hf_logits, original(ids).logits, rtol=0, atol=1e-5)
     # and on other ids (routed to removed experts before) moekit's pruned model is still what transformers computes
     other = _ids(seed=9, batch=2, length=12)
     with torch.no_grad():

@@ -197,6 +197,10 @@ def check_keep(config: Any, keep: int) -> None:
             raise ValueError(f"prune_experts: --keep {keep} cannot be split evenly over the {n} expert groups "
                              f"this router routes by (n_group / expert_devices): pass a multiple of "
                              f"{math.lcm(*groups)}{hint}")
+    if moe.router == "deepseek_v3" and 1 < moe.n_group and moe.topk_group < moe.n_group and keep // moe.n_group < 2:
+        raise ValueError(f"prune_experts: --keep {keep} leaves {keep // moe.n_group} expert per group, but DeepSeek-V3 "
+                         "(and GLM-4.5) routing scores a group by its two best experts; pass --keep "
+                         f"{2 * moe.n_group} or more")
     new = dataclasses.replace(moe, num_local_experts=keep)
     try:
         new.validate()
