@@ -386,6 +386,17 @@ def cmd_merge(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_prune(args: argparse.Namespace) -> int:
+    from .analysis.prune import prune_experts
+    from .extras import require
+
+    require("prune")
+    result = prune_experts(args.model, args.out, args.keep, by=args.by, data=args.data, tokens=args.tokens,
+                           seed=args.seed)
+    print(result.format())
+    return 0
+
+
 def cmd_upcycle(args: argparse.Namespace) -> int:
     from .extras import require
     from .interop.upcycle import upcycle
@@ -566,6 +577,17 @@ def build_parser() -> argparse.ArgumentParser:
     ana.add_argument("--seed", type=int, default=0, help="seed of the shuffles")
     ana.add_argument("--no-progress", action="store_true", help="no progress bar")
     ana.set_defaults(func=cmd_analyze)
+    prn = sub.add_parser("prune", help="remove the least used experts of every MoE layer (run or HF folder)")
+    prn.add_argument("model", help="a moekit run directory or a Hugging Face checkpoint folder of a native family")
+    prn.add_argument("out", help="output directory, in the model's format (written atomically)")
+    prn.add_argument("--keep", type=int, required=True, metavar="N", help="experts to keep per MoE layer")
+    prn.add_argument("--by", default="frequency", choices=["frequency", "saliency", "random"],
+                     help="frequency: tokens routed; saliency: REAP (gate weight x expert output norm); random")
+    prn.add_argument("--data", metavar="PATH", help="text file to route (default for a run: its validation split; "
+                                                    "required for an HF folder)")
+    prn.add_argument("--tokens", type=int, default=65536, help="tokens routed at most (default 65536)")
+    prn.add_argument("--seed", type=int, default=0, help="seed of --by random")
+    prn.set_defaults(func=cmd_prune)
 
     presets = sub.add_parser("presets", help="list the shipped presets")
     presets.set_defaults(func=lambda args: print("\n".join(preset_names())) or 0)
