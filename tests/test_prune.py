@@ -196,10 +196,10 @@ def test_a_pruned_run_evaluates_generates_and_trains_on(trained_run, tmp_path, c
     assert "expert shares" in capsys.readouterr().out
     assert main(["generate", str(out), "--prompt", "To", "--max-new-tokens", "4", "--seed", "0"]) == 0
     # the weights are the source's experts, sliced; it trains on from its step with sliced AdamW moments
-    from moekit.cli import _load_run
+    from moekit.train.load import load_run
 
-    _, source, _ = _load_run(str(trained_run))
-    _, pruned, _ = _load_run(str(out))
+    _, source, _ = load_run(str(trained_run))
+    _, pruned, _ = load_run(str(out))
     meta = json.loads(next((out / "checkpoints").iterdir()).joinpath("meta.json").read_text())
     kept = meta["pruned_from"]["kept"]
     for i, layer in moe_layers(source).items():
