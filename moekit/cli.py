@@ -411,9 +411,8 @@ def cmd_upcycle(args: argparse.Namespace) -> int:
 
 
 def cmd_analyze(args: argparse.Namespace) -> int:
-    from .analysis.analyze import analyze
+    from .analysis.analyze import analyze, analyze_trace
     from .analysis.report import summary_text
-    from .analysis.trace import analyze_trace
     from .extras import require
 
     require("analyze")

@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from moekit.analysis.analyze import analyze
+from moekit.analysis.analyze import analyze, analyze_trace
 from moekit.analysis.record import RoutingRecorder
 from moekit.analysis.source import open_routed_model
-from moekit.analysis.trace import analyze_trace, read_trace
+from moekit.analysis.trace import read_trace
 from moekit.cli import main
 from moekit.train.loop import Trainer
 

@@ -27,7 +27,8 @@ from .._files import atomic_write
 from .accumulate import LayerAccumulator
 from .source import RoutedModel, open_routed_model
 
-__all__ = ["ANALYSIS_FORMAT", "SAMPLE_TOKENS", "RoutingAnalysis", "analyze", "read_domains", "write_outputs"]
+__all__ = ["ANALYSIS_FORMAT", "SAMPLE_TOKENS", "RoutingAnalysis", "analyze", "analyze_trace", "read_domains",
+           "write_outputs"]
 
 ANALYSIS_FORMAT = "moekit-analysis/1"
 #: tokens of text shown on routing.html (spread over the domains when there are several)
@@ -330,3 +331,29 @@ def write_outputs(result: dict[str, Any], out_dir: Path, figures: bool = True) -
 
         write_figures(result, out_dir)
         write_page(result, out_dir / "routing.html")
+
+
+def analyze_trace(path: str | os.PathLike[str], out: str | os.PathLike[str] | None = None,
+                  capacity_factor: float = 1.0, permutations: int = 100, seed: int = 0,
+                  figures: bool = True) -> dict[str, Any]:
+    """The analysis of a saved trace, computed without the model, forward by forward as recorded."""
+    from .trace import read_trace
+
+    tensors, meta = read_trace(path)
+    text = meta["token_text"]
+    analysis = RoutingAnalysis(meta["num_experts"], meta["top_k"], meta["moe_layers"], meta["block_size"],
+                               capacity_factor, meta["domains"], lambda i: text.get(str(i), f"<{i}>"))
+    start = 0
+    for count in tensors["batch_tokens"].tolist():
+        rows = slice(start, start + count)
+        routing = {layer: (tensors["expert_index"][rows, j].long(), tensors["weights"][rows, j])
+                   for j, layer in enumerate(meta["moe_layers"])}
+        domains = tensors["domains"][rows].long() if "domains" in tensors else None
+        analysis.add(routing, tensors["token_ids"][rows], tensors["positions"][rows].long(), domains)
+        start += count
+    model = dict(meta["model"], source=meta["model"]["source"], trace=str(path))
+    data = {key: value for key, value in meta["data"].items() if key in ("source", "batch_size")}
+    result = analysis.result(model, data, permutations, seed)
+    if out is not None:
+        write_outputs(result, Path(out), figures=figures)
+    return result

@@ -15,8 +15,8 @@ and in the header's metadata: "format" = "moekit-trace/1", and JSON texts "moe_l
 While the analysis runs, each tensor is appended to a spill file, so memory does not grow with the tokens; the
 safetensors file is assembled at the end, one tensor at a time, and appears by one rename.
 
-`analyze_trace(path)` recomputes the analysis from a trace alone, batch by batch as it was recorded, so every
-number equals the original analysis's.
+`moekit.analysis.analyze.analyze_trace(path)` recomputes the analysis from a trace alone, batch by batch as it was
+recorded, so every number equals the original analysis's.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ from torch import Tensor
 
 from .._files import fsync_dir, fsync_file, temp_sibling
 
-__all__ = ["TRACE_FORMAT", "TraceWriter", "analyze_trace", "read_trace"]
+__all__ = ["TRACE_FORMAT", "TraceWriter", "read_trace"]
 
 TRACE_FORMAT = "moekit-trace/1"
 _SPILLED = {"expert_index": torch.int32, "weights": torch.float32, "token_ids": torch.int64,
@@ -139,29 +139,3 @@ def read_trace(path: str | os.PathLike[str]) -> tuple[dict[str, Tensor], dict[st
     for key in ("num_experts", "top_k", "block_size", "vocab_size"):
         meta[key] = int(raw[key])
     return tensors, meta
-
-
-def analyze_trace(path: str | os.PathLike[str], out: str | os.PathLike[str] | None = None,
-                  capacity_factor: float = 1.0, permutations: int = 100, seed: int = 0,
-                  figures: bool = True) -> dict[str, Any]:
-    """The analysis of a saved trace, computed without the model, forward by forward as recorded."""
-    from .analyze import RoutingAnalysis, write_outputs
-
-    tensors, meta = read_trace(path)
-    text = meta["token_text"]
-    analysis = RoutingAnalysis(meta["num_experts"], meta["top_k"], meta["moe_layers"], meta["block_size"],
-                               capacity_factor, meta["domains"], lambda i: text.get(str(i), f"<{i}>"))
-    start = 0
-    for count in tensors["batch_tokens"].tolist():
-        rows = slice(start, start + count)
-        routing = {layer: (tensors["expert_index"][rows, j].long(), tensors["weights"][rows, j])
-                   for j, layer in enumerate(meta["moe_layers"])}
-        domains = tensors["domains"][rows].long() if "domains" in tensors else None
-        analysis.add(routing, tensors["token_ids"][rows], tensors["positions"][rows].long(), domains)
-        start += count
-    model = dict(meta["model"], source=meta["model"]["source"], trace=str(path))
-    data = {key: value for key, value in meta["data"].items() if key in ("source", "batch_size")}
-    result = analysis.result(model, data, permutations, seed)
-    if out is not None:
-        write_outputs(result, Path(out), figures=figures)
-    return result
