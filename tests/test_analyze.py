@@ -97,7 +97,7 @@ def test_a_moekit_run_with_domains(trained_run, domains, tmp_path):
 
 def test_a_trace_gives_the_same_analysis_without_the_model(trained_run, domains, tmp_path):
     result = analyze(trained_run, domains=domains, tokens=600, batch_size=2, out=tmp_path / "a", save_trace=True,
-                     permutations=10)
+                     permutations=10, figures=False)
     trace = tmp_path / "a" / "trace.safetensors"
     tensors, meta = read_trace(trace)
     layers = len(result["model"]["moe_layers"])
@@ -108,7 +108,7 @@ def test_a_trace_gives_the_same_analysis_without_the_model(trained_run, domains,
     assert not list((tmp_path / "a").glob(".*"))  # no spill files left
     copy = tmp_path / "elsewhere.safetensors"
     shutil.copy(trace, copy)  # no run directory needed: the trace carries its token texts
-    again = analyze_trace(copy, out=tmp_path / "b", permutations=10)
+    again = analyze_trace(copy, out=tmp_path / "b", permutations=10, figures=False)
     assert again["layers"] == result["layers"]
     assert again["overall"] == result["overall"]
     assert again["sample"] == result["sample"]
@@ -120,7 +120,7 @@ def test_a_transformers_folder_matches_its_own_router(tmp_path):
     text = tmp_path / "text.txt"
     text.write_text("the king and the queen cook bread and soup in the castle at night " * 6)
     result = analyze(folder, data=text, tokens=10_000, batch_size=4, block_size=16, out=tmp_path / "out",
-                     permutations=0)
+                     permutations=0, figures=False)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(str(folder))
