@@ -29,19 +29,18 @@ def make_chat_model(path: Path, family: str = "qwen3", seed: int = 0) -> Path:
     return path
 
 
-def make_tiny_run(root: Path) -> Path:
-    """A tiny-mixtral moekit run (byte tokenizer, no chat template) trained 2 steps on a small corpus."""
+def make_tiny_run(path: Path) -> Path:
+    """A tiny-mixtral moekit run at `path` (byte tokenizer, no chat template), trained 2 steps on a small corpus."""
     from moekit.train.loop import Trainer
 
     from .run_helpers import TEXT, small_run
 
-    root.mkdir(parents=True, exist_ok=True)
-    corpus = root / "corpus.txt"
+    corpus = path.parent / f"{path.name}-corpus.txt"
     corpus.write_text(TEXT)
     run = small_run("tiny-mixtral", corpus, "train.max_steps=2", "train.eval_interval=2",
-                    "train.checkpoint_interval=2", "train.tokenizer=byte")
-    Trainer(run, root / "run", progress=False).train()
-    return root / "run"
+                    "train.checkpoint_interval=2", "train.tokenizer=byte", "model.max_position_embeddings=256")
+    Trainer(run, path, progress=False).train()
+    return path
 
 
 @contextlib.contextmanager

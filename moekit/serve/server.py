@@ -47,3 +47,36 @@ def server_in_thread(app: Any, host: str = "127.0.0.1", port: int = 0, timeout: 
     finally:
         server.should_exit = True
         thread.join(timeout)
+
+
+def build_app(models: list[str], moa: list[str] | None = None, api_key: str | None = None, max_batch: int = 8,
+              max_queue: int = 64, max_tokens_limit: int | None = 1024, device: str = "cpu") -> Any:
+    """The app of `moekit serve`: each path of `models` loaded (run, HF folder or GGUF) and served by name.
+
+    Each `moa` config is loaded with `moekit.moa.backend.load_moa_backend` and served as its own virtual model.
+    All local models share one `Scheduler(max_batch, max_queue)`; `max_tokens_limit` caps the answer length of a
+    request that sets no max_tokens. Raises ValueError when there is nothing to serve or two names clash.
+    """
+    from .app import create_app
+    from .engine import LocalBackend, Scheduler
+    from .models import load_served_model
+
+    if not models and not moa:
+        raise ValueError("nothing to serve: pass at least one MODEL (a moekit run, an HF folder or a .gguf file) "
+                         "or --moa CONFIG.yaml")
+    if max_tokens_limit is not None and max_tokens_limit < 1:
+        raise ValueError(f"--max-tokens-limit {max_tokens_limit}: must be >= 1")
+    scheduler = Scheduler(max_batch=max_batch, max_queue=max_queue)
+    try:
+        backends: list[Any] = [LocalBackend(load_served_model(path, device), scheduler, max_tokens_limit)
+                               for path in models]
+        for config in moa or []:
+            try:
+                from ..moa.backend import load_moa_backend
+            except ImportError as error:
+                raise ImportError(f"--moa needs moekit.moa, which this moekit does not have ({error})") from error
+            backends.append(load_moa_backend(config))
+        return create_app(backends, scheduler, api_key=api_key)
+    except BaseException:
+        scheduler.stop()
+        raise
