@@ -439,7 +439,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from .serve.server import build_app, run_server
 
     app = build_app(args.models, moa=args.moa, api_key=args.api_key, max_batch=args.max_batch,
-                    max_queue=args.max_queue, max_tokens_limit=args.max_tokens_limit, device=args.device)
+                    max_queue=args.max_queue, max_tokens_limit=args.max_tokens_limit, device=args.device,
+                    threads=args.threads)
     if args.host not in ("127.0.0.1", "localhost", "::1") and args.api_key is None:
         print(f"moekit serve: warning: listening on {args.host} without --api-key: anyone who reaches this "
               "address can use the models", file=sys.stderr)
@@ -620,6 +621,8 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--max-tokens-limit", type=int, default=1024,
                      help="answer length of a request without max_tokens (default 1024; the context caps it too)")
     srv.add_argument("--device", default="cpu", help="torch device of the local models (default cpu)")
+    srv.add_argument("--threads", type=int, default=None,
+                     help="torch CPU threads (default: torch's choice; 1 is fastest for tiny models on busy CPUs)")
     srv.set_defaults(func=cmd_serve)
 
     presets = sub.add_parser("presets", help="list the shipped presets")

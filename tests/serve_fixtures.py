@@ -6,6 +6,8 @@ import contextlib
 from collections.abc import Iterator
 from pathlib import Path
 
+import torch
+
 from .merge_fixtures import make_dense_model
 
 CHAT_TEMPLATE = (
@@ -52,8 +54,13 @@ def served(paths: list[Path], api_key: str | None = None, max_batch: int = 8, ma
     from moekit.serve.models import load_served_model
     from moekit.serve.server import server_in_thread
 
-    scheduler = Scheduler(max_batch=max_batch, max_queue=max_queue)
-    backends = [LocalBackend(load_served_model(path), scheduler, max_tokens_limit) for path in paths]
-    app = create_app([*backends, *(extra_backends or [])], scheduler, api_key=api_key)
-    with server_in_thread(app, timeout=20) as url:
-        yield url, app
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny models on a shared machine: one thread is many times faster than two
+    try:
+        scheduler = Scheduler(max_batch=max_batch, max_queue=max_queue)
+        backends = [LocalBackend(load_served_model(path), scheduler, max_tokens_limit) for path in paths]
+        app = create_app([*backends, *(extra_backends or [])], scheduler, api_key=api_key)
+        with server_in_thread(app, timeout=20) as url:
+            yield url, app
+    finally:
+        torch.set_num_threads(threads)

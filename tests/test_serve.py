@@ -289,7 +289,8 @@ def test_the_cli_serves_on_loopback_by_default(models, tmp_path):
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    process = subprocess.Popen([sys.executable, "-m", "moekit", "serve", str(models[0]), "--port", str(port)],
+    process = subprocess.Popen([sys.executable, "-m", "moekit", "serve", str(models[0]), "--port", str(port),
+                                "--threads", "1"],
                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         deadline = time.monotonic() + 40

@@ -181,6 +181,11 @@ class EventStream(StreamingResponse):
 
     media_type = "text/event-stream"
 
+    def __init__(self, content: AsyncIterator[str], cleanup: Callable[[], Awaitable[None]],
+                 headers: dict[str, str] | None = None) -> None:
+        super().__init__(content, headers=headers)
+        self.cleanup = cleanup
+
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         try:
             async with anyio.create_task_group() as group:
@@ -198,6 +203,7 @@ class EventStream(StreamingResponse):
         finally:
             with anyio.CancelScope(shield=True):
                 await self.body_iterator.aclose()  # frees the request's scheduler slots at once
+                await self.cleanup()
 
 
 async def _merge(streams: list[tuple[TextDelta, AsyncIterator[TextDelta]]]
@@ -246,8 +252,39 @@ def _rejection(error: Exception) -> APIError:
     return APIError(500, f"the model failed: {type(error).__name__}: {error}", code="internal_error")
 
 
-async def _start(open_stream: Callable[[ChatParams], AsyncIterator[TextDelta]], params: ChatParams
-                 ) -> list[tuple[TextDelta, AsyncIterator[TextDelta]]]:
+class ClientGone(Exception):
+    """The client closed the connection before its answer began."""
+
+
+async def _unless_gone(request: Request, awaitable: Awaitable[Any], poll_s: float = 0.1) -> Any:
+    """Await `awaitable`, cancelling it (and raising ClientGone) when the client disconnects meanwhile.
+
+    A request waiting in the queue, or a non-streamed answer being generated, thus frees its slot when its client
+    goes away.
+    """
+    task = asyncio.ensure_future(awaitable)
+    try:
+        while True:
+            done, _ = await asyncio.wait({task}, timeout=poll_s)
+            if done:
+                return task.result()
+            if await request.is_disconnected():
+                raise ClientGone()
+    finally:
+        if not task.done():
+            task.cancel()
+            with contextlib.suppress(BaseException):
+                await task
+
+
+async def _close_all(started: list[tuple[TextDelta, AsyncIterator[TextDelta]]]) -> None:
+    for _, source in started:
+        with contextlib.suppress(RuntimeError):  # RuntimeError: one still running elsewhere closes itself
+            await source.aclose()
+
+
+async def _start(request: Request, open_stream: Callable[[ChatParams], AsyncIterator[TextDelta]],
+                 params: ChatParams) -> list[tuple[TextDelta, AsyncIterator[TextDelta]]]:
     """Open the `n` choices and wait for the first delta of each, so refusals come before any header is sent."""
     started: list[tuple[TextDelta, AsyncIterator[TextDelta]]] = []
     try:
@@ -256,7 +293,7 @@ async def _start(open_stream: Callable[[ChatParams], AsyncIterator[TextDelta]], 
             source = aiter(open_stream(ChatParams(params.max_tokens, params.temperature, params.top_p,
                                                   list(params.stop), seed, params.n)))
             try:
-                started.append((await anext(source), source))
+                started.append((await _unless_gone(request, anext(source)), source))
             except StopAsyncIteration:
                 raise APIError(500, "the backend streamed nothing", code="internal_error") from None
             except BaseException:
@@ -265,7 +302,7 @@ async def _start(open_stream: Callable[[ChatParams], AsyncIterator[TextDelta]], 
     except BaseException as error:
         for _, source in started:
             await source.aclose()
-        if isinstance(error, Exception):
+        if isinstance(error, Exception) and not isinstance(error, ClientGone):
             raise _rejection(error) from error
         raise
     return started
@@ -338,6 +375,8 @@ def create_app(backends: list[ChatBackend], scheduler: Scheduler | None = None, 
                 return await handler(request)
             except APIError as error:
                 return error.response()
+            except ClientGone:  # nobody reads the answer: a status for the log only
+                return Response(status_code=499)
             except Exception as error:  # never let a request take the server down
                 return _rejection(error).response()
         return endpoint
@@ -359,7 +398,7 @@ def create_app(backends: list[ChatBackend], scheduler: Scheduler | None = None, 
 
     async def respond(request: Request, body: dict, backend: ChatBackend, chat: bool,
                       open_stream: Callable[[ChatParams], AsyncIterator[TextDelta]], params: ChatParams) -> Response:
-        started = await _start(open_stream, params)
+        started = await _start(request, open_stream, params)
         ident = ("chatcmpl-" if chat else "cmpl-") + secrets.token_hex(12)
         head = {"id": ident, "object": "chat.completion" if chat else "text_completion", "created": int(time.time()),
                 "model": backend.name}
@@ -373,10 +412,21 @@ def create_app(backends: list[ChatBackend], scheduler: Scheduler | None = None, 
 
         if not body.get("stream"):
             texts, reasons = [""] * params.n, [None] * params.n
-            async for index, delta in _merge(started):
-                texts[index] += delta.text
-                reasons[index] = delta.finish_reason or reasons[index]
-                count(delta, index)
+
+            async def collect() -> None:
+                merged = _merge(started)
+                try:
+                    async for index, delta in merged:
+                        texts[index] += delta.text
+                        reasons[index] = delta.finish_reason or reasons[index]
+                        count(delta, index)
+                finally:
+                    await merged.aclose()
+
+            try:
+                await _unless_gone(request, collect())
+            finally:
+                await _close_all(started)
             if chat:
                 choices = [{"index": i, "message": {"role": "assistant", "content": text, "refusal": None},
                             "logprobs": None, "finish_reason": reasons[i]} for i, text in enumerate(texts)]
@@ -417,7 +467,8 @@ def create_app(backends: list[ChatBackend], scheduler: Scheduler | None = None, 
                 await merged.aclose()
             yield "data: [DONE]\n\n"
 
-        return EventStream(events(), headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        return EventStream(events(), lambda: _close_all(started),
+                           headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
     async def chat_completions(request: Request) -> Response:
         body = await _read_json(request, max_body_bytes)

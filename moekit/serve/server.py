@@ -50,12 +50,14 @@ def server_in_thread(app: Any, host: str = "127.0.0.1", port: int = 0, timeout: 
 
 
 def build_app(models: list[str], moa: list[str] | None = None, api_key: str | None = None, max_batch: int = 8,
-              max_queue: int = 64, max_tokens_limit: int | None = 1024, device: str = "cpu") -> Any:
+              max_queue: int = 64, max_tokens_limit: int | None = 1024, device: str = "cpu",
+              threads: int | None = None) -> Any:
     """The app of `moekit serve`: each path of `models` loaded (run, HF folder or GGUF) and served by name.
 
     Each `moa` config is loaded with `moekit.moa.backend.load_moa_backend` and served as its own virtual model.
     All local models share one `Scheduler(max_batch, max_queue)`; `max_tokens_limit` caps the answer length of a
-    request that sets no max_tokens. Raises ValueError when there is nothing to serve or two names clash.
+    request that sets no max_tokens; `threads` sets torch's CPU threads (`torch.set_num_threads`). Raises
+    ValueError when there is nothing to serve or two names clash.
     """
     from .app import create_app
     from .engine import LocalBackend, Scheduler
@@ -66,6 +68,12 @@ def build_app(models: list[str], moa: list[str] | None = None, api_key: str | No
                          "or --moa CONFIG.yaml")
     if max_tokens_limit is not None and max_tokens_limit < 1:
         raise ValueError(f"--max-tokens-limit {max_tokens_limit}: must be >= 1")
+    if threads is not None:
+        if threads < 1:
+            raise ValueError(f"--threads {threads}: must be >= 1")
+        import torch
+
+        torch.set_num_threads(threads)
     scheduler = Scheduler(max_batch=max_batch, max_queue=max_queue)
     try:
         backends: list[Any] = [LocalBackend(load_served_model(path, device), scheduler, max_tokens_limit)
