@@ -36,14 +36,19 @@ def _messages(i: int) -> list[dict[str, str]]:
 def _slow_steps(app, name: str, delay_s: float) -> list[int]:
     """Make every model step of `name` take `delay_s` longer; returns a list whose length counts the steps."""
     model = app.state.backends[name].model
-    step, steps = model.step, []
+    step, batch_step, steps = model.step, model.batch_step, []
 
-    def slow(ids, past):
+    def slow(*args):
         steps.append(1)
         time.sleep(delay_s)
-        return step(ids, past)
+        return step(*args)
 
-    model.step = slow
+    def slow_batch(*args):
+        steps.append(1)
+        time.sleep(delay_s)
+        return batch_step(*args)
+
+    model.step, model.batch_step = slow, slow_batch if batch_step is not None else None
     return steps
 
 
@@ -58,7 +63,15 @@ def _wait_idle(url: str, timeout: float = 10.0) -> dict:
 
 
 def test_sixteen_concurrent_streams_each_get_the_answer_they_get_alone(chat_model):
-    with served([chat_model], max_batch=8, max_queue=16) as (url, _):
+    with served([chat_model], max_batch=8, max_queue=16) as (url, app):
+        model = app.state.backends["tinyqwen"].model
+        batch_step, batch_sizes = model.batch_step, []
+
+        def counted(ids, *args):
+            batch_sizes.append(ids.shape[0])
+            return batch_step(ids, *args)
+
+        model.batch_step = counted
         sync = openai.OpenAI(base_url=url + "/v1", api_key="x", timeout=TIMEOUT, max_retries=0)
         alone = [sync.chat.completions.create(model="tinyqwen", messages=_messages(i), max_tokens=8, temperature=0)
                  for i in range(16)]
@@ -84,7 +97,9 @@ def test_sixteen_concurrent_streams_each_get_the_answer_they_get_alone(chat_mode
             finally:
                 await client.close()
 
+        batch_sizes.clear()
         results = asyncio.run(all_at_once())
+        assert max(batch_sizes) > 1 and len(batch_sizes) < 16 * 8  # requests shared forwards
         for reply, (text, finish, tokens) in zip(alone, results, strict=True):
             assert text == reply.choices[0].message.content
             assert finish == reply.choices[0].finish_reason

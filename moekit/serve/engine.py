@@ -6,10 +6,13 @@ Its text is released as it becomes final: never half a UTF-8 character, never th
 
 The `Scheduler` owns one worker thread that runs every forward, off the event loop: requests wait in a bounded
 queue (`max_queue`; beyond it `Overloaded`, which the HTTP layer answers with 503 and Retry-After), up to
-`max_batch` of them are active at once and advance one decoding step each in turn, so concurrent streams progress
-together and a new request starts at the next step, without waiting for the others to finish. A cancelled job (a
-client gone) leaves at the next step, freeing its slot. Each request keeps its own cache, so its text is the same
-as when it is served alone.
+`max_batch` of them are active at once. At each round the worker admits what waits (continuous batching: a new
+request starts at the next step, without waiting for the others to finish) and advances every active unit by one
+decoding step, in turn, so concurrent streams progress together. Requests for a model that takes padded batches
+(transformers' classes: HF folders, GGUF files, runs trained with the transformers backend) admitted in the same
+round form a `Cohort`: one left-padded forward per step for all of them. moekit's own model takes no padding
+mask, so each of its requests is a unit of its own. A cancelled request (a client gone) leaves at the next step,
+freeing its slot.
 
 `LocalBackend` puts a `ServedModel` behind the `ChatBackend` protocol (and `complete_stream` for /v1/completions).
 """
@@ -77,8 +80,12 @@ class Generation:
 
     def step(self) -> TextDelta | None:
         """Run one forward and sample one token; the new final text (or None), finished when `finish_reason`."""
-        feed = self.prompt_ids if self.past is None else self.ids[-1:]
+        feed = self.prompt_ids if self.sampled == 0 else self.ids[-1:]
         logits, self.past = self.model.forward(feed, self.past)
+        return self.accept(logits)
+
+    def accept(self, logits: torch.Tensor) -> TextDelta | None:
+        """Sample the next token from `logits` [1, V] (this choice's row of a forward); as `step` returns."""
         token = self._sample(logits)
         self.sampled += 1
         finish = None
@@ -127,7 +134,8 @@ class GenerationJob:
         self.queue: asyncio.Queue[TextDelta | BaseException] = asyncio.Queue()
         self.cancelled = False
 
-    def _put(self, item: TextDelta | BaseException) -> None:
+    def put(self, item: TextDelta | BaseException) -> None:
+        """Hand `item` to the request's coroutine (thread-safe)."""
         try:
             self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
         except RuntimeError:  # the loop is closed: nobody listens any more
@@ -136,11 +144,77 @@ class GenerationJob:
     def step(self) -> bool:
         delta = self.generation.step()
         if delta is not None:
-            self._put(delta)
+            self.put(delta)
         return delta is not None and delta.finish_reason is not None
 
     def fail(self, error: BaseException) -> None:
-        self._put(error)
+        self.put(error)
+
+
+class Cohort:
+    """Requests for one model admitted together, decoded as one padded batch: one forward per step for all.
+
+    The prompts are left-padded (attention mask 0 on the padding, positions counted from each prompt's start), so
+    each row sees only its own tokens; a finished or cancelled row is dropped from the batch and its cache
+    (`Cache.batch_select_indices`) before the next step. Every row keeps its own seeded generator.
+    """
+
+    def __init__(self, jobs: list[GenerationJob]) -> None:
+        self.jobs = jobs
+        self.model = jobs[0].generation.model
+        self.past: Any = None
+        self.mask: torch.Tensor | None = None
+        self.next_position: torch.Tensor | None = None
+        self.finished: set[int] = set()
+
+    @property
+    def size(self) -> int:
+        """Requests still decoded in this cohort."""
+        return sum(not job.cancelled for job in self.jobs)
+
+    @property
+    def cancelled(self) -> bool:
+        return all(job.cancelled for job in self.jobs)
+
+    def _drop_gone(self) -> None:
+        keep = [i for i, job in enumerate(self.jobs) if not job.cancelled and id(job) not in self.finished]
+        if len(keep) == len(self.jobs):
+            return
+        self.jobs = [self.jobs[i] for i in keep]
+        if self.past is not None and keep:
+            index = torch.tensor(keep, dtype=torch.long)
+            self.past.batch_select_indices(index.to(self.model.device))
+            self.mask, self.next_position = self.mask[index], self.next_position[index]
+
+    def step(self) -> bool:
+        self._drop_gone()
+        if not self.jobs:
+            return True
+        generations = [job.generation for job in self.jobs]
+        if self.past is None:
+            width = max(len(g.prompt_ids) for g in generations)
+            ids = torch.tensor([[self.model.pad_id] * (width - len(g.prompt_ids)) + g.prompt_ids for g in generations])
+            self.mask = torch.tensor([[0] * (width - len(g.prompt_ids)) + [1] * len(g.prompt_ids)
+                                      for g in generations])
+            positions = (self.mask.cumsum(-1) - 1).clamp(min=0)
+            self.next_position = self.mask.sum(-1)
+        else:
+            ids = torch.tensor([[g.ids[-1]] for g in generations])
+            self.mask = torch.cat([self.mask, torch.ones_like(self.mask[:, :1])], dim=1)
+            positions = self.next_position.unsqueeze(-1)
+            self.next_position = self.next_position + 1
+        logits, self.past = self.model.forward_batch(ids, self.mask, positions, self.past)
+        for row, job in enumerate(self.jobs):
+            delta = job.generation.accept(logits[row:row + 1])
+            if delta is not None:
+                job.put(delta)
+                if delta.finish_reason is not None:
+                    self.finished.add(id(job))
+        return all(id(job) in self.finished or job.cancelled for job in self.jobs)
+
+    def fail(self, error: BaseException) -> None:
+        for job in self.jobs:
+            job.fail(error)
 
 
 class Scheduler:
@@ -159,9 +233,9 @@ class Scheduler:
 
     @property
     def active(self) -> int:
-        """Jobs being decoded now."""
+        """Requests being decoded now."""
         with self._condition:
-            return len(self._active)
+            return sum(getattr(unit, "size", 1) for unit in self._active)
 
     @property
     def waiting(self) -> int:
@@ -174,8 +248,9 @@ class Scheduler:
         with self._condition:
             if self._stopping:
                 raise Overloaded("the server is shutting down")
-            if len(self._active) + len(self._waiting) >= self.max_batch + self.max_queue:
-                raise Overloaded(f"the server is busy: {len(self._active)} requests running and "
+            running = sum(getattr(unit, "size", 1) for unit in self._active)
+            if running + len(self._waiting) >= self.max_batch + self.max_queue:
+                raise Overloaded(f"the server is busy: {running} requests running and "
                                  f"{len(self._waiting)} queued (--max-queue {self.max_queue}); retry later")
             self._waiting.append(job)
             self._condition.notify()
@@ -202,8 +277,11 @@ class Scheduler:
                     self._condition.wait()
                 if self._stopping:
                     return
-                while self._waiting and len(self._active) < self.max_batch:
-                    self._active.append(self._waiting.popleft())
+                running = sum(getattr(unit, "size", 1) for unit in self._active)
+                admitted = []
+                while self._waiting and running + len(admitted) < self.max_batch:
+                    admitted.append(self._waiting.popleft())
+                self._active.extend(_cohorts(admitted))
                 jobs = list(self._active)
             for job in jobs:
                 done = job.cancelled
@@ -216,6 +294,19 @@ class Scheduler:
                 if done:
                     with self._condition:
                         self._active.remove(job)
+
+
+def _cohorts(jobs: list[Job]) -> list[Job]:
+    """`jobs` with those of one model that takes padded batches grouped into a `Cohort` each."""
+    units: list[Job] = []
+    groups: dict[int, list[GenerationJob]] = {}
+    for job in jobs:
+        model = getattr(getattr(job, "generation", None), "model", None)
+        if isinstance(job, GenerationJob) and model is not None and model.batch_step is not None:
+            groups.setdefault(id(model), []).append(job)
+        else:
+            units.append(job)
+    return units + [Cohort(group) for group in groups.values()]
 
 
 class LocalBackend:

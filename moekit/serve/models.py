@@ -43,11 +43,22 @@ class ServedModel:
     chat_template: bool
     source: str
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    batch_step: Callable[[Tensor, Tensor, Tensor, Any], tuple[Tensor, Any]] | None = None
+    """`batch_step(ids [B, T], attention_mask [B, past + T], position_ids [B, T], past)` -> (logits [B, V], past),
+    for models that take padded batches (transformers' classes); None for moekit's own model."""
+    pad_id: int = 0
 
     def forward(self, ids: list[int], past: Any) -> tuple[Tensor, Any]:
         """Logits [1, vocab_limit] after feeding `ids` on top of `past` (None for the prompt), and the new past."""
         with torch.inference_mode():
             logits, past = self.step(torch.tensor([ids], dtype=torch.long, device=self.device), past)
+        return logits[:, :self.vocab_limit], past
+
+    def forward_batch(self, ids: Tensor, mask: Tensor, positions: Tensor, past: Any) -> tuple[Tensor, Any]:
+        """`batch_step` on this model's device: logits [B, vocab_limit] and the new (batched) past."""
+        assert self.batch_step is not None, f"{self.name} does not take padded batches"
+        with torch.inference_mode():
+            logits, past = self.batch_step(ids.to(self.device), mask.to(self.device), positions.to(self.device), past)
         return logits[:, :self.vocab_limit], past
 
 
@@ -75,6 +86,19 @@ def _transformers_step(model: nn.Module, after: Callable[[], None] | None = None
             after()
         return out.logits[:, -1], getattr(out, name)
     return step
+
+
+def _transformers_batch_step(model: nn.Module, after: Callable[[], None] | None = None
+                             ) -> Callable[[Tensor, Tensor, Tensor, Any], tuple[Tensor, Any]]:
+    name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+    def batch_step(ids: Tensor, mask: Tensor, positions: Tensor, past: Any) -> tuple[Tensor, Any]:
+        out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1,
+                    **{name: past})
+        if after is not None:
+            after()
+        return out.logits[:, -1], getattr(out, name)
+    return batch_step
 
 
 def _text_config(config: Any) -> Any:
@@ -118,10 +142,12 @@ def _load_run(path: Path, name: str, device: torch.device) -> ServedModel:
 
     _, module, tokenizer = load_run(path, what="serve the run")
     module = module.to(device)
+    batch_step = None
     if isinstance(module, HFCausalLM):
         step = _transformers_step(module.model, module.capture.clear)  # routing is recorded for training only
+        batch_step = _transformers_batch_step(module.model, module.capture.clear)
         context = int(_text_config(module.model.config).max_position_embeddings)
-    else:
+    else:  # moekit's own model takes no padding mask: each request is decoded on its own
         step = _moekit_step(module)
         context = int(module.config.max_position_embeddings)
     pretrained = isinstance(tokenizer, HFTokenizer)
@@ -146,7 +172,8 @@ def _load_run(path: Path, name: str, device: torch.device) -> ServedModel:
     eos = tokenizer.eos_id
     return ServedModel(name=name, module=module, context_length=context, vocab_limit=int(tokenizer.vocab_size),
                        eos_ids=_eos_ids(eos), encode_chat=encode_chat, encode_prompt=encode_prompt, decode=decode,
-                       step=step, chat_template=renderer is not None, source=str(path), device=device)
+                       step=step, chat_template=renderer is not None, source=str(path), device=device,
+                       batch_step=batch_step, pad_id=eos if eos is not None else 0)
 
 
 def _load_transformers(path: Path, name: str, device: torch.device) -> ServedModel:
@@ -179,7 +206,9 @@ def _load_transformers(path: Path, name: str, device: torch.device) -> ServedMod
                        vocab_limit=vocab, eos_ids=_eos_ids(tokenizer.eos_token_id, getattr(text, "eos_token_id", None),
                                                            getattr(generation, "eos_token_id", None)),
                        encode_chat=encode_chat, encode_prompt=encode_prompt, decode=decode,
-                       step=_transformers_step(module), chat_template=has_template, source=str(path), device=device)
+                       step=_transformers_step(module), chat_template=has_template, source=str(path), device=device,
+                       batch_step=_transformers_batch_step(module),
+                       pad_id=next(i for i in (tokenizer.pad_token_id, tokenizer.eos_token_id, 0) if i is not None))
 
 
 def load_served_model(path: str | os.PathLike[str], device: str | torch.device = "cpu",
