@@ -246,3 +246,49 @@ def test_serve_moa_loads_the_mixture_through_moekit_moa(chat_model, tmp_path, mo
         app.state.scheduler.stop()
     with pytest.raises(ValueError, match="nothing to serve"):
         build_app([])
+
+
+def test_a_cohort_decodes_prompts_of_different_lengths_as_each_alone(chat_model):
+    """One padded forward per step gives each row the tokens it gets alone, greedy or seeded, rows leaving early."""
+    import torch
+
+    from moekit.serve.engine import Cohort, Generation, GenerationJob
+    from moekit.serve.models import load_served_model
+
+    model = load_served_model(chat_model)
+    prompts = [model.encode_chat(_messages(i)) + model.encode_prompt(" the" * i) for i in range(4)]
+    assert len({len(p) for p in prompts}) == 4
+    params = [ChatParams(temperature=0), ChatParams(temperature=1.0, seed=3), ChatParams(temperature=0.7, seed=9,
+                                                                                         top_p=0.9),
+              ChatParams(temperature=0, max_tokens=3)]
+    limits = [10, 10, 10, 3]
+
+    def alone(i: int) -> str:
+        generation, text = Generation(model, prompts[i], params[i], limits[i]), ""
+        while True:
+            delta = generation.step()
+            text += delta.text if delta else ""
+            if delta and delta.finish_reason:
+                return text
+
+    async def together() -> list[str]:
+        loop = asyncio.get_running_loop()
+        jobs = [GenerationJob(Generation(model, prompts[i], params[i], limits[i]), loop) for i in range(4)]
+        cohort, steps = Cohort(jobs), 0
+        with torch.inference_mode():
+            while not cohort.step():
+                steps += 1
+                if steps == 2:
+                    jobs[0].cancelled = True  # a client gone: its row leaves the batch and the cache
+        await asyncio.sleep(0.05)
+        texts = []
+        for job in jobs:
+            text = ""
+            while not job.queue.empty():
+                text += job.queue.get_nowait().text
+            texts.append(text)
+        return texts
+
+    texts = asyncio.run(together())
+    assert texts[1:] == [alone(i) for i in range(1, 4)]
+    assert alone(0).startswith(texts[0])
