@@ -170,7 +170,7 @@ class Cohort:
     @property
     def size(self) -> int:
         """Requests still decoded in this cohort."""
-        return sum(not job.cancelled for job in self.jobs)
+        return sum(not job.cancelled and id(job) not in self.finished for job in self.jobs)
 
     @property
     def cancelled(self) -> bool:
@@ -276,6 +276,8 @@ class Scheduler:
                 while not self._stopping and not self._active and not self._waiting:
                     self._condition.wait()
                 if self._stopping:
+                    for unit in [*self._active, *self._waiting]:  # their requests end with a 500, not a hang
+                        unit.fail(RuntimeError("the server is stopping"))
                     return
                 running = sum(getattr(unit, "size", 1) for unit in self._active)
                 admitted = []
