@@ -147,6 +147,17 @@ def test_a_seed_fixes_the_sampled_text_and_n_gives_distinct_choices(client):
     assert top.choices[0].message.content == greedy.choices[0].message.content
 
 
+def test_n_choices_of_a_batched_model_are_each_the_single_answer_of_their_seed(client):
+    ask = dict(model="tinyqwen", messages=QUESTION, max_tokens=12, temperature=0.8)
+    singles = [client.chat.completions.create(**ask, seed=20 + i).choices[0].message.content for i in range(3)]
+    assert len(set(singles)) == 3
+    many = client.chat.completions.create(**ask, seed=20, n=3)
+    assert [choice.message.content for choice in many.choices] == singles
+    chunks = list(client.chat.completions.create(**ask, seed=20, n=3, stream=True))
+    assert ["".join(c.choices[0].delta.content or "" for c in chunks if c.choices and c.choices[0].index == i)
+            for i in range(3)] == singles
+
+
 def _stop_in(text: str) -> tuple[str, int]:
     for start in range(2, len(text) - 3):
         stop = text[start:start + 2]

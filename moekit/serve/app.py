@@ -277,7 +277,7 @@ async def _unless_gone(request: Request, awaitable: Awaitable[Any], poll_s: floa
                 await task
 
 
-async def _close_all(started: list[tuple[TextDelta, AsyncIterator[TextDelta]]]) -> None:
+async def _close_all(started: list[tuple[TextDelta | None, AsyncIterator[TextDelta]]]) -> None:
     for _, source in started:
         with contextlib.suppress(RuntimeError):  # RuntimeError: one still running elsewhere closes itself
             await source.aclose()
@@ -285,27 +285,29 @@ async def _close_all(started: list[tuple[TextDelta, AsyncIterator[TextDelta]]]) 
 
 async def _start(request: Request, open_stream: Callable[[ChatParams], AsyncIterator[TextDelta]],
                  params: ChatParams) -> list[tuple[TextDelta, AsyncIterator[TextDelta]]]:
-    """Open the `n` choices and wait for the first delta of each, so refusals come before any header is sent."""
-    started: list[tuple[TextDelta, AsyncIterator[TextDelta]]] = []
+    """Open the `n` choices together and wait for the first delta of each, so refusals come before any header.
+
+    Choice i is asked with seed + i (when a seed is given).
+    """
+    sources = [aiter(open_stream(ChatParams(params.max_tokens, params.temperature, params.top_p, list(params.stop),
+                                            None if params.seed is None else params.seed + index, params.n)))
+               for index in range(params.n)]
+    started = [(None, source) for source in sources]
     try:
-        for index in range(params.n):
-            seed = None if params.seed is None else params.seed + index
-            source = aiter(open_stream(ChatParams(params.max_tokens, params.temperature, params.top_p,
-                                                  list(params.stop), seed, params.n)))
-            try:
-                started.append((await _unless_gone(request, anext(source)), source))
-            except StopAsyncIteration:
-                raise APIError(500, "the backend streamed nothing", code="internal_error") from None
-            except BaseException:
-                await source.aclose()
-                raise
-    except BaseException as error:
-        for _, source in started:
-            await source.aclose()
-        if isinstance(error, Exception) and not isinstance(error, ClientGone):
-            raise _rejection(error) from error
+        firsts = await _unless_gone(request, asyncio.gather(*(anext(source) for source in sources),
+                                                            return_exceptions=True))
+    except BaseException:
+        await _close_all(started)
         raise
-    return started
+    failures = [first for first in firsts if isinstance(first, BaseException)]
+    if failures:
+        await _close_all(started)
+        if isinstance(failures[0], StopAsyncIteration):
+            raise APIError(500, "the backend streamed nothing", code="internal_error")
+        if isinstance(failures[0], Exception):
+            raise _rejection(failures[0]) from failures[0]
+        raise failures[0]
+    return list(zip(firsts, sources, strict=True))
 
 
 def _sse(payload: Any) -> str:
