@@ -292,3 +292,39 @@ def test_a_cohort_decodes_prompts_of_different_lengths_as_each_alone(chat_model)
     texts = asyncio.run(together())
     assert texts[1:] == [alone(i) for i in range(1, 4)]
     assert alone(0).startswith(texts[0])
+
+
+class FailingBackend:
+    """A virtual model that fails: at once (`after=0`) or after `after` deltas."""
+
+    def __init__(self, name: str, after: int) -> None:
+        self.name, self.after = name, after
+
+    async def chat_stream(self, messages: list[dict], params: ChatParams):
+        for i in range(self.after):
+            yield TextDelta(f"part{i} ")
+        raise RuntimeError("the proposer endpoint is down")
+
+    async def aclose(self) -> None:
+        pass
+
+
+def test_a_failing_backend_gives_a_500_or_an_error_event_and_the_server_goes_on(chat_model):
+    with served([chat_model], extra_backends=[FailingBackend("moa:down", 0), FailingBackend("moa:half", 2)]) as (
+            url, _):
+        client = openai.OpenAI(base_url=url + "/v1", api_key="x", timeout=TIMEOUT, max_retries=0)
+        ask = [{"role": "user", "content": "hi"}]
+        refused = httpx.post(url + "/v1/chat/completions", json={"model": "moa:down", "messages": ask},
+                             timeout=TIMEOUT)
+        assert refused.status_code == 500
+        error = refused.json()["error"]
+        assert error["type"] == "server_error" and "the proposer endpoint is down" in error["message"]
+        with pytest.raises(openai.InternalServerError):
+            client.chat.completions.create(model="moa:down", messages=ask)
+        with pytest.raises(openai.APIError, match="the proposer endpoint is down"):
+            for _ in client.chat.completions.create(model="moa:half", messages=ask, stream=True):
+                pass
+        raw = httpx.post(url + "/v1/chat/completions", json={"model": "moa:half", "messages": ask, "stream": True},
+                         timeout=TIMEOUT).text
+        assert '"error"' in raw and raw.endswith("data: [DONE]\n\n")
+        assert client.chat.completions.create(model="tinyqwen", messages=ask, max_tokens=2).choices
