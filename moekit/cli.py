@@ -432,6 +432,24 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    from .extras import require
+
+    require("serve")
+    from .serve.server import build_app, run_server
+
+    app = build_app(args.models, moa=args.moa, api_key=args.api_key, max_batch=args.max_batch,
+                    max_queue=args.max_queue, max_tokens_limit=args.max_tokens_limit, device=args.device,
+                    threads=args.threads)
+    if args.host not in ("127.0.0.1", "localhost", "::1") and args.api_key is None:
+        print(f"moekit serve: warning: listening on {args.host} without --api-key: anyone who reaches this "
+              "address can use the models", file=sys.stderr)
+    print(f"moekit serve: serving {', '.join(app.state.backends)} on http://{args.host}:{args.port}/v1",
+          file=sys.stderr)
+    run_server(app, args.host, args.port)
+    return 0
+
+
 def _add_output_options(parser: argparse.ArgumentParser) -> None:
     """OUT and the options `merge` and `upcycle` share."""
     parser.add_argument("out", help="output directory (written atomically)")
@@ -587,6 +605,25 @@ def build_parser() -> argparse.ArgumentParser:
     prn.add_argument("--tokens", type=int, default=65536, help="tokens routed at most (default 65536)")
     prn.add_argument("--seed", type=int, default=0, help="seed of --by random")
     prn.set_defaults(func=cmd_prune)
+
+    srv = sub.add_parser("serve", help="OpenAI-compatible HTTP server for runs, HF folders and GGUF files")
+    srv.add_argument("models", nargs="*", metavar="MODEL",
+                     help="moekit run directory, Hugging Face model folder or .gguf file; served under its folder "
+                          "(or file) name")
+    srv.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    srv.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    srv.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on every route but /health")
+    srv.add_argument("--moa", action="append", metavar="CONFIG.yaml",
+                     help="also serve a Mixture-of-Agents config as the virtual model moa:NAME (repeatable)")
+    srv.add_argument("--max-batch", type=int, default=8, help="requests decoded at once (default 8)")
+    srv.add_argument("--max-queue", type=int, default=64,
+                     help="requests waiting beyond those; more are refused with 503 (default 64)")
+    srv.add_argument("--max-tokens-limit", type=int, default=1024,
+                     help="answer length of a request without max_tokens (default 1024; the context caps it too)")
+    srv.add_argument("--device", default="cpu", help="torch device of the local models (default cpu)")
+    srv.add_argument("--threads", type=int, default=None,
+                     help="torch CPU threads (default: torch's choice; 1 is fastest for tiny models on busy CPUs)")
+    srv.set_defaults(func=cmd_serve)
 
     presets = sub.add_parser("presets", help="list the shipped presets")
     presets.set_defaults(func=lambda args: print("\n".join(preset_names())) or 0)
