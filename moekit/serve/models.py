@@ -136,7 +136,7 @@ def _hf_tokenizer_functions(tokenizer: Any) -> tuple[Callable, Callable, Callabl
 
 def _load_run(path: Path, name: str, device: torch.device) -> ServedModel:
     from ..hf.causal_lm import HFCausalLM
-    from ..train.chat import _renderer
+    from ..train.chat import chat_renderer
     from ..train.load import load_run
     from ..train.tokenizers import HFTokenizer
 
@@ -154,7 +154,7 @@ def _load_run(path: Path, name: str, device: torch.device) -> ServedModel:
     renderer = None
     if pretrained:
         try:
-            renderer = _renderer(tokenizer, f"the tokenizer of {path}")
+            renderer = chat_renderer(tokenizer, f"the tokenizer of {path}")
         except ValueError:  # no chat template: the fallback transcript
             renderer = None
 

@@ -49,7 +49,7 @@ def _template(tokenizer: Any, origin: str) -> str:
     return template
 
 
-def _renderer(tokenizer: Any, origin: str):
+def chat_renderer(tokenizer: Any, origin: str):
     """transformers' tokenizer around the run's tokenizer.json, with its special tokens and chat template."""
     from transformers import PreTrainedTokenizerFast
 
@@ -112,7 +112,7 @@ def encode_chat(text: str, tokenizer: Any, origin: str, vocab_size: int) -> torc
     Raises ValueError (naming the line) for a line that is not a conversation, for a file without any assistant
     message (nothing to train on), or for a template that cannot be split into turns.
     """
-    renderer = _renderer(tokenizer, origin)
+    renderer = chat_renderer(tokenizer, origin)
     parts: list[torch.Tensor] = []
     trained = 0
     for number, line in enumerate(text.splitlines(), start=1):
