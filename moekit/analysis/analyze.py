@@ -13,6 +13,7 @@ The analysis.json format is described in docs/analysis.md.
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 from collections.abc import Iterator
@@ -177,12 +178,15 @@ def _windows(tokens: Tensor, block_size: int, budget: int) -> Iterator[Tensor]:
 
 def _batches(streams: list[tuple[int | None, Tensor]], block_size: int, batch_size: int, budget: int,
              pad: bool) -> Iterator[Batch]:
-    """Batches of windows from each stream (a domain's windows are never mixed with another's within a window).
+    """Batches of windows, taken from the streams in turn, so a forward holds every domain as a training batch of
+    a mixed corpus would (a window never mixes domains).
 
     With `pad` (transformers models), windows of different lengths share a batch, right-padded and masked;
     otherwise (moekit models take no mask) a batch holds windows of one length.
     """
     share = budget // len(streams)
+    per_stream = [[(domain, window) for window in _windows(tokens, block_size, share)] for domain, tokens in streams]
+    in_turn = [entry for round_ in itertools.zip_longest(*per_stream) for entry in round_ if entry is not None]
     pending: list[tuple[int | None, Tensor]] = []
 
     def flush(group: list[tuple[int | None, Tensor]]) -> Batch:
@@ -197,15 +201,14 @@ def _batches(streams: list[tuple[int | None, Tensor]], block_size: int, batch_si
                    if group[0][0] is not None else None)
         return Batch(ids, mask if not bool(mask.all()) else None, positions, domains)
 
-    for domain, tokens in streams:
-        for window in _windows(tokens, block_size, share):
-            if pending and not pad and window.numel() != pending[0][1].numel():
-                yield flush(pending)
-                pending = []
-            pending.append((domain, window))
-            if len(pending) == batch_size:
-                yield flush(pending)
-                pending = []
+    for domain, window in in_turn:
+        if pending and not pad and window.numel() != pending[0][1].numel():
+            yield flush(pending)
+            pending = []
+        pending.append((domain, window))
+        if len(pending) == batch_size:
+            yield flush(pending)
+            pending = []
     if pending:
         yield flush(pending)
 
