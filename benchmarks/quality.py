@@ -1,15 +1,25 @@
-"""Evidence for the README: does an MoE learn faster than a dense model at equal active compute, and
-how do auxiliary-loss and auxiliary-loss-free balancing compare? Also moekit's training speed against
-transformers' MixtralForCausalLM of the same shape, measured in one run.
+"""The seeds' claims at small scale, measured on a mixed corpus (issue 17), and moekit's training speed against
+transformers' MixtralForCausalLM of the same shape.
 
-Runs (same data, seed, steps, batch and active FFN width 512):
-  dense, tiny-mixtral (softmax top-2 of 8, aux loss), tiny-deepseek (32 fine-grained experts top-4 +
-  1 shared, sigmoid, aux-free bias), and tiny-deepseek with the aux loss instead of the aux-free bias.
+Corpus: `benchmarks/quality_corpus.py` builds three domains offline (Shakespeare's plays, Python standard-library
+source, generated arithmetic), interleaved in chunks so the validation split (the tail) holds all three, plus a
+held-out file per domain for the analysis.
+
+Measured (all on this CPU, same data, batch, block and active FFN width 512):
+1. domain specialisation: `tiny-mixtral` and `tiny-deepseek` (and the aux-loss variant) analysed with
+   `moekit.analysis.analyze` on the held-out domain files: mutual information I(domain; expert) per layer against
+   the permutation baseline (mean, p95);
+2. aux-loss-free against aux-loss balancing: `tiny-deepseek` with its aux-free bias, and with
+   `aux_free_bias_update_rate=0, router_aux_loss_coef=0.01`, over `--seeds` seeds at equal tokens: MaxVio_global
+   and MaxVio_batch (analyze on the validation split, batches of the training batch size) and val loss;
+3. MoE against the `dense` preset at equal tokens (same steps) and at equal wall-clock on this CPU (dense gets
+   the steps that fit in the MoE run's measured training time, from dense's own measured step time);
+4. training-step throughput, moekit against transformers' MixtralForCausalLM (tiny-mixtral shape).
 
 Usage:
-    python benchmarks/quality.py                 # default budget (the presets' 1000 steps each)
-    python benchmarks/quality.py --steps 200     # quicker
-Writes benchmarks/results/quality.md and quality.json, and prints the tables.
+    python benchmarks/quality.py                       # the recorded budget (--steps 500, 2 threads)
+    python benchmarks/quality.py --steps 20 --seeds 1  # a quick check of the machinery
+Writes benchmarks/results/quality.md and quality.json (or --results DIR), and prints the tables.
 """
 
 from __future__ import annotations
@@ -17,43 +27,98 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import math
+import os
 import platform
+import shlex
 import statistics
+import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
-from moekit.cli import load_run_dict
-from moekit.train.config import RunConfig, apply_overrides
-from moekit.train.loop import Trainer
-from moekit.train.report import compare_runs
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-RUNS = {
-    "dense": ("dense", []),
-    "tiny-mixtral": ("tiny-mixtral", []),
-    "tiny-deepseek (aux-free)": ("tiny-deepseek", []),
-    "tiny-deepseek (aux loss)": ("tiny-deepseek", ["model.moe.aux_free_bias_update_rate=0",
-                                                   "model.moe.router_aux_loss_coef=0.01", "name=tiny-deepseek-aux"]),
-}
+from quality_corpus import DOMAINS, CorpusInfo, build_corpus  # noqa: E402
+
+from moekit._files import atomic_write, write_json  # noqa: E402
+from moekit.cli import load_run_dict  # noqa: E402
+from moekit.train.config import RunConfig, apply_overrides  # noqa: E402
+from moekit.train.loop import Trainer  # noqa: E402
+from moekit.train.report import compare_runs, read_metrics  # noqa: E402
+
+AUX_LOSS = ["model.moe.aux_free_bias_update_rate=0", "model.moe.router_aux_loss_coef=0.01"]
+"""tiny-deepseek with the Switch aux loss in place of the aux-free bias (its tiny sequence-wise loss stays)."""
 
 
-def train_all(out: Path, steps: int | None) -> list[Path]:
-    dirs = []
-    for label, (preset, overrides) in RUNS.items():
-        values = load_run_dict(preset, None)
-        extra = [o for o in overrides if not o.startswith("name=")]
-        if any(o.startswith("name=") for o in overrides):
-            values["name"] = next(o for o in overrides if o.startswith("name="))[5:]
-        if steps:
-            extra += [f"train.max_steps={steps}", f"train.eval_interval={max(1, steps // 5)}"]
-        run = RunConfig.from_dict(apply_overrides(values, extra))
-        run_dir = out / run.name
-        started = time.perf_counter()
-        Trainer(run, run_dir, overwrite=True, progress=False).train()
-        print(f"  {label}: {time.perf_counter() - started:.0f} s", flush=True)
-        dirs.append(run_dir)
-    return dirs
+# ------------------------------------------------------------------------------------------------------ training
+
+
+def train_run(out: Path, name: str, preset: str, steps: int, data: Path, seed: int = 0,
+              overrides: tuple[str, ...] = ()) -> dict[str, Any]:
+    """Train one run of `steps` steps on `data`; returns its summary (time, tokens, final val loss, ...)."""
+    values = load_run_dict(preset, None)
+    values["name"] = name
+    extra = [*overrides, f"train.data={data}", f"train.seed={seed}", f"train.max_steps={steps}",
+             f"train.warmup_steps={min(50, max(1, steps // 10))}", f"train.eval_interval={max(1, steps // 2)}",
+             "train.eval_batches=64",  # the whole validation split, so every run is scored on the same tokens
+             f"train.checkpoint_interval={steps}", f"train.log_interval={max(1, min(10, steps // 10))}"]
+    run = RunConfig.from_dict(apply_overrides(values, extra))
+    run_dir = out / name
+    started = time.perf_counter()
+    Trainer(run, run_dir, overwrite=True, progress=False).train()
+    wall = time.perf_counter() - started
+    train, evals = read_metrics(run_dir)
+    summary = {"name": name, "preset": preset, "seed": seed, "overrides": list(overrides), "steps": steps,
+               "tokens": train[-1]["tokens"], "train_time_s": train[-1]["elapsed_s"], "wall_s": wall,
+               "step_time_s": train[-1]["elapsed_s"] / steps, "val_loss": evals[-1]["val_loss"],
+               "val_max_violation_trainer": evals[-1].get("val_max_violation"), "run_dir": str(run_dir)}
+    print(f"  {name}: {steps} steps, {summary['train_time_s']:.0f} s training, val loss {summary['val_loss']:.4f}",
+          flush=True)
+    return summary
+
+
+# ------------------------------------------------------------------------------------------------------ analysis
+
+
+def analyse(run: dict[str, Any], out: Path, tokens: int, batch_size: int, domains: Path | None) -> dict[str, Any]:
+    """`moekit.analysis.analyze` on the run's validation split (domains None) or on the held-out domain files."""
+    from moekit.analysis import analyze
+
+    where = out / "analysis" / (run["name"] + ("-domains" if domains else "-val"))
+    return analyze(run["run_dir"], domains=str(domains) if domains else None, tokens=tokens, batch_size=batch_size,
+                   out=where)
+
+
+def domain_rows(analysis: dict[str, Any]) -> list[dict[str, Any]]:
+    """Per MoE layer: I(domain; expert) in nats, its permutation baseline, and I / H(domain) (0 = none, 1 = the
+    expert determines the domain)."""
+    rows = []
+    for layer in analysis["layers"]:
+        dom = layer["domains"]
+        per_domain = [sum(r) for r in dom["load"]]
+        total = sum(per_domain)
+        h_domain = -sum(n / total * math.log(n / total) for n in per_domain if n)
+        # the expert each domain uses most, and the share of that domain's assignments it takes
+        top = [max(range(len(r)), key=r.__getitem__) for r in dom["load"]]
+        rows.append({"layer": layer["layer"], "mutual_information": dom["mutual_information"],
+                     "baseline_mean": dom["baseline_mean"], "baseline_p95": dom["baseline_p95"],
+                     "normalised": dom["mutual_information"] / h_domain if h_domain else 0.0,
+                     "top_expert": dict(zip(dom["names"], top, strict=True)),
+                     "top_expert_share": {name: r[e] / max(1, sum(r)) for name, r, e in
+                                          zip(dom["names"], dom["load"], top, strict=True)}})
+    return rows
+
+
+def spread(values: list[float]) -> dict[str, float]:
+    """mean, min, max and sample std (0 for one value)."""
+    return {"mean": statistics.fmean(values), "min": min(values), "max": max(values),
+            "std": statistics.stdev(values) if len(values) > 1 else 0.0}
+
+
+# ------------------------------------------------------------------------------------------------------ speed
 
 
 def speed_vs_transformers(repeats: int = 6) -> dict[str, float]:
@@ -103,32 +168,184 @@ def speed_vs_transformers(repeats: int = 6) -> dict[str, float]:
     return result
 
 
+# ------------------------------------------------------------------------------------------------------ report
+
+
+def _range(s: dict[str, float], spec: str) -> str:
+    return f"{format(s['mean'], spec)} ({format(s['min'], spec)}..{format(s['max'], spec)})"
+
+
+def render(results: dict[str, Any]) -> str:
+    """quality.md: the tables, with the date, machine and command."""
+    r = results
+    lines = [f"Measured {r['date']} on {r['machine']}; command: `{r['command']}` "
+             f"({r['total_time_s'] / 60:.1f} min; load average {r['load_average'][0]:.2f} at start, "
+             f"{r['load_average'][1]:.2f} at end: the 2 cores were shared).", "",
+             f"Corpus (`benchmarks/quality_corpus.py`, {r['corpus']['python_version']}): "
+             + ", ".join(f"{d} {r['corpus']['train_bytes'][d]:,} B" for d in DOMAINS)
+             + " of training text interleaved in chunks; held-out "
+             + ", ".join(f"{d} {r['corpus']['heldout_bytes'][d]:,} B" for d in DOMAINS)
+             + f". Every run: byte tokenizer, batch 16 x 128 tokens, {r['steps']} steps unless stated.", ""]
+
+    lines += ["**Domain specialisation** (held-out text of each domain, "
+              f"{r['analysis_tokens']:,} tokens asked for): mutual information I(domain; expert) in nats per MoE "
+              "layer, against the same with domain labels permuted (mean, 95th percentile); I / H(domain) is the "
+              "share of the domain's uncertainty the expert choice removes.", "",
+              "| model | layer | I(domain; expert) | permuted mean | permuted p95 | I / H(domain) | "
+              "top expert per domain (its share) |", "|---|---|---|---|---|---|---|"]
+    for label, rows in r["domain_specialisation"].items():
+        for row in rows:
+            top = ", ".join(f"{d}: {row['top_expert'][d]} ({row['top_expert_share'][d]:.0%})" for d in DOMAINS
+                            if d in row["top_expert"])
+            lines.append(f"| {label} | {row['layer']} | {row['mutual_information']:.4f} | "
+                         f"{row['baseline_mean']:.5f} | {row['baseline_p95']:.5f} | {row['normalised']:.3f} | {top} |")
+    lines.append("")
+
+    b = r["balancing"]
+    lines += [f"**Aux-loss-free against aux-loss balancing** (tiny-deepseek, {len(b['seeds'])} seeds "
+              f"{b['seeds']}, {r['steps']} steps each; MaxVio from analyze on the validation split in batches of "
+              f"{r['analysis_batch_size']} x 128 tokens, mean over MoE layers): mean (min..max), and std.", "",
+              "| balancing | val loss | MaxVio_global | MaxVio_batch | std (loss / global / batch) |",
+              "|---|---|---|---|---|"]
+    for label, s in b["variants"].items():
+        lines.append(f"| {label} | {_range(s['val_loss'], '.4f')} | {_range(s['max_violation_global'], '.3f')} | "
+                     f"{_range(s['max_violation_batch'], '.3f')} | {s['val_loss']['std']:.4f} / "
+                     f"{s['max_violation_global']['std']:.3f} / {s['max_violation_batch']['std']:.3f} |")
+    lines.append("")
+
+    lines += ["**MoE against dense** (seed 0; val loss on the whole validation split; training time is wall clock "
+              "on this CPU, evaluation included):", "",
+              "| run | steps | tokens | training time | val loss |", "|---|---|---|---|---|"]
+    for row in r["moe_vs_dense"]:
+        lines.append(f"| {row['label']} | {row['steps']} | {row['tokens']:,} | {row['train_time_s']:.0f} s | "
+                     f"{row['val_loss']:.4f} |")
+    lines.append("")
+
+    sp = r["speed"]
+    lines += ["| training step, tiny-mixtral shape (batch 16 x 128 tokens, fp32) | tokens/s |", "|---|---|",
+              f"| moekit | {sp['moekit_tokens_per_s']:,.0f} |",
+              f"| transformers MixtralForCausalLM (sdpa, eager experts) | {sp['transformers_tokens_per_s']:,.0f} |",
+              f"| ratio (moekit / transformers) | {sp['ratio']:.2f}x |", "", "All runs:", "", r["runs_table"]]
+    return "\n".join(lines) + "\n"
+
+
+# ------------------------------------------------------------------------------------------------------ main
+
+
+def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
+    """Build the corpus, train and analyse every run, measure the speed; returns the results dict."""
+    started = time.perf_counter()
+    load_start = os.getloadavg()[0]
+    out = Path(args.out)
+    print("building the corpus ...", flush=True)
+    corpus: CorpusInfo = build_corpus(out / "corpus")
+    data, steps, seeds = corpus.train, args.steps, list(range(args.seeds))
+    runs: dict[str, dict[str, Any]] = {}
+
+    def train(name: str, preset: str, n_steps: int, seed: int = 0, overrides: tuple[str, ...] = ()) -> dict:
+        runs[name] = train_run(out, name, preset, n_steps, data, seed, overrides)
+        return runs[name]
+
+    print("training ...", flush=True)
+    # each dense run right after the MoE run it is matched to, so they see the same machine load
+    deepseek = train("tiny-deepseek-s0", "tiny-deepseek", steps, 0)
+    dense = train("dense", "dense", steps)
+    dense_time = dense["train_time_s"] / dense["steps"]
+    wall_ds = train("dense-wallclock-deepseek", "dense", max(1, round(deepseek["train_time_s"] / dense_time)))
+    mixtral = train("tiny-mixtral", "tiny-mixtral", steps)
+    wall_mx = train("dense-wallclock-mixtral", "dense", max(1, round(mixtral["train_time_s"] / dense_time)))
+    for seed in seeds[1:]:
+        train(f"tiny-deepseek-s{seed}", "tiny-deepseek", steps, seed)
+    for seed in seeds:
+        train(f"tiny-deepseek-aux-s{seed}", "tiny-deepseek", steps, seed, tuple(AUX_LOSS))
+
+    print("analysing ...", flush=True)
+    domain_models = {"tiny-mixtral": mixtral, "tiny-deepseek (aux-free)": deepseek,
+                     "tiny-deepseek (aux loss)": runs["tiny-deepseek-aux-s0"]}
+    domain_specialisation, domain_overall = {}, {}
+    for label, run in domain_models.items():
+        analysis = analyse(run, out, args.analysis_tokens, args.analysis_batch_size, corpus.domains_dir)
+        domain_specialisation[label] = domain_rows(analysis)
+        domain_overall[label] = {k: analysis["overall"][k] for k in
+                                 ("domain_mutual_information", "domain_baseline_mean", "domain_baseline_p95")}
+        domain_overall[label]["analysis"] = str(out / "analysis" / (run["name"] + "-domains"))
+    variants = {"aux-free bias": [f"tiny-deepseek-s{s}" for s in seeds],
+                "aux loss 0.01": [f"tiny-deepseek-aux-s{s}" for s in seeds]}
+    balancing: dict[str, Any] = {"seeds": seeds, "variants": {}, "per_seed": {}}
+    for label, names in variants.items():
+        per_seed = []
+        for name in names:
+            overall = analyse(runs[name], out, args.analysis_tokens, args.analysis_batch_size, None)["overall"]
+            per_seed.append({"run": name, "val_loss": runs[name]["val_loss"],
+                             "max_violation_global": overall["max_violation_global"],
+                             "max_violation_batch": overall["max_violation_batch"],
+                             "coefficient_of_variation": overall["coefficient_of_variation"],
+                             "dead_experts": overall["dead_experts"]})
+        balancing["per_seed"][label] = per_seed
+        balancing["variants"][label] = {key: spread([p[key] for p in per_seed]) for key in
+                                        ("val_loss", "max_violation_global", "max_violation_batch")}
+
+    moe_vs_dense = [
+        {"label": "tiny-deepseek (aux-free)", **_pick(deepseek)},
+        {"label": "tiny-mixtral", **_pick(mixtral)},
+        {"label": "dense, equal tokens", **_pick(dense)},
+        {"label": "dense, equal wall-clock to tiny-deepseek", **_pick(wall_ds)},
+        {"label": "dense, equal wall-clock to tiny-mixtral", **_pick(wall_mx)},
+    ]
+    table, _ = compare_runs([Path(r["run_dir"]) for r in runs.values()], out)
+    print("speed against transformers ...", flush=True)
+    speed = speed_vs_transformers()
+    command = "python benchmarks/quality.py" + "".join(
+        f" --{k.replace('_', '-')} {shlex.quote(str(v))}" for k, v in vars(args).items()
+        if v != DEFAULTS[k] and k not in ("out", "results"))
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else \
+        platform.processor()
+    return {
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "machine": f"{cpu} ({platform.machine()}), {torch.get_num_threads()} threads, torch {torch.__version__}, "
+                   f"Python {platform.python_version()}",
+        "command": command, "steps": steps, "seeds": seeds, "analysis_tokens": args.analysis_tokens,
+        "analysis_batch_size": args.analysis_batch_size,
+        "total_time_s": time.perf_counter() - started, "load_average": [load_start, os.getloadavg()[0]],
+        "corpus": {"python_version": corpus.python_version, "train_bytes": corpus.train_bytes,
+                   "heldout_bytes": corpus.heldout_bytes, "stdlib_files": corpus.stdlib_files,
+                   "sha256": corpus.sha256},
+        "domain_specialisation": domain_specialisation, "domain_overall": domain_overall,
+        "balancing": balancing, "moe_vs_dense": moe_vs_dense, "speed": speed,
+        "runs": list(runs.values()), "runs_table": table,
+    }
+
+
+def _pick(run: dict[str, Any]) -> dict[str, Any]:
+    return {k: run[k] for k in ("name", "steps", "tokens", "train_time_s", "step_time_s", "val_loss")}
+
+
+DEFAULTS = {"steps": 500, "seeds": 3, "threads": 2, "analysis_tokens": 98_304, "analysis_batch_size": 16,
+            "out": "runs/quality", "results": "benchmarks/results"}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=None, help="steps per run (default: the presets' budget)")
-    parser.add_argument("--out", default="runs/quality", help="where the runs are written")
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=DEFAULTS["steps"], help="steps of every equal-token run")
+    parser.add_argument("--seeds", type=int, default=DEFAULTS["seeds"], help="seeds of the balancing comparison")
+    parser.add_argument("--threads", type=int, default=DEFAULTS["threads"], help="torch.set_num_threads")
+    parser.add_argument("--analysis-tokens", type=int, default=DEFAULTS["analysis_tokens"])
+    parser.add_argument("--analysis-batch-size", type=int, default=DEFAULTS["analysis_batch_size"],
+                        help="analyze's batch size (MaxVio_batch is over batches of this many windows)")
+    parser.add_argument("--out", default=DEFAULTS["out"], help="where the corpus, runs and analyses are written")
+    parser.add_argument("--results", default=DEFAULTS["results"], help="where quality.md / quality.json go")
     args = parser.parse_args()
+    if args.steps < 1 or args.seeds < 1 or args.threads < 1:
+        parser.error("--steps, --seeds and --threads must be at least 1")
     torch.set_num_threads(args.threads)
-    print("training the runs ...", flush=True)
-    dirs = train_all(Path(args.out), args.steps)
-    table, summaries = compare_runs(dirs, Path(args.out))
-    speed = speed_vs_transformers()
-    machine = f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
-    date = datetime.date.today().isoformat()
-    text = [f"Measured {date} on {machine}; command: `python benchmarks/quality.py"
-            + (f" --steps {args.steps}" if args.steps else "") + "`.", "", table, "",
-            "| training step, tiny-mixtral shape (batch 16 x 128 tokens, fp32) | tokens/s |", "|---|---|",
-            f"| moekit | {speed['moekit_tokens_per_s']:,.0f} |",
-            f"| transformers MixtralForCausalLM (sdpa, eager experts) | {speed['transformers_tokens_per_s']:,.0f} |",
-            f"| ratio (moekit / transformers) | {speed['ratio']:.2f}x |"]
-    print("\n".join(text))
-    results = Path("benchmarks/results")
-    results.mkdir(parents=True, exist_ok=True)
-    (results / "quality.md").write_text("\n".join(text) + "\n")
-    slim = [{k: v for k, v in s.items() if k not in ("train", "evals")} for s in summaries]
-    (results / "quality.json").write_text(json.dumps({"date": date, "machine": machine, "runs": slim,
-                                                     "speed": speed}, indent=2) + "\n")
+    results = run_benchmark(args)
+    text = render(results)
+    print(text)
+    where = Path(args.results)
+    where.mkdir(parents=True, exist_ok=True)
+    atomic_write(where / "quality.md", text, what="benchmark results")
+    write_json(where / "quality.json", results, what="benchmark results")
 
 
 if __name__ == "__main__":
