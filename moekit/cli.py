@@ -410,6 +410,29 @@ def cmd_upcycle(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_analyze(args: argparse.Namespace) -> int:
+    from .analysis.analyze import analyze
+    from .analysis.report import summary_text
+    from .analysis.trace import analyze_trace
+    from .extras import require
+
+    require("analyze")
+    source = Path(args.model)
+    if source.is_file() and source.suffix == ".safetensors":  # a saved trace: no model needed
+        if args.data or args.domains or args.save_trace:
+            raise ValueError("a trace already holds its tokens: --data, --domains and --save-trace do not apply")
+        result = analyze_trace(source, out=args.out, capacity_factor=args.capacity_factor,
+                               permutations=args.permutations, seed=args.seed)
+    else:
+        result = analyze(source, data=args.data, domains=args.domains, tokens=args.tokens,
+                         batch_size=args.batch_size, out=args.out, capacity_factor=args.capacity_factor,
+                         save_trace=args.save_trace, block_size=args.block_size, permutations=args.permutations,
+                         seed=args.seed, progress=not args.no_progress)
+    print(summary_text(result))
+    print(f"wrote {Path(args.out) / 'analysis.json'}, {Path(args.out) / 'routing.html'} and figures/")
+    return 0
+
+
 def _add_output_options(parser: argparse.ArgumentParser) -> None:
     """OUT and the options `merge` and `upcycle` share."""
     parser.add_argument("out", help="output directory (written atomically)")
@@ -537,6 +560,23 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
     up.add_argument("--seed", type=int, default=0)
     up.set_defaults(func=cmd_upcycle)
+
+    ana = sub.add_parser("analyze", help="what the routers do: balance, drops, specialisation, figures, routing.html")
+    ana.add_argument("model", help="a moekit run directory, an HF MoE folder, or a trace.safetensors to re-analyse")
+    ana.add_argument("--data", help="a text file to route (default: the run's validation split)")
+    ana.add_argument("--domains", help="a folder with one text file (or folder of files) per domain")
+    ana.add_argument("--tokens", type=int, default=100_000, help="tokens to route, split over domains "
+                                                                "(default 100000)")
+    ana.add_argument("--batch-size", type=int, default=8, help="windows per forward (default 8)")
+    ana.add_argument("--block-size", type=int, help="window length (default: the run's block size; 256 for HF)")
+    ana.add_argument("--out", default="analysis", help="output folder (default ./analysis)")
+    ana.add_argument("--capacity-factor", type=float, default=1.0,
+                     help="capacity the drop statistics assume, x the ideal load (default 1.0)")
+    ana.add_argument("--save-trace", action="store_true", help="also write trace.safetensors (tokens x layers x k)")
+    ana.add_argument("--permutations", type=int, default=100, help="shuffles for the domain-information baseline")
+    ana.add_argument("--seed", type=int, default=0, help="seed of the shuffles")
+    ana.add_argument("--no-progress", action="store_true", help="no progress bar")
+    ana.set_defaults(func=cmd_analyze)
 
     presets = sub.add_parser("presets", help="list the shipped presets")
     presets.set_defaults(func=lambda args: print("\n".join(preset_names())) or 0)

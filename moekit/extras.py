@@ -18,6 +18,7 @@ COMMAND_NEEDS: dict[str, tuple[str, tuple[str, ...]]] = {
     "export": ("hf", ("numpy", "safetensors")),
     "merge": ("merge", ("yaml", "numpy", "safetensors", "transformers")),
     "upcycle": ("merge", ("numpy", "safetensors", "transformers")),
+    "analyze": ("train", ("numpy", "safetensors", "matplotlib")),
 }
 """command -> (the extra to install, the modules it imports)."""
 

@@ -1,7 +1,14 @@
-"""Analysis of what routers do (issue 17, in progress): routing recorded by hooks, and the routing metrics."""
+"""Analysis of what routers do: routing recorded by hooks, streamed into metrics, figures, a routing page, traces.
 
+`analyze(model, ...)` is `moekit analyze`; `analyze_trace(path)` re-analyses a saved trace without the model.
+"""
+
+from .analyze import analyze
 from .metrics import *  # noqa: F403
 from .metrics import __all__ as _metrics_all
 from .record import RecordedRouting, RoutingRecorder
+from .source import RoutedModel, open_routed_model
+from .trace import analyze_trace, read_trace
 
-__all__ = [*_metrics_all, "RecordedRouting", "RoutingRecorder"]
+__all__ = [*_metrics_all, "RecordedRouting", "RoutedModel", "RoutingRecorder", "analyze", "analyze_trace",
+           "open_routed_model", "read_trace"]

@@ -30,6 +30,7 @@ __all__ = [
     "dead_experts",
     "domain_mutual_information",
     "drop_padding",
+    "dropped_assignments",
     "dropped_by_position",
     "effective_experts",
     "expert_load",
@@ -37,6 +38,7 @@ __all__ = [
     "load_share_of_ideal",
     "max_violation",
     "max_violation_batch",
+    "mutual_information",
     "routing_entropy",
     "saturated_experts",
     "token_specialisation",
@@ -110,26 +112,32 @@ def saturated_experts(load: Tensor, capacity_factor: float) -> list[int]:
     return [int(e) for e in torch.nonzero(load > capacity).flatten()]
 
 
+def dropped_assignments(expert_index: Tensor, weights: Tensor, num_experts: int, capacity_factor: float) -> Tensor:
+    """[N, k] bool: the assignments a capacity of `capacity_factor` x ideal would drop, with moekit's own priority
+    (`plan_dispatch`: first choices first, then larger weight, then earlier token)."""
+    index = _check(expert_index, num_experts)
+    flat_index = index.reshape(-1)
+    capacity = expert_capacity(flat_index.numel(), num_experts, capacity_factor)
+    plan = plan_dispatch(flat_index, num_experts, weights.reshape(-1), index.shape[1], capacity)
+    dropped = torch.ones(flat_index.numel(), dtype=torch.bool)
+    dropped[plan.order.cpu()] = False
+    return dropped.view_as(index)
+
+
 def dropped_by_position(expert_index: Tensor, weights: Tensor, num_experts: int, capacity_factor: float,
                         positions: Tensor, num_positions: int) -> tuple[float, Tensor]:
-    """Which assignments a capacity of `capacity_factor` would drop, with moekit's own priority (`plan_dispatch`:
-    first choices first, then larger weight, then earlier token), and where in the sequence they sit.
+    """Which assignments a capacity of `capacity_factor` would drop (:func:`dropped_assignments`), and where in
+    the sequence they sit.
 
     `positions`: [N] the position of each token in its sequence. Returns (dropped fraction of all assignments,
     [num_positions] the dropped fraction of the assignments at each position; 0 where a position has none).
     """
-    index = _check(expert_index, num_experts)
-    k = index.shape[1]
-    flat_index = index.reshape(-1)
-    capacity = expert_capacity(flat_index.numel(), num_experts, capacity_factor)
-    plan = plan_dispatch(flat_index, num_experts, weights.reshape(-1), k, capacity)
-    kept = torch.zeros(flat_index.numel(), dtype=torch.bool)
-    kept[plan.order.cpu()] = True
-    position_of = positions.long().repeat_interleave(k)
+    dropped = dropped_assignments(expert_index, weights, num_experts, capacity_factor).reshape(-1)
+    position_of = positions.long().repeat_interleave(expert_index.shape[1])
     total = torch.bincount(position_of, minlength=num_positions).double()
-    dropped = torch.bincount(position_of[~kept], minlength=num_positions).double()
-    by_position = torch.where(total > 0, dropped / total.clamp(min=1), torch.zeros_like(total))
-    return plan.num_dropped / max(flat_index.numel(), 1), by_position
+    lost = torch.bincount(position_of[dropped], minlength=num_positions).double()
+    by_position = torch.where(total > 0, lost / total.clamp(min=1), torch.zeros_like(total))
+    return int(dropped.sum()) / max(dropped.numel(), 1), by_position
 
 
 def coactivation(expert_index: Tensor, num_experts: int) -> Tensor:
@@ -190,7 +198,10 @@ class DomainInformation:
     load_by_domain: Tensor  # [D, E] assignments per domain and expert
 
 
-def _mutual_information(table: Tensor) -> float:
+def mutual_information(table: Tensor) -> float:
+    """I(row; column) in nats of a contingency table of counts (0 for an empty table)."""
+    if table.sum() <= 0:
+        return 0.0
     joint = table.double() / table.sum()
     rows, cols = joint.sum(1, keepdim=True), joint.sum(0, keepdim=True)
     mask = joint > 0
@@ -215,7 +226,7 @@ def domain_mutual_information(domain_ids: Tensor, expert_index: Tensor, num_expe
 
     observed = table_of(domains)
     generator = torch.Generator().manual_seed(seed)
-    shuffled = torch.tensor([_mutual_information(table_of(domains[torch.randperm(n, generator=generator)]))
+    shuffled = torch.tensor([mutual_information(table_of(domains[torch.randperm(n, generator=generator)]))
                              for _ in range(permutations)], dtype=torch.float64)
-    return DomainInformation(_mutual_information(observed), float(shuffled.mean()) if permutations else 0.0,
+    return DomainInformation(mutual_information(observed), float(shuffled.mean()) if permutations else 0.0,
                              float(torch.quantile(shuffled, 0.95)) if permutations else 0.0, observed)

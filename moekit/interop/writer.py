@@ -87,9 +87,13 @@ def split_shards(entries: list[TensorEntry], max_shard_bytes: int) -> list[list[
     return shards
 
 
-def stream_safetensors(entries: list[TensorEntry], path: Path, on_tensor: Callable[[], None] | None = None) -> None:
-    """Write `entries` as one safetensors file: the header first (shapes are known), then each tensor in turn."""
-    header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+def stream_safetensors(entries: list[TensorEntry], path: Path, on_tensor: Callable[[], None] | None = None,
+                       metadata: dict[str, str] | None = None) -> None:
+    """Write `entries` as one safetensors file: the header first (shapes are known), then each tensor in turn.
+
+    `metadata` (text to text) joins the header's ``__metadata__`` beside ``"format": "pt"``.
+    """
+    header: dict[str, Any] = {"__metadata__": {"format": "pt", **(metadata or {})}}
     offset = 0
     for entry in entries:
         header[entry.name] = {"dtype": safetensors_dtype(entry.dtype), "shape": list(entry.shape),

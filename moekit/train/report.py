@@ -34,7 +34,7 @@ def wall_clock_tokens_per_s(train: list[dict[str, Any]]) -> float | None:
     return train[-1]["tokens"] / train[-1]["elapsed_s"]
 
 
-def _save_figure(fig: Any, path: Path) -> None:
+def save_figure(fig: Any, path: Path) -> None:
     """A matplotlib figure as PNG, written atomically."""
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=110)
@@ -54,7 +54,7 @@ def _plots(run_dir: Path, train: list[dict], evals: list[dict]) -> list[tuple[st
 
     def save(fig, name: str, title: str) -> None:
         fig.tight_layout()
-        _save_figure(fig, plot_dir / name)
+        save_figure(fig, plot_dir / name)
         plt.close(fig)
         out.append((title, f"plots/{name}"))
 
@@ -207,7 +207,7 @@ def compare_runs(run_dirs: list[Path], out_dir: Path | None = None) -> tuple[str
             for ax in axes:
                 ax.legend(fontsize=8)
             fig.tight_layout()
-            _save_figure(fig, out_dir / "compare.png")
+            save_figure(fig, out_dir / "compare.png")
             plt.close(fig)
             text += ["![val loss and MaxVio](compare.png)", ""]
         atomic_write(out_dir / "compare.md", "\n".join(text) + "\n", what="comparison")
