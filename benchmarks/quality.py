@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import math
 import os
 import platform
@@ -39,7 +38,8 @@ from typing import Any
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+HERE = Path(__file__).resolve().parent
+sys.path[:0] = [str(HERE), str(HERE.parent)]  # quality_corpus, and the moekit of this checkout
 
 from quality_corpus import DOMAINS, CorpusInfo, build_corpus  # noqa: E402
 
@@ -83,33 +83,83 @@ def train_run(out: Path, name: str, preset: str, steps: int, data: Path, seed: i
 # ------------------------------------------------------------------------------------------------------ analysis
 
 
-def analyse(run: dict[str, Any], out: Path, tokens: int, batch_size: int, domains: Path | None) -> dict[str, Any]:
-    """`moekit.analysis.analyze` on the run's validation split (domains None) or on the held-out domain files."""
+def analyse(run: dict[str, Any], out: Path, tokens: int, batch_size: int, domains: Path | None,
+            figures: bool = True) -> dict[str, Any]:
+    """`moekit.analysis.analyze` on the run's validation split (domains None) or on the held-out domain files
+    (with its figures and routing.html when `figures`)."""
     from moekit.analysis import analyze
 
     where = out / "analysis" / (run["name"] + ("-domains" if domains else "-val"))
     return analyze(run["run_dir"], domains=str(domains) if domains else None, tokens=tokens, batch_size=batch_size,
-                   out=where)
+                   out=where, figures=figures and domains is not None,  # the domain heatmaps are worth drawing
+                   save_trace=domains is not None)  # for the token-controlled information
 
 
-def domain_rows(analysis: dict[str, Any]) -> list[dict[str, Any]]:
-    """Per MoE layer: I(domain; expert) in nats, its permutation baseline, and I / H(domain) (0 = none, 1 = the
-    expert determines the domain)."""
+def domain_rows(analysis: dict[str, Any], min_load: float = 0.5) -> list[dict[str, Any]]:
+    """Per MoE layer: I(domain; expert) in nats, its permutation baseline, I / H(domain) (0 = the expert says nothing
+    about the domain, 1 = it determines it), and per domain its most domain-pure expert: the expert, among those
+    with at least `min_load` of the ideal load, whose assignments are most from that domain (chance: the domain's
+    share of all assignments)."""
     rows = []
     for layer in analysis["layers"]:
         dom = layer["domains"]
-        per_domain = [sum(r) for r in dom["load"]]
+        table = dom["load"]  # [D][E] assignments
+        per_domain = [sum(r) for r in table]
+        per_expert = [sum(col) for col in zip(*table, strict=True)]
         total = sum(per_domain)
         h_domain = -sum(n / total * math.log(n / total) for n in per_domain if n)
-        # the expert each domain uses most, and the share of that domain's assignments it takes
-        top = [max(range(len(r)), key=r.__getitem__) for r in dom["load"]]
+        ideal = total / len(per_expert)
+        candidates = [e for e, n in enumerate(per_expert) if n >= min_load * ideal]
+        purest = {}
+        for d, name in enumerate(dom["names"]):
+            e = max(candidates, key=lambda e: table[d][e] / per_expert[e])
+            purest[name] = {"expert": e, "purity": table[d][e] / per_expert[e], "chance": per_domain[d] / total}
         rows.append({"layer": layer["layer"], "mutual_information": dom["mutual_information"],
                      "baseline_mean": dom["baseline_mean"], "baseline_p95": dom["baseline_p95"],
-                     "normalised": dom["mutual_information"] / h_domain if h_domain else 0.0,
-                     "top_expert": dict(zip(dom["names"], top, strict=True)),
-                     "top_expert_share": {name: r[e] / max(1, sum(r)) for name, r, e in
-                                          zip(dom["names"], dom["load"], top, strict=True)}})
+                     "normalised": dom["mutual_information"] / h_domain if h_domain else 0.0, "purest": purest})
     return rows
+
+
+def conditional_domain_information(trace: Path, permutations: int = 20, seed: int = 0) -> dict[int, dict]:
+    """Per MoE layer, I(domain; expert | token id) in nats from a routing trace, against domain labels shuffled
+    among the occurrences of each token id (mean, p95 over `permutations`).
+
+    Domains differ in which tokens they use (arithmetic is digits), so an expert chosen by token identity alone
+    already carries domain information; this measures what the routing says about the domain beyond the token.
+    By the chain rule, I(D; X | T) = I(D; (T, X)) - I(D; T), each computed by `domain_mutual_information`.
+    """
+    from moekit.analysis.metrics import domain_mutual_information
+    from moekit.analysis.trace import read_trace
+
+    tensors, meta = read_trace(trace)
+    domains, tokens = tensors["domains"].long(), tensors["token_ids"].long()
+    num_experts, vocab, num_domains = meta["num_experts"], meta["vocab_size"], len(meta["domains"])
+    generator = torch.Generator().manual_seed(seed)
+    by_token = torch.argsort(tokens, stable=True)
+
+    def shuffled_within_tokens() -> torch.Tensor:
+        jitter = torch.rand(tokens.numel(), generator=generator, dtype=torch.float64)
+        order = torch.argsort(tokens.double() + jitter)  # each token id's occurrences, in a random order
+        out = torch.empty_like(domains)
+        out[by_token] = domains[order]
+        return out
+
+    def information(labels: torch.Tensor, index: torch.Tensor) -> float:
+        joint = domain_mutual_information(labels, tokens[:, None] * num_experts + index, vocab * num_experts,
+                                          num_domains, permutations=0).mutual_information
+        token_only = domain_mutual_information(labels, tokens[:, None], vocab, num_domains,
+                                               permutations=0).mutual_information
+        return joint - token_only
+
+    nulls = [shuffled_within_tokens() for _ in range(permutations)]
+    result = {}
+    for j, layer in enumerate(meta["moe_layers"]):
+        index = tensors["expert_index"][:, j].long()
+        null = torch.tensor([information(labels, index) for labels in nulls], dtype=torch.float64)
+        result[layer] = {"conditional_mutual_information": information(domains, index),
+                         "conditional_baseline_mean": float(null.mean()),
+                         "conditional_baseline_p95": float(torch.quantile(null, 0.95))}
+    return result
 
 
 def spread(values: list[float]) -> dict[str, float]:
@@ -190,15 +240,23 @@ def render(results: dict[str, Any]) -> str:
     lines += ["**Domain specialisation** (held-out text of each domain, "
               f"{r['analysis_tokens']:,} tokens asked for): mutual information I(domain; expert) in nats per MoE "
               "layer, against the same with domain labels permuted (mean, 95th percentile); I / H(domain) is the "
-              "share of the domain's uncertainty the expert choice removes.", "",
-              "| model | layer | I(domain; expert) | permuted mean | permuted p95 | I / H(domain) | "
-              "top expert per domain (its share) |", "|---|---|---|---|---|---|---|"]
+              "share of the domain's uncertainty the expert choice removes. Purest expert: for each domain, the "
+              "expert (of those with at least half the ideal load) whose tokens are most from that domain, and that "
+              "share (chance is about 33%).", "",
+              "I(D; X | T) is the information the expert carries about the domain beyond the token id itself "
+              "(domains use different bytes: arithmetic is digits), against domain labels shuffled among each "
+              "token id's occurrences (p95). 'at init': the same model after one step at lr 1e-9.", "",
+              "| model | layer | I(domain; expert) | permuted mean | permuted p95 | I / H(domain) | I(D; X \\| T) | "
+              "its null p95 | purest expert per domain (share of its tokens) |",
+              "|---|---|---|---|---|---|---|---|---|"]
     for label, rows in r["domain_specialisation"].items():
         for row in rows:
-            top = ", ".join(f"{d}: {row['top_expert'][d]} ({row['top_expert_share'][d]:.0%})" for d in DOMAINS
-                            if d in row["top_expert"])
+            top = ", ".join(f"{d} {row['purest'][d]['expert']} ({row['purest'][d]['purity']:.0%})" for d in DOMAINS
+                            if d in row["purest"])
             lines.append(f"| {label} | {row['layer']} | {row['mutual_information']:.4f} | "
-                         f"{row['baseline_mean']:.5f} | {row['baseline_p95']:.5f} | {row['normalised']:.3f} | {top} |")
+                         f"{row['baseline_mean']:.5f} | {row['baseline_p95']:.5f} | {row['normalised']:.3f} | "
+                         f"{row['conditional_mutual_information']:.4f} | "
+                         f"{row['conditional_baseline_p95']:.4f} | {top} |")
     lines.append("")
 
     b = r["balancing"]
@@ -260,12 +318,22 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
         train(f"tiny-deepseek-aux-s{seed}", "tiny-deepseek", steps, seed, tuple(AUX_LOSS))
 
     print("analysing ...", flush=True)
-    domain_models = {"tiny-mixtral": mixtral, "tiny-deepseek (aux-free)": deepseek,
-                     "tiny-deepseek (aux loss)": runs["tiny-deepseek-aux-s0"]}
+    # references: the same models at initialisation (one step at lr 1e-9), whose routers know nothing yet
+    untrained = {preset: train_run(out, f"{preset}-init", preset, 1, data, 0, ("train.lr=1e-9",))
+                 for preset in ("tiny-mixtral", "tiny-deepseek")}
+    domain_models = {"tiny-mixtral": mixtral, "tiny-mixtral at init": untrained["tiny-mixtral"],
+                     "tiny-deepseek (aux-free)": deepseek, "tiny-deepseek (aux loss)": runs["tiny-deepseek-aux-s0"],
+                     "tiny-deepseek at init": untrained["tiny-deepseek"]}
     domain_specialisation, domain_overall = {}, {}
     for label, run in domain_models.items():
-        analysis = analyse(run, out, args.analysis_tokens, args.analysis_batch_size, corpus.domains_dir)
-        domain_specialisation[label] = domain_rows(analysis)
+        analysis = analyse(run, out, args.analysis_tokens, args.analysis_batch_size, corpus.domains_dir,
+                           figures=args.figures)
+        rows = domain_rows(analysis)
+        conditional = conditional_domain_information(out / "analysis" / (run["name"] + "-domains") /
+                                                     "trace.safetensors")
+        for row in rows:
+            row.update(conditional[row["layer"]])
+        domain_specialisation[label] = rows
         domain_overall[label] = {k: analysis["overall"][k] for k in
                                  ("domain_mutual_information", "domain_baseline_mean", "domain_baseline_p95")}
         domain_overall[label]["analysis"] = str(out / "analysis" / (run["name"] + "-domains"))
@@ -296,8 +364,8 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
     print("speed against transformers ...", flush=True)
     speed = speed_vs_transformers()
     command = "python benchmarks/quality.py" + "".join(
-        f" --{k.replace('_', '-')} {shlex.quote(str(v))}" for k, v in vars(args).items()
-        if v != DEFAULTS[k] and k not in ("out", "results"))
+        f" --{k.replace('_', '-')} {shlex.quote(str(v))}" if k != "figures" else " --no-figures"
+        for k, v in vars(args).items() if v != DEFAULTS[k] and k not in ("out", "results"))
     cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                 if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else \
         platform.processor()
@@ -322,7 +390,7 @@ def _pick(run: dict[str, Any]) -> dict[str, Any]:
 
 
 DEFAULTS = {"steps": 500, "seeds": 3, "threads": 2, "analysis_tokens": 98_304, "analysis_batch_size": 16,
-            "out": "runs/quality", "results": "benchmarks/results"}
+            "out": "runs/quality", "results": "benchmarks/results", "figures": True}
 
 
 def main() -> None:
@@ -333,6 +401,8 @@ def main() -> None:
     parser.add_argument("--analysis-tokens", type=int, default=DEFAULTS["analysis_tokens"])
     parser.add_argument("--analysis-batch-size", type=int, default=DEFAULTS["analysis_batch_size"],
                         help="analyze's batch size (MaxVio_batch is over batches of this many windows)")
+    parser.add_argument("--no-figures", dest="figures", action="store_false",
+                        help="skip analyze's figures and routing.html of the domain analyses")
     parser.add_argument("--out", default=DEFAULTS["out"], help="where the corpus, runs and analyses are written")
     parser.add_argument("--results", default=DEFAULTS["results"], help="where quality.md / quality.json go")
     args = parser.parse_args()

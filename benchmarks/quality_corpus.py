@@ -5,9 +5,10 @@ Domains (each about `domain_bytes` of UTF-8 text in the training file, plus `hel
 - ``plays``: the embedded Shakespeare corpus (`moekit/data/shakespeare.txt.gz`); training text from the first works
   in the corpus order, held-out text from the last work (a different play, so no passage is shared);
 - ``python``: Python source of the standard library of the running interpreter: the public top-level modules
-  (``*.py`` directly under ``sysconfig.get_paths()['stdlib']``, names not starting with ``_``) in sorted order, at
-  most `file_cap` bytes from each; the held-out files are the ones after those used for training. The stdlib
-  differs a little between Python versions, so the version is recorded in ``corpus.json``;
+  (``*.py`` directly under ``sysconfig.get_paths()['stdlib']``, names not starting with ``_``) in sorted order,
+  without their leading comment lines (licence banners that several files share), at most `file_cap` bytes from
+  each; the held-out files are the ones after those used for training. The stdlib differs a little between
+  Python versions, so the version is recorded in ``corpus.json``;
 - ``arithmetic``: generated, seeded lines such as ``37 + 48 = 85``, ``12 * 7 = 84``, ``(3 + 4) * 5 = 35`` and
   worked multi-step ones (``6 * 7 + 5 = 42 + 5 = 47``); held-out lines come from another random stream and none of
   them occurs in the training text.
@@ -100,13 +101,22 @@ def stdlib_modules() -> list[Path]:
     return files
 
 
+def _drop_header(source: str) -> str:
+    """`source` without its leading comment lines (shebangs, licence banners shared between files)."""
+    lines = source.splitlines(keepends=True)
+    start = 0
+    while start < len(lines) and (lines[start].startswith("#") or not lines[start].strip()):
+        start += 1
+    return "".join(lines[start:])
+
+
 def python_text(train_bytes: int, heldout_bytes: int, file_cap: int) -> tuple[str, str, list[str], list[str]]:
     """(training text, held-out text, training file names, held-out file names) of stdlib source.
 
     At most `file_cap` bytes (whole lines) of each file; the held-out files follow the training ones.
     """
     files = stdlib_modules()
-    sources = [_cut(p.read_text(encoding="utf-8"), file_cap) for p in files]
+    sources = [_cut(_drop_header(p.read_text(encoding="utf-8")), file_cap) for p in files]
     train, used = _fill(sources, train_bytes)
     heldout, used_h = _fill(sources[used:], heldout_bytes)
     if len(heldout.encode("utf-8")) < heldout_bytes // 2:
