@@ -33,6 +33,7 @@ import shlex
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -171,6 +172,54 @@ def spread(values: list[float]) -> dict[str, float]:
 # ------------------------------------------------------------------------------------------------------ speed
 
 
+def interleaved_step_times(steps: dict[str, Callable[[], None]], repeats: int) -> dict[str, float]:
+    """Median seconds of each training-step callable, timed in interleaved rounds (the first two warm up), so a
+    change in the machine's load during the measurement hits them all alike."""
+    times: dict[str, list[float]] = {k: [] for k in steps}
+    for i in range(repeats + 2):
+        for name, step in steps.items():
+            started = time.perf_counter()
+            step()
+            if i >= 2:
+                times[name].append(time.perf_counter() - started)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def _train_step(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, lr: float,
+                transformers_model: bool = False) -> Callable[[], None]:
+    opt = torch.optim.AdamW(model.parameters(), lr=lr)
+
+    def step() -> None:
+        if transformers_model:
+            loss = model(input_ids=x, labels=y).loss  # includes its router aux loss, as moekit's does
+        else:
+            out = model(x, targets=y)
+            loss = out.loss + out.aux_loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return step
+
+
+def _batch(vocab_size: int, batch_size: int, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    ids = torch.randint(0, vocab_size, (batch_size, block_size + 1))
+    return ids[:, :-1], ids[:, 1:]
+
+
+def preset_step_times(presets: list[str], repeats: int = 10) -> dict[str, float]:
+    """Median training-step seconds of each preset's model (its batch and block size) on this CPU, interleaved."""
+    from moekit.model import MoETransformer
+
+    steps = {}
+    for preset in presets:
+        run = RunConfig.from_dict(load_run_dict(preset, None))
+        torch.manual_seed(0)
+        x, y = _batch(run.model.vocab_size, run.train.batch_size, run.train.block_size)
+        steps[preset] = _train_step(MoETransformer(run.model), x, y, run.train.lr)
+    return interleaved_step_times(steps, repeats)
+
+
 def speed_vs_transformers(repeats: int = 6) -> dict[str, float]:
     """Training-step tokens/s of tiny-mixtral in moekit and in transformers' MixtralForCausalLM (same shape)."""
     from transformers import MixtralConfig, MixtralForCausalLM
@@ -188,32 +237,12 @@ def speed_vs_transformers(repeats: int = 6) -> dict[str, float]:
                               router_aux_loss_coef=m.moe.router_aux_loss_coef, output_router_logits=True)
     hf_config._attn_implementation = "sdpa"
     torch.manual_seed(0)
-    models = {"moekit": MoETransformer(m), "transformers": MixtralForCausalLM(hf_config)}
-    opts = {k: torch.optim.AdamW(v.parameters(), lr=1e-3) for k, v in models.items()}
-    ids = torch.randint(0, m.vocab_size, (t.batch_size, t.block_size + 1))
-    x, y = ids[:, :-1], ids[:, 1:]
-
-    def step(name: str) -> None:
-        model, opt = models[name], opts[name]
-        if name == "moekit":
-            out = model(x, targets=y)
-            loss = out.loss + out.aux_loss
-        else:
-            out = model(input_ids=x, labels=y)  # includes its router aux loss, as moekit's does
-            loss = out.loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-
-    times: dict[str, list[float]] = {k: [] for k in models}
-    for i in range(repeats + 2):  # interleaved rounds; the first two warm up
-        for name in models:
-            started = time.perf_counter()
-            step(name)
-            if i >= 2:
-                times[name].append(time.perf_counter() - started)
+    x, y = _batch(m.vocab_size, t.batch_size, t.block_size)
+    steps = {"moekit": _train_step(MoETransformer(m), x, y, 1e-3),
+             "transformers": _train_step(MixtralForCausalLM(hf_config), x, y, 1e-3, transformers_model=True)}
+    medians = interleaved_step_times(steps, repeats)
     tokens = t.batch_size * t.block_size
-    result = {f"{k}_tokens_per_s": tokens / statistics.median(v) for k, v in times.items()}
+    result = {f"{k}_tokens_per_s": tokens / v for k, v in medians.items()}
     result["ratio"] = result["moekit_tokens_per_s"] / result["transformers_tokens_per_s"]
     return result
 
@@ -271,8 +300,13 @@ def render(results: dict[str, Any]) -> str:
                      f"{s['max_violation_global']['std']:.3f} / {s['max_violation_batch']['std']:.3f} |")
     lines.append("")
 
-    lines += ["**MoE against dense** (seed 0; val loss on the whole validation split; training time is wall clock "
-              "on this CPU, evaluation included):", "",
+    st = r["step_times_s"]
+    lines += ["**MoE against dense** (seed 0; val loss on the whole validation split). Equal wall-clock: dense "
+              "gets the steps that take as long as the MoE run's, from the training-step times measured "
+              "interleaved on this CPU (median of 10: "
+              + ", ".join(f"{k} {v * 1000:.0f} ms" for k, v in st.items())
+              + "); the measured training times (evaluation included) are shown too, but they move with the load "
+              "of the shared machine.", "",
               "| run | steps | tokens | training time | val loss |", "|---|---|---|---|---|"]
     for row in r["moe_vs_dense"]:
         lines.append(f"| {row['label']} | {row['steps']} | {row['tokens']:,} | {row['train_time_s']:.0f} s | "
@@ -304,14 +338,18 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
         runs[name] = train_run(out, name, preset, n_steps, data, seed, overrides)
         return runs[name]
 
+    print("measuring step times ...", flush=True)
+    # Equal wall-clock: dense gets the steps whose time equals the MoE run's steps, from the step times of the
+    # three models measured interleaved (robust to the load of a shared machine changing between runs).
+    step_times = preset_step_times(["dense", "tiny-mixtral", "tiny-deepseek"])
+    wall_steps = {p: max(1, round(steps * step_times[p] / step_times["dense"])) for p in ("tiny-mixtral",
+                                                                                        "tiny-deepseek")}
     print("training ...", flush=True)
-    # each dense run right after the MoE run it is matched to, so they see the same machine load
     deepseek = train("tiny-deepseek-s0", "tiny-deepseek", steps, 0)
-    dense = train("dense", "dense", steps)
-    dense_time = dense["train_time_s"] / dense["steps"]
-    wall_ds = train("dense-wallclock-deepseek", "dense", max(1, round(deepseek["train_time_s"] / dense_time)))
     mixtral = train("tiny-mixtral", "tiny-mixtral", steps)
-    wall_mx = train("dense-wallclock-mixtral", "dense", max(1, round(mixtral["train_time_s"] / dense_time)))
+    dense = train("dense", "dense", steps)
+    wall_ds = train("dense-wallclock-deepseek", "dense", wall_steps["tiny-deepseek"])
+    wall_mx = train("dense-wallclock-mixtral", "dense", wall_steps["tiny-mixtral"])
     for seed in seeds[1:]:
         train(f"tiny-deepseek-s{seed}", "tiny-deepseek", steps, seed)
     for seed in seeds:
@@ -380,7 +418,7 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
                    "heldout_bytes": corpus.heldout_bytes, "stdlib_files": corpus.stdlib_files,
                    "sha256": corpus.sha256},
         "domain_specialisation": domain_specialisation, "domain_overall": domain_overall,
-        "balancing": balancing, "moe_vs_dense": moe_vs_dense, "speed": speed,
+        "balancing": balancing, "moe_vs_dense": moe_vs_dense, "step_times_s": step_times, "speed": speed,
         "runs": list(runs.values()), "runs_table": table,
     }
 
