@@ -170,21 +170,6 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 130 if result.interrupted else 0
 
 
-def _load_run(run_dir: str):
-    from .model import MoETransformer
-    from .train.checkpoint import find_checkpoint, load_weights
-    from .train.config import RunConfig
-    from .train.init_from import build_model
-    from .train.rundir import read_run_config
-    from .train.tokenizers import load_tokenizer
-
-    path = Path(run_dir)
-    run = RunConfig.from_dict(read_run_config(path, "load the run"))
-    model = build_model(run.model) if run.uses_transformers else MoETransformer(run.model)
-    load_weights(find_checkpoint(path), model)  # weights only: a damaged optimiser state does not matter here
-    return run, model.eval(), load_tokenizer(path / "tokenizer")
-
-
 def cmd_generate(args: argparse.Namespace) -> int:
     import torch
 
@@ -192,7 +177,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from .model.generate import generate
 
     require("generate")
-    run, model, tokenizer = _load_run(args.run_dir)
+    from .train.load import load_run
+
+    run, model, tokenizer = load_run(args.run_dir)
     hf_tokenizer = hasattr(tokenizer, "encode_prompt")  # a pretrained tokenizer adds its BOS, as transformers does
     ids = tokenizer.encode_prompt(args.prompt) if hf_tokenizer else tokenizer.encode(args.prompt)
     if not ids:
@@ -265,7 +252,9 @@ def cmd_export(args: argparse.Namespace) -> int:
     require("export")
     # the run is an input: OUT may not be, contain or lie inside it (checked before the model is even loaded)
     check_output(args.out, overwrite=args.overwrite, caller="export_hf", inputs=[args.run_dir], label="out_dir")
-    run, model, _ = _load_run(args.run_dir)
+    from .train.load import load_run
+
+    run, model, _ = load_run(args.run_dir)
     tokenizer_dir = Path(args.run_dir) / "tokenizer"
     has_hf_tokenizer = (tokenizer_dir / "tokenizer.json").is_file()  # BPE runs; the byte tokenizer has none
     if run.uses_transformers:
@@ -394,6 +383,17 @@ def cmd_merge(args: argparse.Namespace) -> int:
                  for_further_training=args.for_further_training, max_shard_bytes=parse_size(args.max_shard_size),
                  progress=not args.no_progress)
     print(("moekit merge --dry-run: nothing written\n" if args.dry_run else "") + plan.format())
+    return 0
+
+
+def cmd_prune(args: argparse.Namespace) -> int:
+    from .analysis.prune import prune_experts
+    from .extras import require
+
+    require("prune")
+    result = prune_experts(args.model, args.out, args.keep, by=args.by, data=args.data, tokens=args.tokens,
+                           seed=args.seed)
+    print(result.format())
     return 0
 
 
@@ -577,6 +577,17 @@ def build_parser() -> argparse.ArgumentParser:
     ana.add_argument("--seed", type=int, default=0, help="seed of the shuffles")
     ana.add_argument("--no-progress", action="store_true", help="no progress bar")
     ana.set_defaults(func=cmd_analyze)
+    prn = sub.add_parser("prune", help="remove the least used experts of every MoE layer (run or HF folder)")
+    prn.add_argument("model", help="a moekit run directory or a Hugging Face checkpoint folder of a native family")
+    prn.add_argument("out", help="output directory, in the model's format (written atomically)")
+    prn.add_argument("--keep", type=int, required=True, metavar="N", help="experts to keep per MoE layer")
+    prn.add_argument("--by", default="frequency", choices=["frequency", "saliency", "random"],
+                     help="frequency: tokens routed; saliency: REAP (gate weight x expert output norm); random")
+    prn.add_argument("--data", metavar="PATH", help="text file to route (default for a run: its validation split; "
+                                                    "required for an HF folder)")
+    prn.add_argument("--tokens", type=int, default=65536, help="tokens routed at most (default 65536)")
+    prn.add_argument("--seed", type=int, default=0, help="seed of --by random")
+    prn.set_defaults(func=cmd_prune)
 
     presets = sub.add_parser("presets", help="list the shipped presets")
     presets.set_defaults(func=lambda args: print("\n".join(preset_names())) or 0)

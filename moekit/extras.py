@@ -19,6 +19,7 @@ COMMAND_NEEDS: dict[str, tuple[str, tuple[str, ...]]] = {
     "merge": ("merge", ("yaml", "numpy", "safetensors", "transformers")),
     "upcycle": ("merge", ("numpy", "safetensors", "transformers")),
     "analyze": ("train", ("numpy", "safetensors", "matplotlib")),
+    "prune": ("train", ("numpy", "safetensors")),
 }
 """command -> (the extra to install, the modules it imports)."""
 

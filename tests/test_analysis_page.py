@@ -155,6 +155,15 @@ def test_load_heatmap_shows_the_load_shares_centred_on_the_ideal() -> None:
         plt.close(fig)
 
 
+def test_a_collapsed_layer_with_an_uneven_top_share_still_draws(tmp_path: Path) -> None:
+    """Two experts taking everything (shares near 4, not a round number) once put a colourbar tick past vmax."""
+    analysis = make_analysis()
+    for entry in analysis["layers"]:
+        entry["load_share_of_ideal"] = [3.9558, 0.0, 0.0442, 0.0][: len(entry["load_share_of_ideal"])]
+    written = write_figures(analysis, tmp_path)
+    assert tmp_path / "figures" / "load_heatmap.png" in written
+
+
 def test_domain_heatmap_is_each_domain_against_its_own_ideal() -> None:
     import matplotlib.pyplot as plt
 

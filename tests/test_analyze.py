@@ -32,7 +32,8 @@ def trained_run(tmp_path_factory) -> Path:
     corpus = root / "corpus.txt"
     corpus.write_text("".join(DOMAIN_TEXT.values()) * 3)
     run_dir = root / "run"
-    Trainer(small_run("tiny-mixtral", corpus, "train.max_steps=3", "train.tokenizer=byte"), run_dir,
+    Trainer(small_run("tiny-mixtral", corpus, "train.max_steps=3", "train.tokenizer=byte",
+                        "train.snapshot_interval=1"), run_dir,
             overwrite=True, progress=False).train()
     return run_dir
 
@@ -84,6 +85,14 @@ def test_a_moekit_run_with_domains(trained_run, domains, tmp_path):
     assert "".join(sample["tokens"][:block]) == DOMAIN_TEXT["code"][:block]
     written = json.loads((out / "analysis.json").read_text())
     assert written == json.loads(json.dumps(result))
+    # the run kept snapshots at every step: router saturation against the final weights, drawn as a curve
+    saturation = result["saturation"]
+    assert saturation["steps"] == [1, 2, 3] and saturation["final_step"] == 3
+    assert saturation["overall"][-1] == 1.0
+    assert all(0 <= value <= 1 for value in saturation["overall"])
+    assert sorted(p.name for p in (out / "figures").iterdir()) == [
+        "coactivation.png", "domain_experts.png", "dropped_by_position.png", "load_heatmap.png", "saturation.png"]
+    assert (out / "routing.html").is_file()
 
 
 def test_a_trace_gives_the_same_analysis_without_the_model(trained_run, domains, tmp_path):

@@ -95,7 +95,8 @@ def test_greedy_generation_with_the_kv_cache_equals_the_cpu(corpus):
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_moekit_train_on_the_device(dtype, corpus, tmp_path):
     """`moekit train` on the device: 4 steps with finite losses and an eval, and 2 + 2 resumed equal to 4 straight."""
-    from moekit.cli import _load_run, main
+    from moekit.cli import main
+    from moekit.train.load import load_run
 
     out = tmp_path / "run"
     common = ["--preset", "tiny-mixtral", "--set", "model.hidden_size=32", "--set", "model.num_hidden_layers=2",
@@ -113,7 +114,7 @@ def test_moekit_train_on_the_device(dtype, corpus, tmp_path):
     split = tmp_path / "split"
     assert main(["train", *common, "--max-steps", "4", "--stop-at", "2", "--out", str(split)]) == 0
     assert main(["train", "--resume", str(split), "--no-progress"]) == 0
-    straight, resumed = (_load_run(str(d))[1].state_dict() for d in (out, split))
+    straight, resumed = (load_run(str(d))[1].state_dict() for d in (out, split))
     assert straight.keys() == resumed.keys()
     for name, tensor in straight.items():
         assert torch.equal(tensor, resumed[name]), name

@@ -30,12 +30,13 @@ transformers = pytest.importorskip("transformers")
 pytest.importorskip("tokenizers")
 
 from moekit import MoELayer  # noqa: E402
-from moekit.cli import _load_run, main  # noqa: E402
+from moekit.cli import main  # noqa: E402
 from moekit.families import FAMILIES, MOE_FAMILIES  # noqa: E402
 from moekit.info import load_info_source  # noqa: E402
 from moekit.interop import export_hf, load_hf  # noqa: E402
 from moekit.interop.merge import merge  # noqa: E402
 from moekit.interop.upcycle import upcycle  # noqa: E402
+from moekit.train.load import load_run  # noqa: E402
 
 from .family_cases import CASES, FAMILY_CASE, hf_model, save_case, token_ids  # noqa: E402
 from .merge_fixtures import WORDS, make_merge_inputs  # noqa: E402
@@ -95,7 +96,7 @@ def _train_and_export(folder: Path, root: Path) -> float:
         args += ["--set", item]
     assert main(args) == 0
     assert main(["export", str(run), str(out)]) == 0
-    _, trained, _ = _load_run(str(run))
+    _, trained, _ = load_run(str(run))
     ids = token_ids(seed=11)
     return _max_diff(_logits(_transformers(out), ids), _logits(trained, ids))
 

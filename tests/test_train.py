@@ -226,7 +226,7 @@ def test_export_cli_writes_a_checkpoint_transformers_loads_with_the_same_logits(
 def test_tiny_deepseek_v3_trains_and_exports_as_deepseek_v3(corpus, tmp_path):
     # the preset with DeepSeek-V3's latent attention: trained, exported, and computed alike by transformers' own class
     transformers = pytest.importorskip("transformers")
-    from moekit.cli import _load_run
+    from moekit.train.load import load_run
 
     from .run_helpers import small_overrides
 
@@ -239,7 +239,7 @@ def test_tiny_deepseek_v3_trains_and_exports_as_deepseek_v3(corpus, tmp_path):
         warnings.simplefilter("ignore")
         hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf", attn_implementation="eager").eval()
     assert type(hf).__name__ == "DeepseekV3ForCausalLM"
-    _, ours, _ = _load_run(str(run))
+    _, ours, _ = load_run(str(run))
     ids = torch.randint(0, 257, (2, 20), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         torch.testing.assert_close(hf(ids).logits, ours(ids).logits, atol=1e-4, rtol=0)

@@ -6,9 +6,10 @@
 from .analyze import analyze
 from .metrics import *  # noqa: F403
 from .metrics import __all__ as _metrics_all
+from .prune import expert_scores, prune_experts
 from .record import RecordedRouting, RoutingRecorder
 from .source import RoutedModel, open_routed_model
 from .trace import analyze_trace, read_trace
 
 __all__ = [*_metrics_all, "RecordedRouting", "RoutedModel", "RoutingRecorder", "analyze", "analyze_trace",
-           "open_routed_model", "read_trace"]
+           "expert_scores", "open_routed_model", "prune_experts", "read_trace"]

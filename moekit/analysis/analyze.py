@@ -302,10 +302,8 @@ def _streams(routed: RoutedModel, data, domains, budget: int
 
 def _saturation(routed: RoutedModel, streams, batch_size: int) -> dict[str, Any] | None:
     """Router saturation over the run's snapshots (None when it kept none): see `saturation.py`."""
-    try:
-        from .saturation import router_saturation
-    except ImportError:  # pragma: no cover - the saturation module is part of the package
-        return None
+    from .saturation import router_saturation
+
     batches = [batch.input_ids for batch in _batches(streams, routed.block_size, batch_size,
                                                      min(16 * batch_size * routed.block_size, 65_536), pad=False)]
     return router_saturation(Path(routed.source), batches)

@@ -85,7 +85,8 @@ IDEAL_CMAP = "RdBu_r"
 def _ideal_colourbar(fig: Any, image: Any, ax: Any, label: str = "load / ideal (k·N/E)") -> Any:
     bar = fig.colorbar(image, ax=ax, fraction=0.046, pad=0.02)
     top = image.norm.vmax
-    ticks = [t for t in (0.0, 0.5, 1.0, 1.5, 2.0) if t <= top] + ([round(top, 2)] if top > 2.2 else [])
+    last = math.floor(top * 100) / 100  # rounded down: a tick past the scale's top breaks the colourbar
+    ticks = [t for t in (0.0, 0.5, 1.0, 1.5, 2.0) if t <= top] + ([last] if top > 2.2 else [])
     bar.set_ticks(ticks)
     bar.set_ticklabels(["1.0 = ideal" if t == 1.0 else f"{t:.1f}" for t in ticks])
     bar.ax.axhline(1.0, color="black", linewidth=1.2)
@@ -117,7 +118,7 @@ def load_heatmap_figure(analysis: dict[str, Any]) -> Any:
     layers = analysis["layers"]
     num_experts = analysis["model"]["num_experts"]
     grid = [[float(v) for v in entry["load_share_of_ideal"]] for entry in layers]
-    fig, ax = plt.subplots(figsize=(min(12.0, 4.5 + 0.32 * num_experts), min(10.0, 2.2 + 0.3 * len(layers))),
+    fig, ax = plt.subplots(figsize=(min(12.0, 4.5 + 0.32 * num_experts), min(10.0, 3.6 + 0.3 * len(layers))),
                            layout="constrained")
     image = ax.imshow(grid, aspect="auto", cmap=IDEAL_CMAP, norm=_ideal_norm([v for row in grid for v in row]),
                       interpolation="nearest")

@@ -68,22 +68,14 @@ def open_routed_model(path: str | Path, block_size: int | None = None) -> Routed
 
 
 def _open_run(path: Path, block_size: int | None) -> RoutedModel:
-    from ..model import MoETransformer
-    from ..train.checkpoint import find_checkpoint, load_weights
-    from ..train.config import RunConfig
     from ..train.data import TokenDataset
-    from ..train.rundir import read_run_config
-    from ..train.tokenizers import load_tokenizer
+    from ..train.load import load_run
     from .record import RoutingRecorder
 
-    run = RunConfig.from_dict(read_run_config(path, "analyse"))
+    run, model, tokenizer = load_run(path, what="analyse")
     if run.uses_transformers:
         raise ValueError(f"{path} trains transformers' own model class (train.init_from with a family moekit "
                          "does not build natively); export it with `moekit export` and analyse the HF folder")
-    model = MoETransformer(run.model)
-    load_weights(find_checkpoint(path), model)
-    model.eval()
-    tokenizer = load_tokenizer(path / "tokenizer")
     recorder = RoutingRecorder(model)  # refuses dense models and non-token-choice routers, with the reason
     moe = run.model.moe
 

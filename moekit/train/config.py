@@ -74,6 +74,8 @@ _TRAIN_RULES: dict[str, _Rule] = {
     "log_interval": _positive_int(),
     "checkpoint_interval": _positive_int(),
     "keep_checkpoints": (lambda v: v >= 1, "a positive integer (checkpoints kept, newest first)"),
+    "snapshot_interval": (lambda v: v >= 0, "an integer >= 0 (0: no snapshots; else the steps between weights-only "
+                          "snapshots under RUN/snapshots/, which `moekit analyze` reads for router saturation)"),
     "max_skipped_steps": (lambda v: v >= 0, "an integer >= 0 (0: stop at the first non-finite step)"),
     "collective_timeout_s": (lambda v: MIN_COLLECTIVE_TIMEOUT_S <= v <= MAX_COLLECTIVE_TIMEOUT_S,
                              f"a number of seconds in [{MIN_COLLECTIVE_TIMEOUT_S:g}, {MAX_COLLECTIVE_TIMEOUT_S:g}] "
@@ -123,6 +125,9 @@ class TrainConfig(_DictMixin):
     log_interval: int = 10  # steps between log lines
     checkpoint_interval: int = 100  # steps between checkpoints
     keep_checkpoints: int = 2  # how many of the newest complete checkpoints a run keeps, >= 1
+    # steps between weights-only snapshots (RUN/snapshots/step-N/, never pruned; also at max_steps), for router
+    # saturation across the run; 0 = none, >= 0
+    snapshot_interval: int = 0
     # how many steps with a non-finite loss or gradient norm may be skipped over the whole run before training
     # stops with an error, >= 0 (0 = stop at the first)
     max_skipped_steps: int = 0
@@ -161,6 +166,10 @@ class TrainConfig(_DictMixin):
         if self.backend == "transformers" and self.init_from is None:
             fail("backend", self.backend, "'moekit' or 'auto' without init_from: the transformers backend trains "
                  "transformers' own class loaded from train.init_from=DIR")
+        if self.snapshot_interval > 0 and self.expert_parallel > 1:
+            fail("snapshot_interval", self.snapshot_interval, f"0 with expert_parallel={self.expert_parallel}: a "
+                 "snapshot is written by rank 0 alone, which holds only its slice of the experts; train with --ep 1 "
+                 "(data parallel keeps every expert on every rank) or set train.snapshot_interval=0")
         if self.lr * self.weight_decay > 1:
             fail("weight_decay", self.weight_decay, f"at most 1 / lr = {1 / self.lr:g} with lr={self.lr!r} (AdamW "
                  "multiplies every matrix by 1 - lr * weight_decay each step)")

@@ -4,8 +4,9 @@ guarantees that keep a run from losing data or going silently wrong.
 `Trainer.__init__` sets the run up (`moekit.train.setup`), then builds the model, optimiser, schedule and sampler.
 `Trainer.train` is a short loop: `train_step` makes one whole optimiser step and reports a `StepRecord`; the
 `MetricsLogger` (`moekit.train.metrics`) logs it, the `CheckpointPolicy` (`moekit.train.policy`) says when to
-evaluate (`moekit.train.evaluator`) and save. How many processes train is the parallel object's business
-(`moekit.train.parallel`): the loop reads the same with one process or many.
+evaluate (`moekit.train.evaluator`), save, and write a weights-only snapshot (`moekit.train.snapshots`). How many
+processes train is the parallel object's business (`moekit.train.parallel`): the loop reads the same with one
+process or many.
 
 How a step ends: signals (Ctrl-C, SIGTERM) are taken only between whole steps (`moekit.train.interrupts`); a
 non-finite loss or gradient norm skips the step within `train.max_skipped_steps`, else stops training with
@@ -40,6 +41,7 @@ from .parallel import start_parallel
 from .policy import CheckpointPolicy
 from .resume import lr_factor, planned_total
 from .setup import RunInputs, RunSetup, check_router_use
+from .snapshots import save_snapshot
 
 __all__ = ["TrainResult", "Trainer"]
 
@@ -185,6 +187,15 @@ class Trainer:
         self._saved_step = self.step
         return path
 
+    def snapshot(self) -> Path | None:
+        """Write the weights-only snapshot of this step (rank 0 writes it; every rank raises if that failed).
+
+        Returns its folder on rank 0, None elsewhere.
+        """
+        return self.parallel.agreed_on_rank_0(
+            lambda: save_snapshot(self.run_dir, self.model, self._hashed_config(), self.step, self.tokens),
+            f"rank 0 could not write the snapshot of step {self.step}; its error is in its log")
+
     def _autocast(self):
         if self.amp_dtype is None:
             return contextlib.nullcontext()
@@ -230,6 +241,8 @@ class Trainer:
             figures = self.metrics.log_step(record, logged=policy.log_now(record.step, record.skipped))
             if policy.evaluate_now(record.step):
                 self._val_loss = self.metrics.log_eval(record.step, record.tokens, self.evaluate())
+            if policy.snapshot_now(record.step):  # before the checkpoint: a crash between them redoes the step
+                self.snapshot()
             if policy.save_now(record.step):
                 self.save()
             self.metrics.advance(figures)

@@ -5,8 +5,10 @@ is either honoured exactly or refused with the field's name; config.json then re
 `history` (the step it took effect and the old and new values), so it never claims a setting that did not hold.
 
 Honoured (:data:`RESUMABLE_FIELDS`): how often to log, evaluate and checkpoint, how many checkpoints to keep, the
-skipped-step budget, the collective timeout, the expert-parallel layout (checkpoints reshard), and the run's name.
-None of these changes the weights a step produces. The number of ranks and `train.grad_accum` may change together
+skipped-step budget, the collective timeout, the expert-parallel layout (checkpoints reshard), the interval of
+weight snapshots, and the run's name. None of these changes the weights a step produces. A training field that the
+run's config.json does not have (it was written before the field existed) counts as its default, so such a run
+resumes unchanged. The number of ranks and `train.grad_accum` may change together
 when their product, the micro-batches one step draws, stays the same.
 
 `train.max_steps` plans the cosine schedule, so changing it on resume would bend the learning rate of every later
@@ -23,9 +25,12 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from .config import TrainConfig
+
 RESUMABLE_FIELDS = frozenset({
     "name", "train.eval_interval", "train.eval_batches", "train.log_interval", "train.checkpoint_interval",
     "train.keep_checkpoints", "train.max_skipped_steps", "train.collective_timeout_s", "train.expert_parallel",
+    "train.snapshot_interval",
 })
 SCHEDULE_FIELD = "train.max_steps"
 
@@ -42,6 +47,7 @@ def _flatten(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 def resume_changes(stored: dict[str, Any], given: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
     """Every field whose value in the resumed run's config (`given`) differs from config.json (`stored`)."""
+    stored = {**stored, "train": {**TrainConfig().to_dict(), **(stored.get("train") or {})}}  # older: defaults
     old, new = _flatten({k: v for k, v in stored.items() if k != "history"}), \
         _flatten({k: v for k, v in given.items() if k != "history"})
     return {key: (old.get(key), new.get(key)) for key in sorted(set(old) | set(new)) if old.get(key) != new.get(key)}

@@ -28,8 +28,8 @@ from .errors import RunInUse
 
 LOCK_FILE = "train.lock"
 RUN_ENTRIES = frozenset({
-    "config.json", "metrics.jsonl", "report.md", "plots", "tokenizer", "data", "checkpoints", "tensorboard",
-    LOCK_FILE,
+    "config.json", "metrics.jsonl", "report.md", "plots", "tokenizer", "data", "checkpoints", "snapshots",
+    "tensorboard", LOCK_FILE,
 })
 """Every top-level name `moekit train` writes into a run directory (hidden `.NAME.tmp-*` files are its temps)."""
 
