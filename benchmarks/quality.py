@@ -17,7 +17,7 @@ Measured (all on this CPU, same data, batch, block and active FFN width 512):
 4. training-step throughput, moekit against transformers' MixtralForCausalLM (tiny-mixtral shape).
 
 Usage:
-    python benchmarks/quality.py                       # the recorded budget (--steps 500, 2 threads)
+    python benchmarks/quality.py                       # the recorded budget (300 steps a run, 2 threads)
     python benchmarks/quality.py --steps 20 --seeds 1  # a quick check of the machinery
 Writes benchmarks/results/quality.md and quality.json (or --results DIR), and prints the tables.
 """
@@ -36,6 +36,11 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+# On a shared machine, OpenMP threads that spin while they wait for each other make every step many times slower
+# as soon as another process wants a core (measured here: 4.8 s instead of 0.39 s per tiny-deepseek step on 2
+# threads); waiting passively avoids that. It must be set before torch loads OpenMP.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import torch
 
@@ -298,6 +303,12 @@ def render(results: dict[str, Any]) -> str:
         lines.append(f"| {label} | {_range(s['val_loss'], '.4f')} | {_range(s['max_violation_global'], '.3f')} | "
                      f"{_range(s['max_violation_batch'], '.3f')} | {s['val_loss']['std']:.4f} / "
                      f"{s['max_violation_global']['std']:.3f} / {s['max_violation_batch']['std']:.3f} |")
+    lines += ["", "Per seed (val loss / MaxVio_global / MaxVio_batch / dead experts over all layers):", "",
+              "| seed | " + " | ".join(b["variants"]) + " |", "|---|" + "---|" * len(b["variants"])]
+    for i, seed in enumerate(b["seeds"]):
+        cells = [f"{p['val_loss']:.4f} / {p['max_violation_global']:.3f} / {p['max_violation_batch']:.3f} / "
+                 f"{p['dead_experts']}" for p in (b["per_seed"][label][i] for label in b["variants"])]
+        lines.append(f"| {seed} | " + " | ".join(cells) + " |")
     lines.append("")
 
     st = r["step_times_s"]
@@ -409,7 +420,8 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
         platform.processor()
     return {
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "machine": f"{cpu} ({platform.machine()}), {torch.get_num_threads()} threads, torch {torch.__version__}, "
+        "machine": f"{cpu} ({platform.machine()}), {torch.get_num_threads()} threads "
+                   f"(OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}), torch {torch.__version__}, "
                    f"Python {platform.python_version()}",
         "command": command, "steps": steps, "seeds": seeds, "analysis_tokens": args.analysis_tokens,
         "analysis_batch_size": args.analysis_batch_size,
@@ -427,7 +439,7 @@ def _pick(run: dict[str, Any]) -> dict[str, Any]:
     return {k: run[k] for k in ("name", "steps", "tokens", "train_time_s", "step_time_s", "val_loss")}
 
 
-DEFAULTS = {"steps": 500, "seeds": 3, "threads": 2, "analysis_tokens": 98_304, "analysis_batch_size": 16,
+DEFAULTS = {"steps": 300, "seeds": 3, "threads": 2, "analysis_tokens": 98_304, "analysis_batch_size": 16,
             "out": "runs/quality", "results": "benchmarks/results", "figures": True}
 
 
