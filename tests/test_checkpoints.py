@@ -233,6 +233,8 @@ ATOMIC_BY_FOLDER = {
     "interop/hf.py": "shards and copied tokenizer files go into the output's temporary folder",
     "hf/export.py": "save_pretrained and the tokenizer files write into write_atomically's temporary folder",
     "train/data.py": "tokens.bin is streamed to a temporary file, fsynced and renamed (too large to buffer)",
+    "analysis/prune.py": "the pruned run's files go into the output's temporary folder, published by a rename",
+    "analysis/trace.py": "spill files in a temporary folder; the trace is assembled in a temp file and renamed",
 }
 WRITES = re.compile(r"\.write_text\(|\.write_bytes\(|open\([^)]*['\"][wa]b?['\"]|\.savefig\(\s*[^b]|torch\.save\("
                     r"[^,]+,\s*(?!buffer)|save_file\(|copyfile\(|\.save_pretrained\(")
