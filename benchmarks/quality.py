@@ -70,13 +70,17 @@ def train_run(out: Path, name: str, preset: str, steps: int, data: Path, seed: i
     extra = [*overrides, f"train.data={data}", f"train.seed={seed}", f"train.max_steps={steps}",
              f"train.warmup_steps={min(50, max(1, steps // 10))}", f"train.eval_interval={max(1, steps // 2)}",
              "train.eval_batches=64",  # the whole validation split, so every run is scored on the same tokens
-             f"train.checkpoint_interval={steps}", f"train.log_interval={max(1, min(10, steps // 10))}"]
+             f"train.checkpoint_interval={steps}",
+             # the last step is logged (its tokens and elapsed time are the run's): an interval dividing `steps`
+             f"train.log_interval={max(d for d in range(1, 11) if steps % d == 0)}"]
     run = RunConfig.from_dict(apply_overrides(values, extra))
     run_dir = out / name
     started = time.perf_counter()
     Trainer(run, run_dir, overwrite=True, progress=False).train()
     wall = time.perf_counter() - started
     train, evals = read_metrics(run_dir)
+    if train[-1]["step"] != steps:
+        raise RuntimeError(f"{run_dir}: the last logged step is {train[-1]['step']}, not {steps}")
     summary = {"name": name, "preset": preset, "seed": seed, "overrides": list(overrides), "steps": steps,
                "tokens": train[-1]["tokens"], "train_time_s": train[-1]["elapsed_s"], "wall_s": wall,
                "step_time_s": train[-1]["elapsed_s"] / steps, "val_loss": evals[-1]["val_loss"],
@@ -312,9 +316,9 @@ def render(results: dict[str, Any]) -> str:
     lines.append("")
 
     st = r["step_times_s"]
-    lines += ["**MoE against dense** (seed 0; val loss on the whole validation split). Equal wall-clock: dense "
-              "gets the steps that take as long as the MoE run's, from the training-step times measured "
-              "interleaved on this CPU (median of 10: "
+    lines += ["**MoE against dense** (seed 0 unless stated; val loss on the whole validation split). Equal "
+              "wall-clock: dense gets the steps that take as long as the MoE run's, from the training-step times "
+              "measured interleaved on this CPU (median of 10: "
               + ", ".join(f"{k} {v * 1000:.0f} ms" for k, v in st.items())
               + "); the measured training times (evaluation included) are shown too, but they move with the load "
               "of the shared machine.", "",
@@ -322,7 +326,9 @@ def render(results: dict[str, Any]) -> str:
     for row in r["moe_vs_dense"]:
         lines.append(f"| {row['label']} | {row['steps']} | {row['tokens']:,} | {row['train_time_s']:.0f} s | "
                      f"{row['val_loss']:.4f} |")
-    lines.append("")
+    lines += ["", f"At equal tokens over seeds {r['seeds']} (val loss, mean (min..max), std): "
+              + "; ".join(f"{k} {_range(v, '.4f')}, std {v['std']:.4f}" for k, v in
+                          r["equal_tokens_over_seeds"].items()) + ".", ""]
 
     sp = r["speed"]
     lines += ["| training step, tiny-mixtral shape (batch 16 x 128 tokens, fp32) | tokens/s |", "|---|---|",
@@ -363,6 +369,7 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
     wall_mx = train("dense-wallclock-mixtral", "dense", wall_steps["tiny-mixtral"])
     for seed in seeds[1:]:
         train(f"tiny-deepseek-s{seed}", "tiny-deepseek", steps, seed)
+        train(f"dense-s{seed}", "dense", steps, seed)
     for seed in seeds:
         train(f"tiny-deepseek-aux-s{seed}", "tiny-deepseek", steps, seed, tuple(AUX_LOSS))
 
@@ -409,6 +416,9 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
         {"label": "dense, equal wall-clock to tiny-deepseek", **_pick(wall_ds)},
         {"label": "dense, equal wall-clock to tiny-mixtral", **_pick(wall_mx)},
     ]
+    equal_tokens_seeds = {
+        "tiny-deepseek (aux-free)": spread([runs[f"tiny-deepseek-s{s}"]["val_loss"] for s in seeds]),
+        "dense": spread([runs["dense" if s == 0 else f"dense-s{s}"]["val_loss"] for s in seeds])}
     table, _ = compare_runs([Path(r["run_dir"]) for r in runs.values()], out)
     print("speed against transformers ...", flush=True)
     speed = speed_vs_transformers()
@@ -430,7 +440,8 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
                    "heldout_bytes": corpus.heldout_bytes, "stdlib_files": corpus.stdlib_files,
                    "sha256": corpus.sha256},
         "domain_specialisation": domain_specialisation, "domain_overall": domain_overall,
-        "balancing": balancing, "moe_vs_dense": moe_vs_dense, "step_times_s": step_times, "speed": speed,
+        "balancing": balancing, "moe_vs_dense": moe_vs_dense,
+        "equal_tokens_over_seeds": equal_tokens_seeds, "step_times_s": step_times, "speed": speed,
         "runs": list(runs.values()), "runs_table": table,
     }
 
