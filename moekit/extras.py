@@ -9,7 +9,8 @@ import importlib.util
 import sys
 
 PIP_NAMES = {"yaml": "PyYAML", "numpy": "numpy", "safetensors": "safetensors", "tokenizers": "tokenizers",
-             "transformers": "transformers", "gguf": "gguf", "matplotlib": "matplotlib", "tqdm": "tqdm"}
+             "transformers": "transformers", "gguf": "gguf", "matplotlib": "matplotlib", "tqdm": "tqdm",
+             "httpx": "httpx"}
 
 COMMAND_NEEDS: dict[str, tuple[str, tuple[str, ...]]] = {
     "train": ("train", ("yaml", "numpy", "safetensors")),
@@ -20,6 +21,7 @@ COMMAND_NEEDS: dict[str, tuple[str, tuple[str, ...]]] = {
     "upcycle": ("merge", ("numpy", "safetensors", "transformers")),
     "analyze": ("train", ("numpy", "safetensors", "matplotlib")),
     "prune": ("train", ("numpy", "safetensors")),
+    "moa": ("serve", ("yaml", "httpx")),
 }
 """command -> (the extra to install, the modules it imports)."""
 
