@@ -341,3 +341,29 @@ def test_cli_prints_the_answer_and_writes_the_report(servers, tmp_path, capsys):
     assert capsys.readouterr().out == agg.requests[1]["answer"] + "\n"
     assert main(["moa", str(tmp_path / "missing.yaml"), "--prompt", "x"]) == 2
     assert "missing.yaml not found" in capsys.readouterr().err
+
+
+def _moa_eval():
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "moa_eval.py"
+    spec = importlib.util.spec_from_file_location("moa_eval", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_eval_scoring_and_question_set():
+    moa_eval = _moa_eval()
+    assert moa_eval.contains("The answer is 42.", ["42"]) and moa_eval.contains("It's Paris!", ["paris"])
+    assert not moa_eval.contains("420 or 4.2", ["42"]) and not moa_eval.contains("42.5", ["42"])
+    assert not moa_eval.contains("Parisian food", ["paris"])
+    assert moa_eval.contains("Carbon  dioxide (CO2).", ["carbon dioxide"])
+    assert moa_eval.exact(" Paris. ", ["paris"]) and not moa_eval.exact("Paris is the capital", ["paris"])
+    rows = [json.loads(line) for line in moa_eval.DATA.read_text().splitlines()]
+    assert 20 <= len(rows) <= 30 and len({r["id"] for r in rows}) == len(rows)
+    assert all(r["question"].endswith("?") and r["answers"] and all(a == a.lower() for a in r["answers"])
+               for r in rows)
+    names = list(moa_eval.variants("http://127.0.0.1:8000/v1", ["m"], 16, 3, 10, 2))
+    assert [len(c.layers) for c in moa_eval.variants("http://h/v1", ["m"], 16, 3, 10, 2).values()] == [0, 1, 1, 2]
+    assert names[1] == "Self-MoA (3 samples)"
