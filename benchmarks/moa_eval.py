@@ -167,7 +167,7 @@ def main() -> None:
     source.add_argument("--base-url", help="an OpenAI-compatible server, e.g. http://127.0.0.1:8000/v1")
     source.add_argument("--serve-gguf", action="store_true", help="serve SmolLM2-135M-Instruct here with moekit.serve")
     parser.add_argument("--model", action="append", help="served model id(s); needed with --base-url")
-    parser.add_argument("--questions", type=int, default=0, help="first N questions only (default: all)")
+    parser.add_argument("--questions", type=int, default=0, help="N evenly spaced questions only (default: all)")
     parser.add_argument("--max-tokens", type=int, default=48, help="max_tokens of every call (default 48)")
     parser.add_argument("--samples", type=int, default=4, help="Self-MoA samples (default 4)")
     parser.add_argument("--parallel", type=int, default=1, help="questions in flight at once (default 1)")
@@ -177,7 +177,8 @@ def main() -> None:
     parser.add_argument("--out", default=str(HERE / "results" / "moa_eval"), help="output path without suffix")
     args = parser.parse_args()
     questions = [json.loads(line) for line in DATA.read_text().splitlines() if line.strip()]
-    questions = questions[: args.questions] if args.questions else questions
+    if args.questions and args.questions < len(questions):  # evenly spaced: every kind of question stays in
+        questions = [questions[i * len(questions) // args.questions] for i in range(args.questions)]
     with contextlib.ExitStack() as stack:
         if args.serve_gguf:
             base_url, name = stack.enter_context(served_gguf(8, Path(args.work)))
