@@ -447,6 +447,30 @@ def cmd_serve(args: argparse.Namespace) -> int:
     print(f"moekit serve: serving {', '.join(app.state.backends)} on http://{args.host}:{args.port}/v1",
           file=sys.stderr)
     run_server(app, args.host, args.port)
+
+def cmd_moa(args: argparse.Namespace) -> int:
+    from .extras import require
+
+    require("moa")
+    from .moa import MoAError, load_config, run_moa_sync
+
+    config = load_config(args.config)
+
+    def show(piece: str) -> None:
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+
+    try:
+        result = run_moa_sync(config, args.prompt, stream=not args.no_stream, on_text=show)
+    except MoAError as error:
+        print(error.report.format_table(), file=sys.stderr)
+        if args.report:
+            error.report.write(args.report)
+        raise ValueError(str(error)) from None
+    sys.stdout.write("\n")
+    print(result.report.format_table(), file=sys.stderr)
+    if args.report:
+        print(f"wrote {result.report.write(args.report)}", file=sys.stderr)
     return 0
 
 
@@ -624,6 +648,14 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--threads", type=int, default=None,
                      help="torch CPU threads (default: torch's choice; 1 is fastest for tiny models on busy CPUs)")
     srv.set_defaults(func=cmd_serve)
+
+    moa = sub.add_parser("moa", help="Mixture-of-Agents: proposer layers and an aggregator over OpenAI-compatible "
+                                     "endpoints")
+    moa.add_argument("config", help="the mixture's YAML config (see examples/moa/)")
+    moa.add_argument("--prompt", required=True, help="the question to answer")
+    moa.add_argument("--report", metavar="PATH", help="write the report of every call as JSON")
+    moa.add_argument("--no-stream", action="store_true", help="print the answer once it is complete")
+    moa.set_defaults(func=cmd_moa)
 
     presets = sub.add_parser("presets", help="list the shipped presets")
     presets.set_defaults(func=lambda args: print("\n".join(preset_names())) or 0)

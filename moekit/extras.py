@@ -10,7 +10,7 @@ import sys
 
 PIP_NAMES = {"yaml": "PyYAML", "numpy": "numpy", "safetensors": "safetensors", "tokenizers": "tokenizers",
              "transformers": "transformers", "gguf": "gguf", "matplotlib": "matplotlib", "tqdm": "tqdm",
-             "starlette": "starlette", "uvicorn": "uvicorn"}
+             "starlette": "starlette", "uvicorn": "uvicorn", "httpx": "httpx"}
 
 COMMAND_NEEDS: dict[str, tuple[str, tuple[str, ...]]] = {
     "train": ("train", ("yaml", "numpy", "safetensors")),
@@ -22,6 +22,7 @@ COMMAND_NEEDS: dict[str, tuple[str, tuple[str, ...]]] = {
     "analyze": ("train", ("numpy", "safetensors", "matplotlib")),
     "prune": ("train", ("numpy", "safetensors")),
     "serve": ("serve", ("numpy", "safetensors", "transformers", "starlette", "uvicorn")),
+    "moa": ("serve", ("yaml", "httpx")),
 }
 """command -> (the extra to install, the modules it imports)."""
 
