@@ -11,7 +11,6 @@ import json
 import socket
 import threading
 import time
-from dataclasses import dataclass, field
 
 import pytest
 
@@ -27,28 +26,9 @@ from starlette.responses import JSONResponse, StreamingResponse
 from starlette.routing import Route
 
 from moekit.moa import MoABackend, MoAConfig, MoAError, load_moa_backend
+from moekit.serve.backend import ChatParams
 
 from .moa_stubs import Stub, StubServers, closed_port_url, words
-
-
-@dataclass
-class Params:
-    """The contract's ChatParams fields (moekit.serve.backend.ChatParams when serve is installed)."""
-
-    max_tokens: int | None = None
-    temperature: float = 1.0
-    top_p: float = 1.0
-    stop: list[str] = field(default_factory=list)
-    seed: int | None = None
-    n: int = 1
-
-
-def params_type():
-    try:
-        from moekit.serve.backend import ChatParams
-    except ImportError:
-        return Params
-    return ChatParams
 
 
 def backend_app(backend) -> Starlette:
@@ -56,8 +36,8 @@ def backend_app(backend) -> Starlette:
 
     async def chat(request: Request):
         body = await request.json()
-        params = params_type()(max_tokens=body.get("max_tokens"), temperature=body.get("temperature", 1.0),
-                               top_p=body.get("top_p", 1.0), stop=body.get("stop") or [], seed=body.get("seed"))
+        params = ChatParams(max_tokens=body.get("max_tokens"), temperature=body.get("temperature", 1.0),
+                            top_p=body.get("top_p", 1.0), stop=body.get("stop") or [], seed=body.get("seed"))
         deltas = backend.chat_stream(body["messages"], params)
         if not body.get("stream"):
             text, last = "", None
