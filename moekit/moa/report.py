@@ -77,9 +77,11 @@ class MoAReport:
                            "total_s": round(self.total_s, 4)}}
 
     def write(self, path: str | Path) -> Path:
-        """Write the report as JSON."""
+        """Write the report as JSON, atomically (a crash leaves the old file or the whole new one)."""
+        from .._files import atomic_write
+
         path = Path(path)
-        path.write_text(json.dumps(self.to_dict(), indent=2) + "\n", encoding="utf-8")
+        atomic_write(path, json.dumps(self.to_dict(), indent=2) + "\n", what="the MoA report")
         return path
 
     def format_table(self) -> str:
