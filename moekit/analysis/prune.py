@@ -36,10 +36,10 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from .._files import fsync_dir, fsync_file, remove_stale_temps, temp_sibling
+from .._files import fsync_dir, fsync_file, overlapping_input, remove_stale_temps, temp_sibling
 from ..layer import MoELayer
 from ..model import MoETransformer
-from .record import RoutingRecorder
+from .record import RoutingRecorder, moe_layers
 
 __all__ = ["PRUNE_METHODS", "PruneResult", "expert_scores", "prune_experts", "prune_model", "select_experts",
            "token_batches"]
@@ -52,14 +52,6 @@ _LAYER_KEY = re.compile(r"^layers\.(\d+)\.mlp\.")
 
 
 # ============================================================================================== scoring
-def moe_layers(model: nn.Module) -> dict[int, MoELayer]:
-    """The MoE layers of a `MoETransformer`, by decoder-layer index."""
-    blocks = getattr(model, "layers", None)
-    if not isinstance(blocks, nn.ModuleList):
-        raise TypeError(f"expected a moekit MoETransformer, got {type(model).__name__}")
-    return {i: block.mlp for i, block in enumerate(blocks) if isinstance(getattr(block, "mlp", None), MoELayer)}
-
-
 def token_batches(ids: Tensor | list[int], block_size: int, batch_size: int = 8,
                   max_tokens: int | None = None) -> list[Tensor]:
     """[B, block_size] windows cut from one token stream, in order, `max_tokens` tokens at most (the tail shorter
@@ -321,8 +313,7 @@ def _check_out(out: Path, source: Path) -> None:
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise FileExistsError(f"prune_experts: {out} exists and is not empty; pass a new output directory "
                               "(nothing was written)")
-    src, dst = source.resolve(), out.resolve()
-    if dst == src or src in dst.parents or dst in src.parents:
+    if overlapping_input(out, [source]) is not None:
         raise ValueError(f"prune_experts: the output {out} overlaps the model {source}; pass a directory outside it")
 
 

@@ -14,10 +14,18 @@ from torch import Tensor, nn
 
 from ..layer import MoELayer
 
-__all__ = ["RecordedRouting", "RoutingRecorder"]
+__all__ = ["RecordedRouting", "RoutingRecorder", "moe_layers"]
 
 #: routers whose tokens get any number of experts (no [N, k] table): the per-token metrics do not apply
 _NOT_TOKEN_CHOICE = ("expert_choice", "soft")
+
+
+def moe_layers(model: nn.Module) -> dict[int, MoELayer]:
+    """The MoE layers of a `MoETransformer`, by decoder-layer index (dense layers left out)."""
+    blocks = getattr(model, "layers", None)
+    if not isinstance(blocks, nn.ModuleList):
+        raise TypeError(f"expected a moekit MoETransformer, got {type(model).__name__}")
+    return {i: block.mlp for i, block in enumerate(blocks) if isinstance(getattr(block, "mlp", None), MoELayer)}
 
 
 @dataclass(frozen=True)
@@ -33,10 +41,8 @@ class RoutingRecorder:
     """Records every MoE layer's routing of a moekit model while the context is open."""
 
     def __init__(self, model: nn.Module) -> None:
-        blocks = getattr(model, "layers", None)  # MoETransformer: index by decoder layer (dense layers skipped)
-        if isinstance(blocks, nn.ModuleList):
-            self.layers = [(index, block.mlp) for index, block in enumerate(blocks)
-                           if isinstance(getattr(block, "mlp", None), MoELayer)]
+        if isinstance(getattr(model, "layers", None), nn.ModuleList):  # MoETransformer: index by decoder layer
+            self.layers = list(moe_layers(model).items())
         else:  # a bare MoELayer or another container: MoE layers in module order
             self.layers = list(enumerate(m for m in model.modules() if isinstance(m, MoELayer)))
         if not self.layers:
